@@ -1,0 +1,15 @@
+// Command containerd-shim-snapview-v2 is the snapview containerd shim: runc's
+// shim, plus a leased read-only view of each container's image.
+package main
+
+import (
+	"context"
+
+	"github.com/containerd/containerd/v2/pkg/shim"
+
+	snapshim "github.com/snapview/snapview/pkg/shim"
+)
+
+func main() {
+	shim.Run(context.Background(), snapshim.NewManager())
+}

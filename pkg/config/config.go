@@ -1,0 +1,244 @@
+// Package config reads snapview's runtime configuration.
+//
+// One TOML schema reaches the shim in three ways: inline as CRI's
+// runtimeoptions ConfigBody (the raw TOML of the runtime's options table), as
+// a file named by runtimeoptions ConfigPath (CRI's ConfigPath or ctr's
+// --runtime-config-path), or as the default file. The top-level keys are
+// runc's own option names, so a runc options table can be copied over
+// unchanged; snapview's own settings live in the [view] and [block] tables.
+// A plain runcoptions.Options is accepted too: runc's settings then come from
+// it and snapview's from the default file.
+//
+// Whatever form came in, the inner runc task service only ever sees a
+// runcoptions.Options or nothing (see Config.RuncOptions).
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	runcoptions "github.com/containerd/containerd/api/types/runc/options"
+	"github.com/pelletier/go-toml/v2"
+)
+
+// DefaultPath is the configuration file read when the runtime options name none.
+const DefaultPath = "/etc/containerd/snapview.toml"
+
+// PathEnv, when set in the shim's environment (inherited from containerd),
+// replaces DefaultPath. It lets a private containerd, such as the one
+// `make demo` starts, use its own file without touching /etc.
+const PathEnv = "SNAPVIEW_CONFIG"
+
+// Modes of a container (annotation io.snapview.mode, default view.mode).
+const (
+	ModeView  = "view"
+	ModeBlock = "block"
+	ModeOff   = "off"
+)
+
+// MonitorRootfsView selects the container's own read-only image view as the
+// monitor rootfs in block mode.
+const MonitorRootfsView = "view"
+
+// Config is snapview's configuration: runc's options at the top level and
+// snapview's settings in tables.
+type Config struct {
+	// runc's option names, copied verbatim into runcoptions.Options.
+	BinaryName    string `toml:"BinaryName"`
+	Root          string `toml:"Root"`
+	SystemdCgroup bool   `toml:"SystemdCgroup"`
+	NoPivotRoot   bool   `toml:"NoPivotRoot"`
+	NoNewKeyring  bool   `toml:"NoNewKeyring"`
+	ShimCgroup    string `toml:"ShimCgroup"`
+	IoUid         uint32 `toml:"IoUid"`
+	IoGid         uint32 `toml:"IoGid"`
+	CriuImagePath string `toml:"CriuImagePath"`
+	CriuWorkPath  string `toml:"CriuWorkPath"`
+
+	// ConfigPath and TypeUrl are known so that CRI's inline body, which keeps
+	// every key of the options table, is accepted. When ConfigPath is set the
+	// file it names is the configuration.
+	ConfigPath string `toml:"ConfigPath"`
+	TypeUrl    string `toml:"TypeUrl"`
+
+	View  View  `toml:"view"`
+	Block Block `toml:"block"`
+
+	// Source says where this configuration came from, for logs and errors.
+	Source string `toml:"-"`
+}
+
+// View holds the [view] table.
+type View struct {
+	// Mode is the default mode: view, block or off.
+	Mode string `toml:"mode"`
+	// Sandbox turns views on for CRI sandbox (pause) containers.
+	Sandbox bool `toml:"sandbox"`
+	// BootDir is the default directory, inside the container, where boot
+	// artifacts are bound.
+	BootDir string `toml:"boot_dir"`
+}
+
+// Block holds the [block] table.
+type Block struct {
+	// MonitorRootfs is "view" or an absolute host directory bound read-only
+	// as the container's root in block mode.
+	MonitorRootfs string `toml:"monitor_rootfs"`
+	// Device is where the block device appears inside the container.
+	Device string `toml:"device"`
+}
+
+// Default returns the built-in configuration.
+func Default() *Config {
+	return &Config{
+		View: View{
+			Mode:    ModeView,
+			BootDir: "/.snapview/boot",
+		},
+		Block: Block{
+			MonitorRootfs: MonitorRootfsView,
+			Device:        "/dev/snapview/rootfs",
+		},
+		Source: "built-in defaults",
+	}
+}
+
+// Parse decodes TOML from data, read from source (named in errors), on top
+// of the defaults, and validates it. Unknown keys are an error.
+func Parse(data []byte, source string) (*Config, error) {
+	c := Default()
+	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
+	if err := dec.Decode(c); err != nil {
+		var strict *toml.StrictMissingError
+		if errors.As(err, &strict) && len(strict.Errors) > 0 {
+			keys := make([]string, 0, len(strict.Errors))
+			for _, e := range strict.Errors {
+				keys = append(keys, fmt.Sprintf("%q", strings.Join(e.Key(), ".")))
+			}
+			return nil, fmt.Errorf("snapview: unknown configuration key %s in %s", strings.Join(keys, ", "), source)
+		}
+		var derr *toml.DecodeError
+		if errors.As(err, &derr) {
+			row, col := derr.Position()
+			return nil, fmt.Errorf("snapview: invalid configuration in %s at line %d column %d: %s", source, row, col, derr.Error())
+		}
+		return nil, fmt.Errorf("snapview: invalid configuration in %s: %w", source, err)
+	}
+	c.Source = source
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// ReadFile parses the configuration file at path.
+func ReadFile(path string) (*Config, error) {
+	if !filepath.IsAbs(path) {
+		return nil, fmt.Errorf("snapview: configuration path %q is not absolute", path)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: read configuration file %s: %w", path, err)
+	}
+	c, err := Parse(data, path)
+	if err != nil {
+		return nil, err
+	}
+	if c.ConfigPath != "" && c.ConfigPath != path {
+		return nil, fmt.Errorf("snapview: configuration file %s sets ConfigPath %q: a file cannot name another file", path, c.ConfigPath)
+	}
+	return c, nil
+}
+
+// DefaultFile returns the path of the default configuration file: $SNAPVIEW_CONFIG
+// if set, else DefaultPath.
+func DefaultFile() string {
+	if p := os.Getenv(PathEnv); p != "" {
+		return p
+	}
+	return DefaultPath
+}
+
+// LoadDefault reads the default configuration file, or returns the built-in
+// defaults if it does not exist.
+func LoadDefault() (*Config, error) {
+	path := DefaultFile()
+	c, err := ReadFile(path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return Default(), nil
+		}
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *Config) validate() error {
+	switch c.View.Mode {
+	case ModeView, ModeBlock, ModeOff:
+	default:
+		return fmt.Errorf("snapview: invalid view.mode %q in %s: want view, block or off", c.View.Mode, c.Source)
+	}
+	if err := absClean("view.boot_dir", c.View.BootDir, c.Source); err != nil {
+		return err
+	}
+	if c.Block.MonitorRootfs != MonitorRootfsView {
+		if err := absClean("block.monitor_rootfs", c.Block.MonitorRootfs, c.Source); err != nil {
+			return fmt.Errorf("%w (or %q)", err, MonitorRootfsView)
+		}
+	}
+	if err := absClean("block.device", c.Block.Device, c.Source); err != nil {
+		return err
+	}
+	if !strings.HasPrefix(c.Block.Device, "/dev/") {
+		return fmt.Errorf("snapview: invalid block.device %q in %s: must be under /dev/", c.Block.Device, c.Source)
+	}
+	return nil
+}
+
+func absClean(key, value, source string) error {
+	if !filepath.IsAbs(value) || filepath.Clean(value) != value || value == "/" {
+		return fmt.Errorf("snapview: invalid %s %q in %s: must be a clean absolute path", key, value, source)
+	}
+	return nil
+}
+
+// RuncOptions returns the runc options this configuration carries, or nil
+// when it sets none, which is what the inner runc task service is handed.
+func (c *Config) RuncOptions() *runcoptions.Options {
+	if c.BinaryName == "" && c.Root == "" && !c.SystemdCgroup && !c.NoPivotRoot && !c.NoNewKeyring &&
+		c.ShimCgroup == "" && c.IoUid == 0 && c.IoGid == 0 && c.CriuImagePath == "" && c.CriuWorkPath == "" {
+		return nil
+	}
+	return &runcoptions.Options{
+		BinaryName:    c.BinaryName,
+		Root:          c.Root,
+		SystemdCgroup: c.SystemdCgroup,
+		NoPivotRoot:   c.NoPivotRoot,
+		NoNewKeyring:  c.NoNewKeyring,
+		ShimCgroup:    c.ShimCgroup,
+		IoUid:         c.IoUid,
+		IoGid:         c.IoGid,
+		CriuImagePath: c.CriuImagePath,
+		CriuWorkPath:  c.CriuWorkPath,
+	}
+}
+
+// setRunc copies runc's settings from o, replacing the ones c has.
+func (c *Config) setRunc(o *runcoptions.Options) {
+	c.BinaryName = o.BinaryName
+	c.Root = o.Root
+	c.SystemdCgroup = o.SystemdCgroup
+	c.NoPivotRoot = o.NoPivotRoot
+	c.NoNewKeyring = o.NoNewKeyring
+	c.ShimCgroup = o.ShimCgroup
+	c.IoUid = o.IoUid
+	c.IoGid = o.IoGid
+	c.CriuImagePath = o.CriuImagePath
+	c.CriuWorkPath = o.CriuWorkPath
+}

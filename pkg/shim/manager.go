@@ -1,0 +1,97 @@
+package shim
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/manager"
+	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/log"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/snapview/snapview/pkg/config"
+)
+
+// RuntimeName is the runtime type containerd knows snapview by.
+const RuntimeName = "io.containerd.snapview.v2"
+
+// NewManager returns snapview's shim manager: runc's, under snapview's name,
+// with runtime options normalised for Start and Info and Stop extended to
+// clean up after a shim that died.
+func NewManager() shim.Manager {
+	return &shimManager{Manager: manager.NewShimManager(RuntimeName)}
+}
+
+// shimManager wraps runc's shim manager. Name is runc's, forwarded through the
+// embedded interface on purpose; Start, Stop and Info are changed here.
+type shimManager struct {
+	shim.Manager
+}
+
+// Start launches (or joins) the shim process. runc's manager reads the runtime
+// options from stdin to place the shim in ShimCgroup, and understands only its
+// own options type, so stdin is replaced by the normalised runc options. A
+// configuration error is not fatal here: Create reports it, with its source.
+func (m *shimManager) Start(ctx context.Context, id string, opts shim.StartOpts) (shim.BootstrapParams, error) {
+	data, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		return shim.BootstrapParams{}, fmt.Errorf("snapview: read runtime options from stdin: %w", err)
+	}
+	runc, err := runcOptionsBytes(data)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("snapview: runtime options not usable at start; create will report them")
+		runc = nil
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return shim.BootstrapParams{}, fmt.Errorf("snapview: pipe runtime options: %w", err)
+	}
+	defer r.Close()
+	if _, err := w.Write(runc); err != nil {
+		w.Close()
+		return shim.BootstrapParams{}, fmt.Errorf("snapview: pipe runtime options: %w", err)
+	}
+	w.Close()
+	stdin := os.Stdin
+	os.Stdin = r
+	defer func() { os.Stdin = stdin }()
+	return m.Manager.Start(ctx, id, opts)
+}
+
+// Stop runs when containerd deletes a task whose shim is gone (the `delete`
+// action): runc's manager force-deletes the container and unmounts its rootfs.
+func (m *shimManager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
+	return m.Manager.Stop(ctx, id)
+}
+
+// Info reports the runtime's information; runc's manager is handed the
+// normalised runc options, never runtimeoptions, which it would reject.
+func (m *shimManager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
+	data, err := io.ReadAll(optionsR)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: read runtime options: %w", err)
+	}
+	runc, err := runcOptionsBytes(data)
+	if err != nil {
+		return nil, err
+	}
+	return m.Manager.Info(ctx, bytes.NewReader(runc))
+}
+
+// runcOptionsBytes turns the runtime options containerd wrote on stdin into
+// the marshalled runc options for runc's manager, or nil for none.
+func runcOptionsBytes(data []byte) ([]byte, error) {
+	cfg, err := config.ReadOptions(data)
+	if err != nil {
+		return nil, err
+	}
+	a, err := cfg.RuncAny()
+	if err != nil || a == nil {
+		return nil, err
+	}
+	return proto.Marshal(a)
+}
