@@ -10,7 +10,6 @@ import (
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/manager"
 	"github.com/containerd/containerd/v2/pkg/shim"
-	"github.com/containerd/log"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/snapview/snapview/pkg/config"
@@ -34,8 +33,13 @@ type shimManager struct {
 
 // Start launches (or joins) the shim process. runc's manager reads the runtime
 // options from stdin to place the shim in ShimCgroup, and understands only its
-// own options type, so stdin is replaced by the normalised runc options. A
-// configuration error is not fatal here: Create reports it, with its source.
+// own options type, so stdin is replaced by the normalised runc options.
+//
+// Stdin that is not usable is passed on as nothing, which is what runc's
+// manager makes of it too: a configuration error is reported by Create, with
+// its source, and containerd 2.3 and later send their bootstrap message here
+// instead of the options. Start must not log: containerd reads its combined
+// output as the bootstrap answer.
 func (m *shimManager) Start(ctx context.Context, id string, opts shim.StartOpts) (shim.BootstrapParams, error) {
 	data, err := io.ReadAll(os.Stdin)
 	if err != nil {
@@ -43,7 +47,6 @@ func (m *shimManager) Start(ctx context.Context, id string, opts shim.StartOpts)
 	}
 	runc, err := runcOptionsBytes(data)
 	if err != nil {
-		log.G(ctx).WithError(err).WithField("id", id).Warn("snapview: runtime options not usable at start; create will report them")
 		runc = nil
 	}
 	r, w, err := os.Pipe()

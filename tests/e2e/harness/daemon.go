@@ -1,0 +1,318 @@
+// Package harness owns a private containerd for snapview's end-to-end tests
+// and demo, in the manner of containerd's integration/client: temporary root,
+// state and sockets, the freshly built shim first on the daemon's PATH, wait
+// until serving, fail on plugin init errors, stop with SIGTERM then SIGKILL,
+// and hand back the daemon and shim logs.
+package harness
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"text/template"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+)
+
+// Tools names the binaries the harness runs. The Makefile fills them in from
+// .cache/tools (see hack/install-deps.sh).
+type Tools struct {
+	Shim       string // containerd-shim-snapview-v2
+	Containerd string // containerd (its directory also holds ctr and containerd-shim-runc-v2)
+	Runc       string
+}
+
+// ToolsFromEnv reads the tool paths the Makefile exports. compat selects the
+// older containerd (SNAPVIEW_CONTAINERD_COMPAT) the parity suite also runs on.
+func ToolsFromEnv(compat bool) (Tools, error) {
+	key := "SNAPVIEW_CONTAINERD"
+	if compat {
+		key = "SNAPVIEW_CONTAINERD_COMPAT"
+	}
+	t := Tools{
+		Shim:       os.Getenv("SNAPVIEW_SHIM"),
+		Containerd: os.Getenv(key),
+		Runc:       os.Getenv("SNAPVIEW_RUNC"),
+	}
+	for name, p := range map[string]string{"SNAPVIEW_SHIM": t.Shim, key: t.Containerd, "SNAPVIEW_RUNC": t.Runc} {
+		if p == "" {
+			return t, fmt.Errorf("%s is not set: run the tests through `make e2e`", name)
+		}
+		if _, err := os.Stat(p); err != nil {
+			return t, fmt.Errorf("%s: %w (run `make deps build`)", name, err)
+		}
+	}
+	return t, nil
+}
+
+// Ctr returns the ctr binary built with containerd.
+func (t Tools) Ctr() string { return filepath.Join(filepath.Dir(t.Containerd), "ctr") }
+
+// Daemon is a private containerd.
+type Daemon struct {
+	Dir     string // everything the daemon owns lives under Dir
+	Address string // gRPC socket
+	Root    string
+	State   string
+	Version string // e.g. v2.4.2, from `containerd --version`
+	Tools   Tools
+	// SnapshotterNames are the snapshotters this daemon serves and the tests use.
+	Snapshotters []string
+
+	cmd     *exec.Cmd
+	logFile *os.File
+	waitErr chan error
+	client  *client.Client
+}
+
+const configTemplate = `version = 3
+root = "{{.Root}}"
+state = "{{.State}}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.cri.v1.images",
+  "io.containerd.cri.v1.runtime",
+  "io.containerd.podsandbox.controller.v1.podsandbox",
+  "io.containerd.nri.v1.nri",
+  "io.containerd.internal.v1.tracing",
+  "io.containerd.tracing.processor.v1.otlp",
+]
+
+[grpc]
+  address = "{{.Address}}"
+
+[ttrpc]
+  address = "{{.Address}}.ttrpc"
+
+[debug]
+  level = "debug"
+
+[plugins."io.containerd.snapshotter.v1.blockfile"]
+  scratch_file = "{{.Dir}}/blockfile-scratch.ext4"
+  fs_type = "ext4"
+  mount_options = []
+  recreate_scratch = false
+`
+
+// blockfileScratchSize is the size of every blockfile snapshot: the test
+// images are a few MiB of busybox plus the boot artifacts.
+const blockfileScratchSize = 384 << 20
+
+// StartDaemon starts a private containerd under a new directory in parent
+// and returns once it serves and every plugin the tests need is loaded.
+// env is added to the daemon's (and so the shims') environment.
+func StartDaemon(ctx context.Context, parent string, tools Tools, env ...string) (_ *Daemon, retErr error) {
+	dir, err := os.MkdirTemp(parent, "containerd-")
+	if err != nil {
+		return nil, err
+	}
+	d := &Daemon{
+		Dir:     dir,
+		Address: filepath.Join(dir, "containerd.sock"),
+		Root:    filepath.Join(dir, "root"),
+		State:   filepath.Join(dir, "state"),
+		Tools:   tools,
+		waitErr: make(chan error, 1),
+	}
+	defer func() {
+		if retErr != nil {
+			d.Stop()
+		}
+	}()
+	out, err := exec.Command(tools.Containerd, "--version").Output()
+	if err != nil {
+		return nil, fmt.Errorf("containerd --version: %w", err)
+	}
+	if f := strings.Fields(string(out)); len(f) >= 3 {
+		d.Version = f[2]
+	}
+	if err := makeExt4(filepath.Join(dir, "blockfile-scratch.ext4"), blockfileScratchSize); err != nil {
+		return nil, err
+	}
+	var cfg bytes.Buffer
+	if err := template.Must(template.New("config").Parse(configTemplate)).Execute(&cfg, d); err != nil {
+		return nil, err
+	}
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, cfg.Bytes(), 0o600); err != nil {
+		return nil, err
+	}
+	d.logFile, err = os.Create(filepath.Join(dir, "containerd.log"))
+	if err != nil {
+		return nil, err
+	}
+
+	// The freshly built shim and runc come first on PATH; the runc shim of the
+	// same containerd version serves io.containerd.runc.v2.
+	path := strings.Join([]string{
+		filepath.Dir(tools.Shim),
+		filepath.Dir(tools.Runc),
+		filepath.Dir(tools.Containerd),
+		os.Getenv("PATH"),
+	}, string(os.PathListSeparator))
+	d.cmd = exec.Command(tools.Containerd, "--config", cfgPath)
+	d.cmd.Env = append(append(os.Environ(), "PATH="+path), env...)
+	d.cmd.Stdout = d.logFile
+	d.cmd.Stderr = d.logFile
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := d.cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start containerd: %w", err)
+	}
+	go func() { d.waitErr <- d.cmd.Wait() }()
+
+	if err := d.waitServing(ctx, 30*time.Second); err != nil {
+		return nil, err
+	}
+	if err := d.checkPlugins(ctx); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+func makeExt4(path string, size int64) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return err
+	}
+	f.Close()
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,nodiscard", path).CombinedOutput(); err != nil {
+		return fmt.Errorf("mkfs.ext4 %s: %w: %s", path, err, out)
+	}
+	return nil
+}
+
+func (d *Daemon) waitServing(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		select {
+		case err := <-d.waitErr:
+			d.waitErr <- err
+			return fmt.Errorf("containerd exited before serving: %v\n%s", err, d.Log())
+		default:
+		}
+		if _, err := os.Stat(d.Address); err == nil {
+			c, err := client.New(d.Address, client.WithTimeout(2*time.Second))
+			if err == nil {
+				serving, err := c.IsServing(ctx)
+				if err == nil && serving {
+					d.client = c
+					return nil
+				}
+				c.Close()
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("containerd did not serve within %s\n%s", timeout, d.Log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// requiredPlugins must load; any other plugin's init error other than a
+// deliberate skip fails the start too.
+var requiredPlugins = []string{
+	"io.containerd.snapshotter.v1.overlayfs",
+	"io.containerd.snapshotter.v1.native",
+	"io.containerd.snapshotter.v1.blockfile",
+	"io.containerd.snapshotter.v1.erofs",
+	"io.containerd.runtime.v2.task",
+	"io.containerd.service.v1.tasks-service",
+}
+
+func (d *Daemon) checkPlugins(ctx context.Context) error {
+	resp, err := d.client.IntrospectionService().Plugins(ctx)
+	if err != nil {
+		return fmt.Errorf("list plugins: %w", err)
+	}
+	loaded := map[string]bool{}
+	var failed []string
+	for _, p := range resp.Plugins {
+		id := p.Type + "." + p.ID
+		if p.InitErr == nil {
+			loaded[id] = true
+			continue
+		}
+		if strings.Contains(p.InitErr.Message, "skip plugin") {
+			continue
+		}
+		failed = append(failed, fmt.Sprintf("%s: %s", id, p.InitErr.Message))
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("containerd plugins failed to load:\n  %s", strings.Join(failed, "\n  "))
+	}
+	for _, id := range requiredPlugins {
+		if !loaded[id] {
+			return fmt.Errorf("containerd plugin %s is not loaded (skipped?)\n%s", id, d.Log())
+		}
+	}
+	d.Snapshotters = []string{"overlayfs", "native", "blockfile", "erofs"}
+	return nil
+}
+
+// Client returns the daemon's client.
+func (d *Daemon) Client() *client.Client { return d.client }
+
+// Context returns ctx in the given namespace.
+func Context(ctx context.Context, ns string) context.Context {
+	return namespaces.WithNamespace(ctx, ns)
+}
+
+// Log returns the daemon's log (which includes the shims' logs).
+func (d *Daemon) Log() string {
+	b, err := os.ReadFile(filepath.Join(d.Dir, "containerd.log"))
+	if err != nil {
+		return fmt.Sprintf("(no containerd log: %v)", err)
+	}
+	return string(b)
+}
+
+// Stop stops the daemon with SIGTERM, then SIGKILL after 10 s, kills any
+// shim it left, unmounts everything under its directory and removes it.
+func (d *Daemon) Stop() error {
+	if d.client != nil {
+		d.client.Close()
+	}
+	var errs []error
+	if d.cmd != nil && d.cmd.Process != nil {
+		_ = d.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-d.waitErr:
+		case <-time.After(10 * time.Second):
+			_ = syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
+			<-d.waitErr
+		}
+	}
+	// Shims run in their own process groups; kill those started for this daemon.
+	killShims(d.Address)
+	if d.logFile != nil {
+		d.logFile.Close()
+	}
+	if err := mount.UnmountRecursive(d.Dir, 0); err != nil {
+		errs = append(errs, err)
+	}
+	detachLoops(d.Dir)
+	if err := os.RemoveAll(d.Dir); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// killShims kills the shim processes started for the daemon at address.
+func killShims(address string) {
+	for _, pid := range shimPids(address) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
