@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	_ "github.com/containerd/containerd/api/events" // registers the event types for typeurl
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
@@ -255,12 +256,28 @@ func (e *events) waitFor(id, topic string) ([]string, error) {
 		e.mu.Unlock()
 		for _, tp := range got {
 			if tp == topic {
-				return got, nil
+				return e.settle(id), nil
 			}
 		}
 		if time.Now().After(deadline) {
 			return got, fmt.Errorf("no %s event for %s (got %v)", topic, id, got)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// settle waits until no new event arrived for id for 300ms, so that events
+// still in flight are part of the result, and returns them.
+func (e *events) settle(id string) []string {
+	n := -1
+	for {
+		e.mu.Lock()
+		got := append([]string(nil), e.topics[id]...)
+		e.mu.Unlock()
+		if len(got) == n {
+			return got
+		}
+		n = len(got)
+		time.Sleep(300 * time.Millisecond)
 	}
 }
