@@ -10,6 +10,7 @@ import (
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/manager"
 	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/log"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/snapview/snapview/pkg/config"
@@ -66,9 +67,22 @@ func (m *shimManager) Start(ctx context.Context, id string, opts shim.StartOpts)
 }
 
 // Stop runs when containerd deletes a task whose shim is gone (the `delete`
-// action): runc's manager force-deletes the container and unmounts its rootfs.
+// action): runc's manager force-deletes the container and unmounts its rootfs,
+// then snapview removes the view from what the bundle holds. A failed view
+// cleanup is logged, not returned: the task must still be deleted, and what is
+// left is reclaimed by containerd's GC (the view is tied to the container
+// record) and by the sweep.
 func (m *shimManager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
-	return m.Manager.Stop(ctx, id)
+	ss, err := m.Manager.Stop(ctx, id)
+	bundlePath, berr := bundleOf(id)
+	if berr != nil {
+		log.G(ctx).WithError(berr).WithField("id", id).Error("snapview: cannot find the bundle; the view is left to the sweep")
+		return ss, err
+	}
+	if verr := stopView(ctx, bundlePath, id); verr != nil {
+		log.G(ctx).WithError(verr).WithField("id", id).Error("snapview: dead-shim view cleanup incomplete")
+	}
+	return ss, err
 }
 
 // Info reports the runtime's information; runc's manager is handed the

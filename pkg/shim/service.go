@@ -10,14 +10,18 @@ package shim
 import (
 	"context"
 	"fmt"
+	"sync"
+	"time"
 
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	ptypes "github.com/containerd/containerd/v2/pkg/protobuf/types"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 
+	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/config"
 )
 
@@ -26,16 +30,28 @@ import (
 type service struct {
 	taskAPI.TTRPCTaskService
 
-	// grpcAddress is containerd's gRPC socket, for calls back into containerd.
-	grpcAddress string
+	backend *backend
+
+	mu sync.Mutex
+	// views holds the state of each container with a view, keyed by
+	// namespace and container id: one shim process can serve a whole pod.
+	views map[string]*viewEntry
+}
+
+type viewEntry struct {
+	bundle string
+	state  *bundle.State
 }
 
 func newService(inner taskAPI.TTRPCTaskService, grpcAddress string) *service {
 	return &service{
 		TTRPCTaskService: inner,
-		grpcAddress:      grpcAddress,
+		backend:          newBackend(grpcAddress),
+		views:            map[string]*viewEntry{},
 	}
 }
+
+func viewKey(ns, id string) string { return ns + "/" + id }
 
 // RegisterTTRPC registers the wrapper, not the inner service, so that every
 // RPC enters through snapview.
@@ -44,27 +60,99 @@ func (s *service) RegisterTTRPC(server *ttrpc.Server) error {
 	return nil
 }
 
-// Create normalises the runtime options into snapview's configuration, hands
-// runc's service only runc options (or none), and creates the task.
-func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*taskAPI.CreateTaskResponse, error) {
+// Create prepares the container's view (when it gets one), persists its state
+// and patches config.json, and only then calls runc's Create, which is when
+// runc reads config.json. If anything fails, runc's Create included, every
+// step is undone and Create fails with a snapview: error.
+func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
+	logger := log.G(ctx).WithField("id", r.ID)
 	cfg, err := normaliseOptions(r)
 	if err != nil {
-		log.G(ctx).WithError(err).WithField("id", r.ID).Error("snapview: rejected runtime options")
+		logger.WithError(err).Error("snapview: rejected runtime options")
 		return nil, errgrpc.ToGRPC(err)
 	}
-	log.G(ctx).WithFields(log.Fields{"id": r.ID, "config": cfg.Source}).Debug("snapview: configuration loaded")
-	return s.TTRPCTaskService.Create(ctx, r)
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return nil, errgrpc.ToGRPC(err)
+	}
+	ctx = namespaces.WithNamespace(ctx, ns)
+
+	p, reason, err := s.decide(ctx, ns, newCreateRequest(r.ID, r.Bundle, r.Rootfs), cfg)
+	if err != nil {
+		logger.WithError(err).Error("snapview: create rejected")
+		return nil, errgrpc.ToGRPC(err)
+	}
+	if p == nil {
+		logger.WithFields(log.Fields{"reason": reason, "config": cfg.Source}).Info("snapview: no view for this container")
+		return s.TTRPCTaskService.Create(ctx, r)
+	}
+	st, err := s.setup(ctx, p)
+	if err != nil {
+		logger.WithError(err).Error("snapview: view setup failed")
+		return nil, errgrpc.ToGRPC(err)
+	}
+	resp, err := s.TTRPCTaskService.Create(ctx, r)
+	if err != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if terr := s.teardown(cctx, r.Bundle, st); terr != nil {
+			logger.WithError(terr).Error("snapview: rollback after a failed runc create left something behind")
+		}
+		if rerr := p.spec.Restore(); rerr != nil {
+			logger.WithError(rerr).Error("snapview: restore config.json")
+		}
+		return nil, errgrpc.ToGRPC(fmt.Errorf("snapview: create %s: %w", r.ID, errgrpc.ToNative(err)))
+	}
+	s.mu.Lock()
+	s.views[viewKey(ns, r.ID)] = &viewEntry{bundle: r.Bundle, state: st}
+	s.mu.Unlock()
+	return resp, nil
 }
 
-// Delete forwards to runc's service.
+// Delete calls runc's Delete, then, for an init process with a view, removes
+// the view: only once runc's container is gone is nothing using it.
 func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
-	return s.TTRPCTaskService.Delete(ctx, r)
+	resp, err := s.TTRPCTaskService.Delete(ctx, r)
+	if r.ExecID != "" {
+		return resp, err
+	}
+	if err != nil && !errdefs.IsNotFound(errgrpc.ToNative(err)) {
+		return resp, err
+	}
+	ns, nerr := namespaces.NamespaceRequired(ctx)
+	if nerr != nil {
+		return resp, err
+	}
+	s.mu.Lock()
+	e := s.views[viewKey(ns, r.ID)]
+	delete(s.views, viewKey(ns, r.ID))
+	s.mu.Unlock()
+	if e == nil {
+		return resp, err
+	}
+	tctx, cancel := context.WithTimeout(context.WithoutCancel(namespaces.WithNamespace(ctx, ns)), 30*time.Second)
+	defer cancel()
+	if terr := s.teardown(tctx, e.bundle, e.state); terr != nil {
+		// The task is gone either way; what is left is reclaimed by
+		// containerd's GC (the view's gc.bref.container label) or the sweep.
+		log.G(ctx).WithError(terr).WithField("id", r.ID).Error("snapview: view teardown incomplete")
+	}
+	return resp, err
 }
 
 // Shutdown forwards to runc's service, which exits the shim once it serves no
-// container.
+// container, and then closes the connection to containerd.
 func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*ptypes.Empty, error) {
-	return s.TTRPCTaskService.Shutdown(ctx, r)
+	resp, err := s.TTRPCTaskService.Shutdown(ctx, r)
+	s.mu.Lock()
+	idle := len(s.views) == 0
+	s.mu.Unlock()
+	if idle {
+		if cerr := s.backend.close(); cerr != nil {
+			log.G(ctx).WithError(cerr).Debug("snapview: close containerd connection")
+		}
+	}
+	return resp, err
 }
 
 // normaliseOptions reads snapview's configuration from r.Options and replaces

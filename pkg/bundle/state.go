@@ -1,0 +1,172 @@
+// Package bundle reads and writes what snapview keeps in a container's
+// bundle directory: its state file, snapview.json, and the annotations it
+// adds to config.json before the OCI runtime reads it.
+//
+// Both files are written atomically (temporary file, fsync, rename), so a
+// reader, whether runc or a fresh shim process running the dead-shim cleanup,
+// sees either the old content or the new, never a torn file.
+package bundle
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/containerd/v2/pkg/atomicfile"
+
+	"github.com/snapview/snapview/pkg/rootfs"
+)
+
+// StateFile is the name of the state file in the bundle.
+const StateFile = "snapview.json"
+
+// StateVersion is the only version of the state file this build reads.
+const StateVersion = 1
+
+// Mount is a mount as recorded in the state file.
+type Mount struct {
+	Type    string   `json:"type"`
+	Source  string   `json:"source"`
+	Target  string   `json:"target,omitempty"`
+	Options []string `json:"options,omitempty"`
+}
+
+// State is the persisted state of one container's view: everything a fresh
+// process needs to undo it.
+type State struct {
+	Version     int    `json:"version"`
+	Namespace   string `json:"namespace"`
+	ContainerID string `json:"container_id"`
+	Snapshotter string `json:"snapshotter"`
+	// ViewKey is the key of the view snapshot; Parent the committed
+	// snapshot it views (the parent of the container's own snapshot).
+	ViewKey string `json:"view_key"`
+	Parent  string `json:"parent"`
+	LeaseID string `json:"lease"`
+	// Mountpoint is the host directory the view is mounted on.
+	Mountpoint string `json:"mountpoint"`
+	// Mounts are the view's mounts as mounted (after any mount-manager activation).
+	Mounts []Mount `json:"mounts"`
+	// Activation names the containerd mount-manager activation the view
+	// needed, if any (multi-layer erofs).
+	Activation string `json:"activation,omitempty"`
+	// Rootfs is the container's rootfs, as the OCI runtime and guests see it.
+	Rootfs rootfs.Params `json:"rootfs"`
+	// LoopDevices are the loop devices attached for the view.
+	LoopDevices []string `json:"loop_devices,omitempty"`
+	// Artifacts are the boot artifacts bound into the container.
+	Artifacts []Artifact `json:"artifacts,omitempty"`
+	Created   time.Time  `json:"created"`
+}
+
+// Artifact is a boot artifact bound from the view into the container.
+type Artifact struct {
+	Name   string `json:"name"`
+	Path   string `json:"path"`   // inside the image
+	Source string `json:"source"` // host path inside the mounted view
+	Target string `json:"target"` // inside the container
+}
+
+// StatePath returns the state file's path in bundle.
+func StatePath(bundle string) string { return filepath.Join(bundle, StateFile) }
+
+// WriteState writes s to the bundle's state file atomically, mode 0600.
+func WriteState(bundle string, s *State) error {
+	s.Version = StateVersion
+	data, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode state: %w", err)
+	}
+	return writeAtomic(StatePath(bundle), data, 0o600)
+}
+
+// ErrNoState is returned by ReadState when the bundle has no state file.
+var ErrNoState = errors.New("no snapview state file")
+
+// ReadState reads the bundle's state file strictly: an unknown version,
+// unknown fields, trailing data or missing required fields are errors that
+// name the file. A missing file is ErrNoState.
+func ReadState(bundle string) (*State, error) {
+	path := StatePath(bundle)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("%s: %w", path, ErrNoState)
+		}
+		return nil, fmt.Errorf("snapview: read state file %s: %w", path, err)
+	}
+	s, err := ParseState(data)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: state file %s: %w", path, err)
+	}
+	return s, nil
+}
+
+// ParseState decodes and validates a state file's content.
+func ParseState(data []byte) (*State, error) {
+	var probe struct {
+		Version *int `json:"version"`
+	}
+	if err := json.Unmarshal(data, &probe); err != nil {
+		return nil, fmt.Errorf("malformed: %w", err)
+	}
+	if probe.Version == nil {
+		return nil, errors.New("no version")
+	}
+	if *probe.Version != StateVersion {
+		return nil, fmt.Errorf("unsupported version %d (this shim reads version %d)", *probe.Version, StateVersion)
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	var s State
+	if err := dec.Decode(&s); err != nil {
+		return nil, fmt.Errorf("malformed: %w", err)
+	}
+	if dec.More() {
+		return nil, errors.New("malformed: trailing data")
+	}
+	for field, v := range map[string]string{
+		"namespace": s.Namespace, "container_id": s.ContainerID, "snapshotter": s.Snapshotter,
+		"view_key": s.ViewKey, "lease": s.LeaseID, "mountpoint": s.Mountpoint,
+	} {
+		if v == "" {
+			return nil, fmt.Errorf("missing %s", field)
+		}
+	}
+	if !filepath.IsAbs(s.Mountpoint) || filepath.Clean(s.Mountpoint) != s.Mountpoint {
+		return nil, fmt.Errorf("mountpoint %q is not a clean absolute path", s.Mountpoint)
+	}
+	return &s, nil
+}
+
+// RemoveState removes the bundle's state file; a missing file is success.
+func RemoveState(bundle string) error {
+	if err := os.Remove(StatePath(bundle)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+func writeAtomic(path string, data []byte, mode os.FileMode) (retErr error) {
+	f, err := atomicfile.New(path, mode)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer func() {
+		if retErr != nil {
+			_ = f.Cancel()
+		}
+	}()
+	if _, err := f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}

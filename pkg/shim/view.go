@@ -1,0 +1,317 @@
+package shim
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	containersapi "github.com/containerd/containerd/api/services/containers/v1"
+	"github.com/containerd/containerd/api/types"
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/containerd/log"
+
+	"github.com/snapview/snapview/pkg/bundle"
+	"github.com/snapview/snapview/pkg/config"
+	"github.com/snapview/snapview/pkg/lease"
+	"github.com/snapview/snapview/pkg/rootfs"
+	"github.com/snapview/snapview/pkg/view"
+)
+
+// Annotations snapview reads from the container's spec.
+const (
+	AnnotationMode          = "io.snapview.mode"
+	annotationContainerType = "io.kubernetes.cri.container-type"
+	containerTypeSandbox    = "sandbox"
+)
+
+// Annotations snapview writes into config.json for the OCI runtime.
+const (
+	AnnotationViewSnapshotter = "io.snapview.view.snapshotter"
+	AnnotationViewKey         = "io.snapview.view.key"
+	AnnotationViewLease       = "io.snapview.view.lease"
+	AnnotationViewMountpoint  = "io.snapview.view.mountpoint"
+	AnnotationRootfsParams    = "io.snapview.rootfs.params"
+)
+
+// viewDir is the directory under the bundle that holds the view's mountpoint.
+const viewDir = "snapview"
+
+// mountpoint returns where a container's view is mounted on the host.
+func mountpoint(bundlePath string) string {
+	return filepath.Join(bundlePath, viewDir, "view")
+}
+
+// plan is what Create decided for a container before any side effect.
+type plan struct {
+	ns, id, bundle string
+	snapshotter    string
+	parent         string
+	params         rootfs.Params
+	spec           *bundle.Config
+}
+
+// decide reads the spec and the container record and returns the plan of a
+// container's view, or nil with the reason when it gets none. It has no side
+// effects.
+func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *config.Config) (*plan, string, error) {
+	spec, err := bundle.ReadConfig(r.Bundle)
+	if err != nil {
+		return nil, "", err
+	}
+	ann := spec.Annotations
+	if ann[annotationContainerType] == containerTypeSandbox && !cfg.View.Sandbox {
+		return nil, "CRI sandbox container (view.sandbox is off)", nil
+	}
+	mode := cfg.View.Mode
+	if v, ok := ann[AnnotationMode]; ok {
+		mode = v
+	}
+	switch mode {
+	case config.ModeView:
+	case config.ModeOff:
+		return nil, "mode off", nil
+	case config.ModeBlock:
+		return nil, "", fmt.Errorf("snapview: annotation %s=%q: block mode is not supported by this build yet", AnnotationMode, mode)
+	default:
+		return nil, "", fmt.Errorf("snapview: annotation %s=%q: want view, block or off", AnnotationMode, mode)
+	}
+	if len(r.Rootfs) == 0 {
+		return nil, "no rootfs mounts: the container has no image snapshot", nil
+	}
+	params, err := rootfs.FromMounts(r.Rootfs)
+	if err != nil {
+		return nil, "", fmt.Errorf("snapview: rootfs of %s: %w", r.ID, err)
+	}
+
+	cc, err := s.backend.containers()
+	if err != nil {
+		return nil, "", fmt.Errorf("snapview: %w", err)
+	}
+	cctx, cancel := withTimeout(ctx)
+	defer cancel()
+	resp, err := cc.Get(cctx, &containersapi.GetContainerRequest{ID: r.ID})
+	if err != nil {
+		return nil, "", fmt.Errorf("snapview: look up container %s: %w", r.ID, errgrpc.ToNative(err))
+	}
+	c := resp.Container
+	if c.SnapshotKey == "" || c.Snapshotter == "" {
+		return nil, "the container has no snapshot (e.g. ctr run --rootfs)", nil
+	}
+	sn, err := s.backend.snapshotter(c.Snapshotter)
+	if err != nil {
+		return nil, "", fmt.Errorf("snapview: %w", err)
+	}
+	info, err := sn.Stat(cctx, c.SnapshotKey)
+	if err != nil {
+		return nil, "", fmt.Errorf("snapview: stat snapshot %s of container %s in %s: %w", c.SnapshotKey, r.ID, c.Snapshotter, errgrpc.ToNative(err))
+	}
+	if info.Parent == "" {
+		return nil, "the container's snapshot has no parent image", nil
+	}
+	return &plan{ns: ns, id: r.ID, bundle: r.Bundle, snapshotter: c.Snapshotter, parent: info.Parent, params: params, spec: spec}, "", nil
+}
+
+// setup creates, mounts and persists the view of p, and patches config.json,
+// in that order. Every step is recorded in the returned state as soon as it
+// succeeded; on failure the recorded steps are undone by teardown and
+// config.json is restored, so nothing is left behind.
+func (s *service) setup(ctx context.Context, p *plan) (_ *bundle.State, retErr error) {
+	logger := log.G(ctx).WithField("id", p.id)
+	st := &bundle.State{
+		Namespace:   p.ns,
+		ContainerID: p.id,
+		Snapshotter: p.snapshotter,
+		Parent:      p.parent,
+		Mountpoint:  mountpoint(p.bundle),
+		Rootfs:      p.params,
+		Created:     time.Now().UTC().Truncate(time.Second),
+	}
+	defer func() {
+		if retErr != nil {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+			defer cancel()
+			if err := s.teardown(cctx, p.bundle, st); err != nil {
+				logger.WithError(err).Error("snapview: rollback of a failed create left something behind")
+			}
+		}
+	}()
+
+	lm, err := s.backend.leases()
+	if err != nil {
+		return nil, fmt.Errorf("snapview: %w", err)
+	}
+	sn, err := s.backend.snapshotter(p.snapshotter)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: %w", err)
+	}
+	labels := lease.Labels(p.id, st.Created)
+
+	cctx, cancel := withTimeout(ctx)
+	defer cancel()
+	l, err := lease.Acquire(cctx, lm, p.id, st.Created)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: %w", err)
+	}
+	st.LeaseID = l.ID
+
+	mounts, err := view.Create(cctx, sn, p.id, p.parent, l.ID, labels)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: %w", err)
+	}
+	st.ViewKey = view.Key(p.id)
+	logger.WithFields(log.Fields{"key": st.ViewKey, "parent": p.parent, "lease": l.ID, "snapshotter": p.snapshotter}).Info("snapview: view created")
+
+	if view.NeedsManager(mounts) {
+		mounts, err = s.activate(cctx, p.id, l.ID, mounts)
+		if err != nil {
+			return nil, err
+		}
+		st.Activation = view.Key(p.id)
+	}
+
+	loops, err := view.Mount(mounts, st.Mountpoint)
+	st.LoopDevices = loops
+	if err != nil {
+		return nil, fmt.Errorf("snapview: %w", err)
+	}
+	for _, m := range mounts {
+		st.Mounts = append(st.Mounts, bundle.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
+	}
+	logger.WithFields(log.Fields{"key": st.ViewKey, "target": st.Mountpoint, "loop": loops}).Info("snapview: view mounted")
+
+	if err := bundle.WriteState(p.bundle, st); err != nil {
+		return nil, fmt.Errorf("snapview: %w", err)
+	}
+	params, err := json.Marshal(st.Rootfs)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.spec.Apply(bundle.ConfigPatch{Annotations: map[string]string{
+		AnnotationViewSnapshotter: st.Snapshotter,
+		AnnotationViewKey:         st.ViewKey,
+		AnnotationViewLease:       st.LeaseID,
+		AnnotationViewMountpoint:  st.Mountpoint,
+		AnnotationRootfsParams:    string(params),
+	}}); err != nil {
+		return nil, err
+	}
+	logger.WithField("state", bundle.StatePath(p.bundle)).Debug("snapview: state persisted and config.json annotated")
+	return st, nil
+}
+
+// activate hands mounts that mount.All cannot perform to containerd's mount
+// manager, under the view's lease and tied to the container, and returns the
+// system mounts left to perform.
+func (s *service) activate(ctx context.Context, id, leaseID string, mounts []mount.Mount) ([]mount.Mount, error) {
+	mm, err := s.backend.mounts()
+	if err != nil {
+		return nil, fmt.Errorf("snapview: %w", err)
+	}
+	ai, err := mm.Activate(leases.WithLease(ctx, leaseID), view.Key(id), mounts,
+		mount.WithLabels(map[string]string{view.LabelGCBackRef: id}))
+	if err != nil {
+		err = errgrpc.ToNative(err)
+		if errdefs.IsNotImplemented(err) {
+			return nil, fmt.Errorf("snapview: the view of %s needs containerd's mount manager (mount types %s), which this containerd does not provide: %w", id, mountTypes(mounts), err)
+		}
+		return nil, fmt.Errorf("snapview: activate view mounts of %s: %w", id, err)
+	}
+	log.G(ctx).WithFields(log.Fields{"id": id, "activation": ai.Name, "active": len(ai.Active)}).Info("snapview: view mounts activated by containerd's mount manager")
+	return ai.System, nil
+}
+
+func mountTypes(mounts []mount.Mount) string {
+	t := make([]string, len(mounts))
+	for i, m := range mounts {
+		t[i] = m.Type
+	}
+	return strings.Join(t, ",")
+}
+
+// teardown undoes what st records, in reverse order of setup: unmount the
+// view (and detach its loop devices), deactivate its mount-manager
+// activation, remove the view snapshot, delete the lease with synchronous GC,
+// then remove the state file. Every step runs; the first error is returned
+// and the others are logged. Steps whose object is already gone succeed, so
+// teardown can run any number of times.
+func (s *service) teardown(ctx context.Context, bundlePath string, st *bundle.State) error {
+	return teardown(ctx, s.backend, bundlePath, st)
+}
+
+func teardown(ctx context.Context, b *backend, bundlePath string, st *bundle.State) error {
+	logger := log.G(ctx).WithField("id", st.ContainerID)
+	var errs []error
+	step := func(name string, err error) {
+		if err != nil {
+			logger.WithError(err).WithField("step", name).Error("snapview: teardown step failed")
+			errs = append(errs, err)
+		}
+	}
+	if st.Mountpoint != "" {
+		step("unmount", view.Unmount(st.Mountpoint))
+		step("detach loop devices", view.DetachLoops(st.LoopDevices, func(backing string) bool {
+			for _, m := range st.Mounts {
+				if m.Source == backing {
+					return true
+				}
+			}
+			return false
+		}))
+		if err := os.Remove(filepath.Dir(st.Mountpoint)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			step("remove view directory", err)
+		}
+		logger.WithField("target", st.Mountpoint).Debug("snapview: view unmounted")
+	}
+	cctx, cancel := withTimeout(ctx)
+	defer cancel()
+	if st.Activation != "" {
+		if mm, err := b.mounts(); err != nil {
+			step("deactivate", err)
+		} else if err := mm.Deactivate(cctx, st.Activation); err != nil && !errdefs.IsNotFound(errgrpc.ToNative(err)) {
+			step("deactivate", fmt.Errorf("deactivate %s: %w", st.Activation, err))
+		}
+	}
+	if st.ViewKey != "" {
+		if sn, err := b.snapshotter(st.Snapshotter); err != nil {
+			step("remove view", err)
+		} else {
+			step("remove view", view.Remove(cctx, sn, st.ContainerID))
+		}
+	}
+	if st.LeaseID != "" {
+		if lm, err := b.leases(); err != nil {
+			step("delete lease", err)
+		} else {
+			step("delete lease", lease.Release(cctx, lm, st.ContainerID))
+		}
+	}
+	step("remove state", bundle.RemoveState(bundlePath))
+	if len(errs) == 0 {
+		logger.WithFields(log.Fields{"key": st.ViewKey, "lease": st.LeaseID}).Info("snapview: view removed")
+		return nil
+	}
+	return fmt.Errorf("snapview: teardown of %s: %w", st.ContainerID, errs[0])
+}
+
+// createRequest is the part of CreateTaskRequest decide needs.
+type createRequest struct {
+	ID     string
+	Bundle string
+	Rootfs []rootfs.Mount
+}
+
+func newCreateRequest(id, bundlePath string, mounts []*types.Mount) *createRequest {
+	r := &createRequest{ID: id, Bundle: bundlePath}
+	for _, m := range mounts {
+		r.Rootfs = append(r.Rootfs, rootfs.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
+	}
+	return r
+}

@@ -1,0 +1,188 @@
+// Package view creates, mounts and removes the read-only view of a
+// container's image.
+//
+// Lifecycle: Create makes the view snapshot "snapview/<container-id>" of the
+// parent of the container's own snapshot, with the lease on the context so
+// that it is referenced from the moment it exists, and labelled so that
+// containerd's GC reclaims it once the container record is gone even if every
+// snapview cleanup failed (containerd.io/gc.bref.container). Mount mounts it
+// read-only on a host directory; Unmount undoes that; Remove deletes the
+// snapshot. Each step's undo is idempotent: a view or mount already gone is
+// success.
+package view
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"slices"
+	"strings"
+
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+
+	"github.com/snapview/snapview/pkg/lease"
+)
+
+// LabelGCBackRef ties the view's lifetime to the container record.
+const LabelGCBackRef = "containerd.io/gc.bref.container"
+
+// Key returns the view's snapshot key for a container.
+func Key(containerID string) string { return "snapview/" + containerID }
+
+// Labels returns the labels of a container's view.
+func Labels(containerID string, base map[string]string) map[string]string {
+	l := map[string]string{LabelGCBackRef: containerID}
+	for k, v := range base {
+		l[k] = v
+	}
+	return l
+}
+
+// Create creates the view of parent for containerID under leaseID. A leftover
+// view of the same key is verified as snapview's by its labels and replaced.
+func Create(ctx context.Context, sn snapshots.Snapshotter, containerID, parent, leaseID string, labels map[string]string) ([]mount.Mount, error) {
+	key := Key(containerID)
+	ctx = leases.WithLease(ctx, leaseID)
+	opt := snapshots.WithLabels(Labels(containerID, labels))
+	mounts, err := sn.View(ctx, key, parent, opt)
+	if err == nil {
+		return mounts, nil
+	}
+	if !errdefs.IsAlreadyExists(err) {
+		return nil, fmt.Errorf("create view %s of %s: %w", key, parent, err)
+	}
+	info, err := sn.Stat(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("stat existing view %s: %w", key, err)
+	}
+	if !lease.IsOwned(info.Labels, containerID) {
+		return nil, fmt.Errorf("snapshot %s exists and is not snapview's (label %s=%q): %w",
+			key, lease.LabelContainer, info.Labels[lease.LabelContainer], errdefs.ErrAlreadyExists)
+	}
+	log.G(ctx).WithFields(log.Fields{"id": containerID, "key": key, "parent": info.Parent}).
+		Warn("snapview: replacing a leftover view of an earlier run")
+	if err := Remove(ctx, sn, containerID); err != nil {
+		return nil, err
+	}
+	mounts, err = sn.View(ctx, key, parent, opt)
+	if err != nil {
+		return nil, fmt.Errorf("create view %s of %s: %w", key, parent, err)
+	}
+	return mounts, nil
+}
+
+// Remove removes containerID's view snapshot; a view already gone is success.
+func Remove(ctx context.Context, sn snapshots.Snapshotter, containerID string) error {
+	key := Key(containerID)
+	if err := sn.Remove(ctx, key); err != nil {
+		if errdefs.IsNotFound(err) {
+			return nil
+		}
+		return fmt.Errorf("remove view %s: %w", key, err)
+	}
+	return nil
+}
+
+// NeedsManager reports whether mounts need containerd's mount manager:
+// mount.All cannot perform "format/", "mkfs/" or "mkdir/" types or templated
+// options, which the erofs snapshotter returns for a view of several layers.
+func NeedsManager(mounts []mount.Mount) bool {
+	for _, m := range mounts {
+		if strings.Contains(m.Type, "/") {
+			return true
+		}
+		for _, o := range m.Options {
+			if strings.Contains(o, "{{") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// ReadOnly returns mounts with "ro" added to each and "rw" removed, so that
+// a view is never mounted writable whatever the snapshotter returned.
+func ReadOnly(mounts []mount.Mount) []mount.Mount {
+	out := make([]mount.Mount, len(mounts))
+	for i, m := range mounts {
+		opts := slices.DeleteFunc(slices.Clone(m.Options), func(o string) bool { return o == "rw" })
+		if !slices.Contains(opts, "ro") {
+			opts = append(opts, "ro")
+		}
+		m.Options = opts
+		out[i] = m
+	}
+	return out
+}
+
+// Mount mounts mounts read-only on target, creating it, and returns the loop
+// devices the mount attached (for blockfile and erofs layers). On error
+// nothing stays mounted.
+func Mount(mounts []mount.Mount, target string) ([]string, error) {
+	if err := os.MkdirAll(target, 0o700); err != nil {
+		return nil, fmt.Errorf("create mountpoint %s: %w", target, err)
+	}
+	if err := mount.All(ReadOnly(mounts), target); err != nil {
+		_ = mount.UnmountAll(target, unix.MNT_DETACH)
+		return nil, fmt.Errorf("mount view on %s: %w", target, err)
+	}
+	return loopDevices(target)
+}
+
+// loopDevices returns the loop devices mounted on target.
+func loopDevices(target string) ([]string, error) {
+	infos, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(target))
+	if err != nil {
+		return nil, fmt.Errorf("read mountinfo of %s: %w", target, err)
+	}
+	var loops []string
+	for _, i := range infos {
+		if strings.HasPrefix(i.Source, "/dev/loop") {
+			loops = append(loops, i.Source)
+		}
+	}
+	return loops, nil
+}
+
+// Unmount unmounts everything on target and removes the directory. A target
+// already gone is success. The directory is removed with rmdir only, never
+// recursively: if something is still mounted there, removal fails instead
+// of deleting the view's content.
+func Unmount(target string) error {
+	if err := mount.UnmountAll(target, unix.MNT_DETACH); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("unmount view %s: %w", target, err)
+	}
+	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove mountpoint %s: %w", target, err)
+	}
+	return nil
+}
+
+// DetachLoops detaches the loop devices of a view that are still attached
+// to backing files of expected (autoclear normally detaches them on
+// unmount). A device now attached to another file is left alone.
+func DetachLoops(devices []string, expected func(backing string) bool) error {
+	var errs []error
+	for _, dev := range devices {
+		name := strings.TrimPrefix(dev, "/dev/")
+		b, err := os.ReadFile("/sys/block/" + name + "/loop/backing_file")
+		if err != nil {
+			continue // detached
+		}
+		if !expected(strings.TrimSpace(string(b))) {
+			continue
+		}
+		if err := mount.DetachLoopDevice(dev); err != nil {
+			errs = append(errs, fmt.Errorf("detach %s: %w", dev, err))
+		}
+	}
+	return errors.Join(errs...)
+}
