@@ -120,7 +120,12 @@ func detachLoops(dir string) {
 }
 
 // shimPids lists the shim processes started for the daemon at address.
-func shimPids(address string) []int {
+func shimPids(address string) []int { return ShimPids(address, "") }
+
+// ShimPids lists the shim processes started for the daemon at address and,
+// unless id is empty, for container id (a pod's shim carries the id of the
+// container that started it).
+func ShimPids(address, id string) []int {
 	var pids []int
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
@@ -132,7 +137,10 @@ func shimPids(address string) []int {
 		if err != nil || !bytes.Contains(cmdline, []byte("containerd-shim")) {
 			continue
 		}
-		if bytes.Contains(cmdline, []byte(address+"\x00")) {
+		if !bytes.Contains(cmdline, []byte(address+"\x00")) {
+			continue
+		}
+		if id == "" || bytes.Contains(cmdline, []byte("\x00-id\x00"+id+"\x00")) {
 			pids = append(pids, pid)
 		}
 	}
