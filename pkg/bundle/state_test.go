@@ -1,0 +1,136 @@
+package bundle
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/snapview/snapview/pkg/rootfs"
+)
+
+func validState() *State {
+	return &State{
+		Namespace:   "default",
+		ContainerID: "c1",
+		Snapshotter: "overlayfs",
+		ViewKey:     "snapview/c1",
+		Parent:      "sha256:abc",
+		LeaseID:     "snapview/c1",
+		Mountpoint:  "/run/containerd/io.containerd.runtime.v2.task/default/c1/snapview/view",
+		Mounts:      []Mount{{Type: "overlay", Source: "overlay", Options: []string{"lowerdir=/a:/b", "ro"}}},
+		Rootfs:      rootfs.Params{Kind: rootfs.KindFS, FSType: "overlay", Source: "overlay", Options: []string{}},
+		Created:     time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC),
+	}
+}
+
+func TestStateRoundTrip(t *testing.T) {
+	dir := t.TempDir()
+	want := validState()
+	if err := WriteState(dir, want); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(StatePath(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("mode %v, want 0600", fi.Mode().Perm())
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Fatalf("temporary files left: %v", entries)
+	}
+	got, err := ReadState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Version != StateVersion || got.ViewKey != want.ViewKey || got.Mounts[0].Options[1] != "ro" || !got.Created.Equal(want.Created) {
+		t.Fatalf("got %+v", got)
+	}
+	if err := RemoveState(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := RemoveState(dir); err != nil {
+		t.Fatalf("second remove: %v", err)
+	}
+}
+
+func TestReadStateRejects(t *testing.T) {
+	for _, tc := range []struct {
+		name, body, want string
+	}{
+		{"empty", "", "malformed"},
+		{"not json", "{version:1", "malformed"},
+		{"no version", `{"namespace":"x"}`, "no version"},
+		{"future version", `{"version":2}`, "unsupported version 2"},
+		{"unknown field", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/m","extra":1}`, `unknown field "extra"`},
+		{"trailing data", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/m"} {}`, "malformed"},
+		{"missing lease", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","mountpoint":"/m"}`, "missing lease"},
+		{"relative mountpoint", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"m"}`, "not a clean absolute path"},
+		{"unclean mountpoint", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/a/../../etc"}`, "not a clean absolute path"},
+		{"wrong type", `{"version":"1"}`, "malformed"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if err := os.WriteFile(filepath.Join(dir, StateFile), []byte(tc.body), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, err := ReadState(dir)
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			for _, w := range []string{"snapview: state file " + StatePath(dir), tc.want} {
+				if !strings.Contains(err.Error(), w) {
+					t.Fatalf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+	t.Run("missing", func(t *testing.T) {
+		_, err := ReadState(t.TempDir())
+		if err == nil || !strings.Contains(err.Error(), StateFile) {
+			t.Fatalf("got %v", err)
+		}
+	})
+}
+
+func TestConfigApplyRestore(t *testing.T) {
+	dir := t.TempDir()
+	orig := `{"ociVersion":"1.2.0","process":{"args":["sh"]},"annotations":{"keep":"me"},"mounts":[{"destination":"/proc","type":"proc","source":"proc"}],"futureField":{"x":1}}`
+	path := filepath.Join(dir, ConfigFile)
+	if err := os.WriteFile(path, []byte(orig), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	c, err := ReadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Annotations["keep"] != "me" {
+		t.Fatalf("annotations %v", c.Annotations)
+	}
+	if err := c.Apply(ConfigPatch{Annotations: map[string]string{"io.snapview.view.key": "snapview/c1"}}); err != nil {
+		t.Fatal(err)
+	}
+	patched, err := ReadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if patched.Annotations["keep"] != "me" || patched.Annotations["io.snapview.view.key"] != "snapview/c1" {
+		t.Fatalf("patched annotations %v", patched.Annotations)
+	}
+	data, _ := os.ReadFile(path)
+	if !strings.Contains(string(data), `"futureField":{"x":1}`) || !strings.Contains(string(data), `"destination":"/proc"`) {
+		t.Fatalf("fields lost: %s", data)
+	}
+	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o640 {
+		t.Fatalf("mode changed to %v", fi.Mode().Perm())
+	}
+	if err := c.Restore(); err != nil {
+		t.Fatal(err)
+	}
+	if data, _ := os.ReadFile(path); string(data) != orig {
+		t.Fatalf("not restored: %s", data)
+	}
+}
