@@ -61,6 +61,9 @@ e2e: build deps
 demo: build deps
 	@$(E2E_ENV) $(GO) run ./tests/demo
 
+bench: build deps
+	@$(E2E_ENV) $(GO) run ./tests/bench $(BENCH_FLAGS)
+
 install: build
 	install -D -m 0755 $(SHIM) $(DESTDIR)$(PREFIX)/bin/containerd-shim-snapview-v2
 

@@ -92,6 +92,14 @@ func (b *backend) mounts() (mount.Manager, error) {
 	return mountproxy.NewMountManager(mountsapi.NewMountsClient(c)), nil
 }
 
+// preconnect starts connecting to containerd in the background, so that the
+// first call of a Create does not wait for the dial and handshake.
+func (b *backend) preconnect() {
+	if c, err := b.client(); err == nil {
+		c.Connect()
+	}
+}
+
 // close closes the connection, if one was made.
 func (b *backend) close() error {
 	b.mu.Lock()

@@ -33,7 +33,9 @@ func init() {
 			if err != nil {
 				return nil, err
 			}
-			return newService(inner, ic.Properties[plugins.PropertyGRPCAddress]), nil
+			s := newService(inner, ic.Properties[plugins.PropertyGRPCAddress])
+			s.backend.preconnect()
+			return s, nil
 		},
 	})
 }

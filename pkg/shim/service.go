@@ -77,6 +77,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	ctx = namespaces.WithNamespace(ctx, ns)
 
+	sw := newStopwatch()
 	p, reason, err := s.decide(ctx, ns, newCreateRequest(r.ID, r.Bundle, r.Rootfs), cfg)
 	if err != nil {
 		logger.WithError(err).Error("snapview: create rejected")
@@ -86,7 +87,8 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		logger.WithFields(log.Fields{"reason": reason, "config": cfg.Source}).Info("snapview: no view for this container")
 		return s.TTRPCTaskService.Create(ctx, r)
 	}
-	st, err := s.setup(ctx, p)
+	sw.lap("lookup")
+	st, err := s.setup(ctx, p, sw)
 	if err != nil {
 		logger.WithError(err).Error("snapview: view setup failed")
 		return nil, errgrpc.ToGRPC(err)
@@ -103,9 +105,11 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 		}
 		return nil, errgrpc.ToGRPC(fmt.Errorf("snapview: create %s: %w", r.ID, errgrpc.ToNative(err)))
 	}
+	sw.lap("runc_create")
 	s.mu.Lock()
 	s.views[viewKey(ns, r.ID)] = &viewEntry{bundle: r.Bundle, state: st}
 	s.mu.Unlock()
+	logger.WithFields(sw.fields).WithFields(log.Fields{"key": st.ViewKey, "lease": st.LeaseID, "target": st.Mountpoint}).Info("snapview: container created with its view")
 	return resp, nil
 }
 

@@ -123,7 +123,7 @@ func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *
 // in that order. Every step is recorded in the returned state as soon as it
 // succeeded; on failure the recorded steps are undone by teardown and
 // config.json is restored, so nothing is left behind.
-func (s *service) setup(ctx context.Context, p *plan) (_ *bundle.State, retErr error) {
+func (s *service) setup(ctx context.Context, p *plan, sw *stopwatch) (_ *bundle.State, retErr error) {
 	logger := log.G(ctx).WithField("id", p.id)
 	st := &bundle.State{
 		Namespace:   p.ns,
@@ -161,12 +161,14 @@ func (s *service) setup(ctx context.Context, p *plan) (_ *bundle.State, retErr e
 		return nil, fmt.Errorf("snapview: %w", err)
 	}
 	st.LeaseID = l.ID
+	sw.lap("lease")
 
 	mounts, err := view.Create(cctx, sn, p.id, p.parent, l.ID, labels)
 	if err != nil {
 		return nil, fmt.Errorf("snapview: %w", err)
 	}
 	st.ViewKey = view.Key(p.id)
+	sw.lap("view")
 	logger.WithFields(log.Fields{"key": st.ViewKey, "parent": p.parent, "lease": l.ID, "snapshotter": p.snapshotter}).Info("snapview: view created")
 
 	if view.NeedsManager(mounts) {
@@ -185,6 +187,7 @@ func (s *service) setup(ctx context.Context, p *plan) (_ *bundle.State, retErr e
 	for _, m := range mounts {
 		st.Mounts = append(st.Mounts, bundle.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
 	}
+	sw.lap("mount")
 	logger.WithFields(log.Fields{"key": st.ViewKey, "target": st.Mountpoint, "loop": loops}).Info("snapview: view mounted")
 
 	if err := bundle.WriteState(p.bundle, st); err != nil {
@@ -203,6 +206,7 @@ func (s *service) setup(ctx context.Context, p *plan) (_ *bundle.State, retErr e
 	}}); err != nil {
 		return nil, err
 	}
+	sw.lap("persist")
 	logger.WithField("state", bundle.StatePath(p.bundle)).Debug("snapview: state persisted and config.json annotated")
 	return st, nil
 }
@@ -248,6 +252,7 @@ func (s *service) teardown(ctx context.Context, bundlePath string, st *bundle.St
 
 func teardown(ctx context.Context, b *backend, bundlePath string, st *bundle.State) error {
 	logger := log.G(ctx).WithField("id", st.ContainerID)
+	sw := newStopwatch()
 	var errs []error
 	step := func(name string, err error) {
 		if err != nil {
@@ -269,6 +274,7 @@ func teardown(ctx context.Context, b *backend, bundlePath string, st *bundle.Sta
 			step("remove view directory", err)
 		}
 		logger.WithField("target", st.Mountpoint).Debug("snapview: view unmounted")
+		sw.lap("unmount")
 	}
 	cctx, cancel := withTimeout(ctx)
 	defer cancel()
@@ -285,6 +291,7 @@ func teardown(ctx context.Context, b *backend, bundlePath string, st *bundle.Sta
 		} else {
 			step("remove view", view.Remove(cctx, sn, st.ContainerID))
 		}
+		sw.lap("remove")
 	}
 	if st.LeaseID != "" {
 		if lm, err := b.leases(); err != nil {
@@ -292,10 +299,11 @@ func teardown(ctx context.Context, b *backend, bundlePath string, st *bundle.Sta
 		} else {
 			step("delete lease", lease.Release(cctx, lm, st.ContainerID))
 		}
+		sw.lap("lease")
 	}
 	step("remove state", bundle.RemoveState(bundlePath))
 	if len(errs) == 0 {
-		logger.WithFields(log.Fields{"key": st.ViewKey, "lease": st.LeaseID}).Info("snapview: view removed")
+		logger.WithFields(sw.fields).WithFields(log.Fields{"key": st.ViewKey, "lease": st.LeaseID}).Info("snapview: view removed")
 		return nil
 	}
 	return fmt.Errorf("snapview: teardown of %s: %w", st.ContainerID, errs[0])

@@ -21,6 +21,7 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"golang.org/x/sys/unix"
 )
 
 // Tools names the binaries the harness runs. The Makefile fills them in from
@@ -59,7 +60,8 @@ func (t Tools) Ctr() string { return filepath.Join(filepath.Dir(t.Containerd), "
 
 // Daemon is a private containerd.
 type Daemon struct {
-	Dir     string // everything the daemon owns lives under Dir
+	Dir     string // the daemon's root and files live under Dir
+	RunDir  string // its state and sockets live under RunDir, on tmpfs
 	Address string // gRPC socket
 	Root    string
 	State   string
@@ -115,11 +117,24 @@ func StartDaemon(ctx context.Context, parent string, tools Tools, env ...string)
 	if err != nil {
 		return nil, err
 	}
+	// State (bundles, sockets) lives on tmpfs under /run, as a real
+	// containerd's /run/containerd does; root stays on disk.
+	runDir, err := os.MkdirTemp("/run", "snapview-containerd-")
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	if err := unix.Mount("tmpfs", runDir, "tmpfs", 0, "mode=0711,size=256m"); err != nil {
+		os.RemoveAll(dir)
+		os.Remove(runDir)
+		return nil, fmt.Errorf("mount tmpfs for the daemon's state: %w", err)
+	}
 	d := &Daemon{
 		Dir:     dir,
-		Address: filepath.Join(dir, "containerd.sock"),
+		RunDir:  runDir,
+		Address: filepath.Join(runDir, "containerd.sock"),
 		Root:    filepath.Join(dir, "root"),
-		State:   filepath.Join(dir, "state"),
+		State:   filepath.Join(runDir, "state"),
 		Tools:   tools,
 		waitErr: make(chan error, 1),
 	}
@@ -300,12 +315,17 @@ func (d *Daemon) Stop() error {
 	if d.logFile != nil {
 		d.logFile.Close()
 	}
-	if err := mount.UnmountRecursive(d.Dir, 0); err != nil {
-		errs = append(errs, err)
-	}
-	detachLoops(d.Dir)
-	if err := os.RemoveAll(d.Dir); err != nil {
-		errs = append(errs, err)
+	for _, dir := range []string{d.RunDir, d.Dir} {
+		if dir == "" {
+			continue
+		}
+		if err := mount.UnmountRecursive(dir, 0); err != nil {
+			errs = append(errs, err)
+		}
+		detachLoops(dir)
+		if err := os.RemoveAll(dir); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }

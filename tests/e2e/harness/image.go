@@ -239,8 +239,11 @@ func (w *ociWriter) write(out io.Writer, index ocispec.Index) error {
 }
 
 // Import imports img into namespace ns of the daemon and unpacks it for
-// every snapshotter the daemon serves.
-func (d *Daemon) Import(ctx context.Context, ns string, img *Image) (client.Image, error) {
+// snapshotters, or for every snapshotter the daemon serves if none are named.
+func (d *Daemon) Import(ctx context.Context, ns string, img *Image, snapshotters ...string) (client.Image, error) {
+	if len(snapshotters) == 0 {
+		snapshotters = d.Snapshotters
+	}
 	ctx = Context(ctx, ns)
 	f, err := os.Open(img.Archive)
 	if err != nil {
@@ -255,7 +258,7 @@ func (d *Daemon) Import(ctx context.Context, ns string, img *Image) (client.Imag
 		return nil, fmt.Errorf("import %s: got %d images", img.Ref, len(imgs))
 	}
 	ci := client.NewImage(d.client, imgs[0])
-	for _, sn := range d.Snapshotters {
+	for _, sn := range snapshotters {
 		if err := ci.Unpack(ctx, sn); err != nil {
 			return nil, fmt.Errorf("unpack %s for %s: %w", img.Ref, sn, err)
 		}

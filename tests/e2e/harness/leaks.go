@@ -77,12 +77,17 @@ func (d *Daemon) leaks(ctx context.Context) []string {
 			leaks = append(leaks, fmt.Sprintf("container %s/%s", ns, ctr.ID()))
 		}
 	}
-	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(d.Dir))
-	if err != nil {
-		leaks = append(leaks, fmt.Sprintf("read mountinfo: %v", err))
-	}
-	for _, m := range mounts {
-		leaks = append(leaks, fmt.Sprintf("mount %s (%s from %s)", m.Mountpoint, m.FSType, m.Source))
+	for _, dir := range []string{d.Dir, d.RunDir} {
+		mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+		if err != nil {
+			leaks = append(leaks, fmt.Sprintf("read mountinfo: %v", err))
+		}
+		for _, m := range mounts {
+			if m.Mountpoint == d.RunDir {
+				continue // the harness's own tmpfs
+			}
+			leaks = append(leaks, fmt.Sprintf("mount %s (%s from %s)", m.Mountpoint, m.FSType, m.Source))
+		}
 	}
 	for _, l := range LoopDevices(d.Dir) {
 		leaks = append(leaks, "loop device "+l)
