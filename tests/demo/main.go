@@ -7,9 +7,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
@@ -82,14 +87,14 @@ func run() (retErr error) {
 	ctx = harness.Context(ctx, ns)
 	c := d.Client()
 
-	step("running a container with --runtime %s", runtime)
+	step("running a container with --runtime %s; it overwrites its own /boot/vmlinux", runtime)
 	ctr, err := c.NewContainer(ctx, id,
 		client.WithImage(cimg),
 		client.WithSnapshotter("overlayfs"),
 		client.WithNewSnapshot(id+"-snapshot", cimg),
 		client.WithRuntime(runtime, nil),
 		client.WithNewSpec(oci.WithImageConfig(cimg), oci.WithProcessArgs("sh", "-c",
-			`echo "hello from a snapview container"; echo "kernel in the image: $(ls -l /boot/vmlinux)"`)),
+			`echo "hello from a snapview container"; echo overwritten > /boot/vmlinux; echo ready; exec sleep 300`)),
 	)
 	if err != nil {
 		return err
@@ -99,27 +104,89 @@ func run() (retErr error) {
 			retErr = err
 		}
 	}()
-	var out bytes.Buffer
-	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), &out, os.Stderr)))
+	out := &syncBuffer{}
+	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), out, os.Stderr)))
 	if err != nil {
 		return err
 	}
-	exit, err := task.Wait(ctx)
-	if err != nil {
-		return err
-	}
+	defer task.Delete(ctx, client.WithProcessKill)
 	if err := task.Start(ctx); err != nil {
 		return err
 	}
-	st := <-exit
-	task.IO().Wait()
-	if _, err := task.Delete(ctx); err != nil {
-		return err
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(out.String(), "ready"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("container did not start: %q", out.String())
+		}
 	}
 	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
 		fmt.Println("    | " + l)
 	}
-	fmt.Printf("    exit status %d\n", st.ExitCode())
+
+	step("while it runs, snapview holds a read-only view of its image")
+	ls, err := c.LeasesService().List(ctx, `labels."snapview.io/container"==`+id)
+	if err != nil {
+		return err
+	}
+	for _, l := range ls {
+		fmt.Printf("    lease     %s  labels %v\n", l.ID, l.Labels)
+	}
+	vi, err := c.SnapshotService("overlayfs").Stat(ctx, "snapview/"+id)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("    view      %s  kind %s, parent %.19s…  (the image's top layer)\n", vi.Name, vi.Kind, vi.Parent)
+	bundle := filepath.Join(d.State, "io.containerd.runtime.v2.task", ns, id)
+	st, err := os.ReadFile(filepath.Join(bundle, "snapview.json"))
+	if err != nil {
+		return err
+	}
+	var state struct {
+		Mountpoint string          `json:"mountpoint"`
+		Rootfs     json.RawMessage `json:"rootfs"`
+	}
+	if err := json.Unmarshal(st, &state); err != nil {
+		return err
+	}
+	fmt.Printf("    mount     %s (read-only)\n", state.Mountpoint)
+	fmt.Printf("    state     %s\n", filepath.Join(bundle, "snapview.json"))
+	spec, err := os.ReadFile(filepath.Join(bundle, "config.json"))
+	if err != nil {
+		return err
+	}
+	var cfg struct {
+		Annotations map[string]string `json:"annotations"`
+	}
+	if err := json.Unmarshal(spec, &cfg); err != nil {
+		return err
+	}
+	fmt.Println("    config.json annotations runc was given:")
+	for _, k := range []string{"io.snapview.view.snapshotter", "io.snapview.view.key", "io.snapview.view.lease", "io.snapview.view.mountpoint", "io.snapview.rootfs.params"} {
+		fmt.Printf("      %s = %s\n", k, cfg.Annotations[k])
+	}
+
+	step("the container changed its copy; the view is still the image")
+	inContainer, err := exec(ctx, task, "head", "-c", "20", "/boot/vmlinux")
+	if err != nil {
+		return err
+	}
+	fmt.Printf("    inside the container: /boot/vmlinux = %q\n", inContainer)
+	data, err := os.ReadFile(filepath.Join(state.Mountpoint, "boot/vmlinux"))
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256(data)
+	fmt.Printf("    in the view:          /boot/vmlinux = %d bytes, sha256 %x… (as in the image: %v)\n",
+		len(data), sum[:8], hex.EncodeToString(sum[:]) == img.Files["/boot/vmlinux"])
+	if err := os.WriteFile(filepath.Join(state.Mountpoint, "boot/vmlinux"), []byte("x"), 0o644); err != nil {
+		fmt.Printf("    writing into the view from the host: %v\n", err)
+	} else {
+		return fmt.Errorf("the view is writable")
+	}
+
+	step("deleting the task and the container")
+	if _, err := task.Delete(ctx, client.WithProcessKill); err != nil {
+		return err
+	}
 	if err := ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil {
 		return err
 	}
@@ -130,4 +197,49 @@ func run() (retErr error) {
 	}
 	fmt.Println("    nothing left")
 	return nil
+}
+
+// syncBuffer collects the container's output for the demo.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// exec runs args in the task and returns its output.
+func exec(ctx context.Context, task client.Task, args ...string) (string, error) {
+	spec, err := task.Spec(ctx)
+	if err != nil {
+		return "", err
+	}
+	ps := *spec.Process
+	ps.Args = args
+	ps.Terminal = false
+	out := &syncBuffer{}
+	p, err := task.Exec(ctx, "demo-exec", &ps, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), out, os.Stderr)))
+	if err != nil {
+		return "", err
+	}
+	defer p.Delete(ctx)
+	ch, err := p.Wait(ctx)
+	if err != nil {
+		return "", err
+	}
+	if err := p.Start(ctx); err != nil {
+		return "", err
+	}
+	<-ch
+	p.IO().Wait()
+	return out.String(), nil
 }
