@@ -152,6 +152,11 @@ func RemoveState(bundle string) error {
 	return nil
 }
 
+// WriteFile writes data to path atomically (temporary file, fsync, rename).
+func WriteFile(path string, data []byte, mode os.FileMode) error {
+	return writeAtomic(path, data, mode)
+}
+
 func writeAtomic(path string, data []byte, mode os.FileMode) (retErr error) {
 	f, err := atomicfile.New(path, mode)
 	if err != nil {

@@ -18,6 +18,8 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 
+	"github.com/snapview/snapview/pkg/annotations"
+	"github.com/snapview/snapview/pkg/boot"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/config"
 	"github.com/snapview/snapview/pkg/lease"
@@ -25,20 +27,10 @@ import (
 	"github.com/snapview/snapview/pkg/view"
 )
 
-// Annotations snapview reads from the container's spec.
+// Annotations of CRI's that snapview reads.
 const (
-	AnnotationMode          = "io.snapview.mode"
 	annotationContainerType = "io.kubernetes.cri.container-type"
 	containerTypeSandbox    = "sandbox"
-)
-
-// Annotations snapview writes into config.json for the OCI runtime.
-const (
-	AnnotationViewSnapshotter = "io.snapview.view.snapshotter"
-	AnnotationViewKey         = "io.snapview.view.key"
-	AnnotationViewLease       = "io.snapview.view.lease"
-	AnnotationViewMountpoint  = "io.snapview.view.mountpoint"
-	AnnotationRootfsParams    = "io.snapview.rootfs.params"
 )
 
 // viewDir is the directory under the bundle that holds the view's mountpoint.
@@ -49,6 +41,11 @@ func mountpoint(bundlePath string) string {
 	return filepath.Join(bundlePath, viewDir, "view")
 }
 
+// paramsFile returns the host file bound at /.snapview/params.json.
+func paramsFile(bundlePath string) string {
+	return filepath.Join(bundlePath, viewDir, "params.json")
+}
+
 // plan is what Create decided for a container before any side effect.
 type plan struct {
 	ns, id, bundle string
@@ -56,6 +53,7 @@ type plan struct {
 	parent         string
 	params         rootfs.Params
 	spec           *bundle.Config
+	req            *annotations.Request
 }
 
 // decide reads the spec and the container record and returns the plan of a
@@ -68,23 +66,35 @@ func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *
 	}
 	ann := spec.Annotations
 	if ann[annotationContainerType] == containerTypeSandbox && !cfg.View.Sandbox {
+		// Pod annotations reach the sandbox too: they are not for it.
 		return nil, "CRI sandbox container (view.sandbox is off)", nil
 	}
+	req, err := annotations.Parse(ann, cfg.View.BootDir)
+	if err != nil {
+		return nil, "", err
+	}
 	mode := cfg.View.Mode
-	if v, ok := ann[AnnotationMode]; ok {
-		mode = v
+	if req.Mode != "" {
+		mode = req.Mode
 	}
 	switch mode {
 	case config.ModeView:
 	case config.ModeOff:
+		if req.HasBinds() {
+			return nil, "", fmt.Errorf("snapview: %s asks for binds from the view, but the mode is off (%s or view.mode in %s)", bindAnnotations(req), annotations.Mode, cfg.Source)
+		}
 		return nil, "mode off", nil
 	case config.ModeBlock:
-		return nil, "", fmt.Errorf("snapview: annotation %s=%q: block mode is not supported by this build yet", AnnotationMode, mode)
-	default:
-		return nil, "", fmt.Errorf("snapview: annotation %s=%q: want view, block or off", AnnotationMode, mode)
+		return nil, "", fmt.Errorf("snapview: annotation %s=%q: block mode is not supported by this build yet", annotations.Mode, mode)
+	}
+	noView := func(reason string) (*plan, string, error) {
+		if req.HasBinds() {
+			return nil, "", fmt.Errorf("snapview: %s asks for binds from the image, but %s", bindAnnotations(req), reason)
+		}
+		return nil, reason, nil
 	}
 	if len(r.Rootfs) == 0 {
-		return nil, "no rootfs mounts: the container has no image snapshot", nil
+		return noView("the container has no rootfs mounts (no image snapshot)")
 	}
 	params, err := rootfs.FromMounts(r.Rootfs)
 	if err != nil {
@@ -103,7 +113,7 @@ func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *
 	}
 	c := resp.Container
 	if c.SnapshotKey == "" || c.Snapshotter == "" {
-		return nil, "the container has no snapshot (e.g. ctr run --rootfs)", nil
+		return noView("the container has no image snapshot (e.g. ctr run --rootfs)")
 	}
 	sn, err := s.backend.snapshotter(c.Snapshotter)
 	if err != nil {
@@ -114,9 +124,21 @@ func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *
 		return nil, "", fmt.Errorf("snapview: stat snapshot %s of container %s in %s: %w", c.SnapshotKey, r.ID, c.Snapshotter, errgrpc.ToNative(err))
 	}
 	if info.Parent == "" {
-		return nil, "the container's snapshot has no parent image", nil
+		return noView("the container's snapshot has no parent image")
 	}
-	return &plan{ns: ns, id: r.ID, bundle: r.Bundle, snapshotter: c.Snapshotter, parent: info.Parent, params: params, spec: spec}, "", nil
+	return &plan{ns: ns, id: r.ID, bundle: r.Bundle, snapshotter: c.Snapshotter, parent: info.Parent, params: params, spec: spec, req: req}, "", nil
+}
+
+// bindAnnotations names the annotations of req that ask for binds.
+func bindAnnotations(req *annotations.Request) string {
+	var names []string
+	for _, a := range req.Artifacts {
+		names = append(names, annotations.BootPrefix+a.Name)
+	}
+	if req.ViewTarget != "" {
+		names = append(names, annotations.ViewTarget)
+	}
+	return "annotation " + strings.Join(names, ", ")
 }
 
 // setup creates, mounts and persists the view of p, and patches config.json,
@@ -190,20 +212,38 @@ func (s *service) setup(ctx context.Context, p *plan, sw *stopwatch) (_ *bundle.
 	sw.lap("mount")
 	logger.WithFields(log.Fields{"key": st.ViewKey, "target": st.Mountpoint, "loop": loops}).Info("snapview: view mounted")
 
+	arts, err := boot.Resolve(st.Mountpoint, p.req.Artifacts)
+	if err != nil {
+		return nil, err
+	}
+	st.Artifacts = arts
+	for _, a := range arts {
+		logger.WithFields(log.Fields{"artifact": a.Name, "path": a.Path, "target": a.Target}).Info("snapview: boot artifact resolved in the view")
+	}
 	if err := bundle.WriteState(p.bundle, st); err != nil {
 		return nil, fmt.Errorf("snapview: %w", err)
+	}
+	if err := writeParams(paramsFile(p.bundle), st, p.req.ViewTarget); err != nil {
+		return nil, err
 	}
 	params, err := json.Marshal(st.Rootfs)
 	if err != nil {
 		return nil, err
 	}
-	if err := p.spec.Apply(bundle.ConfigPatch{Annotations: map[string]string{
-		AnnotationViewSnapshotter: st.Snapshotter,
-		AnnotationViewKey:         st.ViewKey,
-		AnnotationViewLease:       st.LeaseID,
-		AnnotationViewMountpoint:  st.Mountpoint,
-		AnnotationRootfsParams:    string(params),
-	}}); err != nil {
+	patch := bundle.ConfigPatch{
+		Annotations: map[string]string{
+			annotations.ViewSnapshotter: st.Snapshotter,
+			annotations.ViewKey:         st.ViewKey,
+			annotations.ViewLease:       st.LeaseID,
+			annotations.ViewMountpoint:  st.Mountpoint,
+			annotations.RootfsParams:    string(params),
+		},
+		Mounts: boot.Mounts(arts, st.Mountpoint, p.req.ViewTarget, paramsFile(p.bundle)),
+	}
+	for _, a := range arts {
+		patch.Annotations[annotations.BoundPrefix+a.Name] = a.Target
+	}
+	if err := p.spec.Apply(patch); err != nil {
 		return nil, err
 	}
 	sw.lap("persist")
@@ -270,6 +310,9 @@ func teardown(ctx context.Context, b *backend, bundlePath string, st *bundle.Sta
 			}
 			return false
 		}))
+		if err := os.Remove(paramsFile(bundlePath)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			step("remove params file", err)
+		}
 		if err := os.Remove(filepath.Dir(st.Mountpoint)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			step("remove view directory", err)
 		}
@@ -322,4 +365,27 @@ func newCreateRequest(id, bundlePath string, mounts []*types.Mount) *createReque
 		r.Rootfs = append(r.Rootfs, rootfs.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
 	}
 	return r
+}
+
+// paramsDoc is the content of /.snapview/params.json.
+type paramsDoc struct {
+	Rootfs     rootfs.Params     `json:"rootfs"`
+	Artifacts  map[string]string `json:"artifacts"`
+	ViewTarget string            `json:"view_target,omitempty"`
+}
+
+// writeParams writes the params file bound read-only into the container.
+func writeParams(path string, st *bundle.State, viewTarget string) error {
+	doc := paramsDoc{Rootfs: st.Rootfs, Artifacts: map[string]string{}, ViewTarget: viewTarget}
+	for _, a := range st.Artifacts {
+		doc.Artifacts[a.Name] = a.Target
+	}
+	data, err := json.MarshalIndent(doc, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := bundle.WriteFile(path, append(data, '\n'), 0o444); err != nil {
+		return fmt.Errorf("snapview: %w", err)
+	}
+	return nil
 }

@@ -107,6 +107,16 @@ func BuildImage(dir string, spec ImageSpec) (*Image, error) {
 		dirEntry("etc", 0o755),
 		dirEntry("etc/snapview", 0o755),
 		file("etc/snapview/config.json", 0o644, cfg),
+		// Hostile and odd entries for the boot-artifact tests: every
+		// symlink below must resolve inside the image, or not at all.
+		link("boot/kernel-link", "vmlinux"),
+		link("boot/abs-link", "/etc/passwd"),                       // the image's passwd, not the host's
+		link("boot/abs-escape", "/etc/shadow"),                     // exists on the host only
+		link("boot/rel-escape", "../../../../../../../etc/shadow"), // climbs past the root
+		link("boot/proc-escape", "/proc/self/root/etc/shadow"),     // the shim's root, if followed on the host
+		link("boot/loop", "loop"),
+		{hdr: tar.Header{Typeflag: tar.TypeFifo, Name: "boot/fifo", Mode: 0o644, ModTime: mtime}},
+		{hdr: tar.Header{Typeflag: tar.TypeChar, Name: "boot/null", Mode: 0o666, Devmajor: 1, Devminor: 3, ModTime: mtime}},
 	}
 
 	ow := newOCIWriter()

@@ -1,0 +1,207 @@
+// Package annotations parses and validates snapview's input annotations
+// (SPEC §3) from a container's OCI spec:
+//
+//	io.snapview.mode         view | block | off
+//	io.snapview.boot.<name>  absolute path inside the image of a boot artifact
+//	io.snapview.boot-dir     absolute path inside the container for the artifacts
+//	io.snapview.view-target  absolute path inside the container for the whole view
+//
+// Annotations come from whoever writes the pod spec, so nothing here is
+// trusted: every value is checked, and an error names the annotation. The
+// annotations snapview writes (io.snapview.view.*, io.snapview.rootfs.params,
+// io.snapview.bound.*) use other prefixes and are never read back as input.
+package annotations
+
+import (
+	"fmt"
+	"path"
+	"regexp"
+	"sort"
+	"strings"
+)
+
+// Input annotation keys.
+const (
+	Mode       = "io.snapview.mode"
+	BootPrefix = "io.snapview.boot."
+	BootDir    = "io.snapview.boot-dir"
+	ViewTarget = "io.snapview.view-target"
+)
+
+// Output annotation keys and prefixes (written by snapview into config.json).
+const (
+	ViewSnapshotter = "io.snapview.view.snapshotter"
+	ViewKey         = "io.snapview.view.key"
+	ViewLease       = "io.snapview.view.lease"
+	ViewMountpoint  = "io.snapview.view.mountpoint"
+	RootfsParams    = "io.snapview.rootfs.params"
+	BoundPrefix     = "io.snapview.bound."
+	outputView      = "io.snapview.view."
+)
+
+// Prefix starts every snapview annotation.
+const Prefix = "io.snapview."
+
+// MaxArtifacts is the most boot artifacts one container may name.
+const MaxArtifacts = 16
+
+// ParamsTarget is where the rootfs params file is bound in the container.
+const ParamsTarget = "/.snapview/params.json"
+
+// maxPath bounds every path value (PATH_MAX).
+const maxPath = 4096
+
+var namePattern = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+
+// forbiddenTargets are kernel filesystems no bind may cover or enter.
+var forbiddenTargets = []string{"/proc", "/sys", "/dev"}
+
+// Artifact is a boot artifact a container asks for.
+type Artifact struct {
+	// Name is the <name> of io.snapview.boot.<name>.
+	Name string
+	// Path is the artifact's absolute path inside the image.
+	Path string
+	// Target is where it is bound inside the container: <boot-dir>/<name>.
+	Target string
+}
+
+// Request is what a container's annotations ask of snapview.
+type Request struct {
+	// Mode is the io.snapview.mode value, or "" when it is not set.
+	Mode string
+	// Artifacts are sorted by name.
+	Artifacts []Artifact
+	// BootDir is where artifacts are bound (the annotation, else the default).
+	BootDir string
+	// ViewTarget is where the whole view is bound, or "" for nowhere.
+	ViewTarget string
+}
+
+// Parse reads snapview's annotations from ann. defaultBootDir is used when
+// io.snapview.boot-dir is not set. Unknown io.snapview.* keys are errors
+// (a typo must not be ignored), except snapview's own output keys.
+func Parse(ann map[string]string, defaultBootDir string) (*Request, error) {
+	r := &Request{BootDir: defaultBootDir}
+	keys := make([]string, 0, len(ann))
+	for k := range ann {
+		if strings.HasPrefix(k, Prefix) {
+			keys = append(keys, k)
+		}
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		v := ann[k]
+		switch {
+		case k == Mode:
+			switch v {
+			case "view", "block", "off":
+				r.Mode = v
+			default:
+				return nil, fmt.Errorf("snapview: annotation %s=%q: want view, block or off", k, v)
+			}
+		case k == BootDir:
+			if err := checkTarget(v); err != nil {
+				return nil, fmt.Errorf("snapview: annotation %s=%q: %w", k, v, err)
+			}
+			r.BootDir = v
+		case k == ViewTarget:
+			if err := checkTarget(v); err != nil {
+				return nil, fmt.Errorf("snapview: annotation %s=%q: %w", k, v, err)
+			}
+			r.ViewTarget = v
+		case strings.HasPrefix(k, BootPrefix):
+			name := strings.TrimPrefix(k, BootPrefix)
+			if !namePattern.MatchString(name) {
+				return nil, fmt.Errorf("snapview: annotation %s: artifact name %q must match %s", k, name, namePattern)
+			}
+			if err := checkPath(v); err != nil {
+				return nil, fmt.Errorf("snapview: annotation %s=%q: %w", k, v, err)
+			}
+			r.Artifacts = append(r.Artifacts, Artifact{Name: name, Path: v})
+		case strings.HasPrefix(k, outputView), k == RootfsParams, strings.HasPrefix(k, BoundPrefix):
+			// snapview's own output: overwritten, never read.
+		default:
+			return nil, fmt.Errorf("snapview: unknown annotation %s (known: %s, %s<name>, %s, %s)", k, Mode, BootPrefix, BootDir, ViewTarget)
+		}
+	}
+	if len(r.Artifacts) > MaxArtifacts {
+		return nil, fmt.Errorf("snapview: %d boot artifacts (%s*): at most %d", len(r.Artifacts), BootPrefix, MaxArtifacts)
+	}
+	if len(r.Artifacts) > 0 || r.ViewTarget != "" {
+		if err := checkTarget(r.BootDir); err != nil {
+			return nil, fmt.Errorf("snapview: boot directory %q: %w", r.BootDir, err)
+		}
+	}
+	for i := range r.Artifacts {
+		r.Artifacts[i].Target = path.Join(r.BootDir, r.Artifacts[i].Name)
+	}
+	if err := r.checkOverlaps(); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// HasBinds reports whether the request asks for anything to be bound.
+func (r *Request) HasBinds() bool { return len(r.Artifacts) > 0 || r.ViewTarget != "" }
+
+// checkPath checks an artifact path: absolute, clean, without "..".
+func checkPath(p string) error {
+	switch {
+	case p == "":
+		return fmt.Errorf("empty path")
+	case len(p) > maxPath:
+		return fmt.Errorf("path longer than %d bytes", maxPath)
+	case strings.ContainsRune(p, 0):
+		return fmt.Errorf("path contains a NUL byte")
+	case !strings.HasPrefix(p, "/"):
+		return fmt.Errorf("path must be absolute")
+	}
+	for _, c := range strings.Split(p, "/") {
+		if c == ".." {
+			return fmt.Errorf(`path must not contain ".."`)
+		}
+	}
+	if path.Clean(p) != p {
+		return fmt.Errorf("path must be clean (no //, /./ or trailing /)")
+	}
+	if p == "/" {
+		return fmt.Errorf("path names the root directory")
+	}
+	return nil
+}
+
+// checkTarget checks a path inside the container that snapview binds onto.
+func checkTarget(p string) error {
+	if err := checkPath(p); err != nil {
+		return err
+	}
+	for _, f := range forbiddenTargets {
+		if p == f || strings.HasPrefix(p, f+"/") {
+			return fmt.Errorf("target under %s is not allowed", f)
+		}
+	}
+	return nil
+}
+
+// checkOverlaps refuses bind targets that are equal to or nested in one
+// another: a bind inside the read-only view bind, or over the params file,
+// would fail in runc or hide one of them.
+func (r *Request) checkOverlaps() error {
+	type target struct{ path, what string }
+	targets := []target{{ParamsTarget, "the params file"}}
+	if r.ViewTarget != "" {
+		targets = append(targets, target{r.ViewTarget, ViewTarget})
+	}
+	for _, a := range r.Artifacts {
+		targets = append(targets, target{a.Target, BootPrefix + a.Name})
+	}
+	for i, a := range targets {
+		for _, b := range targets[i+1:] {
+			if a.path == b.path || strings.HasPrefix(b.path, a.path+"/") || strings.HasPrefix(a.path, b.path+"/") {
+				return fmt.Errorf("snapview: bind targets overlap: %s at %s and %s at %s", a.what, a.path, b.what, b.path)
+			}
+		}
+	}
+	return nil
+}
