@@ -64,6 +64,16 @@ demo: build deps
 bench: build deps
 	@$(E2E_ENV) $(GO) run ./tests/bench $(BENCH_FLAGS)
 
+# Each fuzz target runs for FUZZTIME; `make test` runs their seed corpora.
+FUZZTIME ?= 60s
+FUZZ_TARGETS := ./pkg/annotations:FuzzParse ./pkg/config:FuzzParse ./pkg/bundle:FuzzParseState
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; fn=$${t##*:}; \
+		echo "== $$pkg $$fn ($(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	done
+
 install: build
 	install -D -m 0755 $(SHIM) $(DESTDIR)$(PREFIX)/bin/containerd-shim-snapview-v2
 

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/snapview/snapview/pkg/rootfs"
 )
 
@@ -132,5 +134,40 @@ func TestConfigApplyRestore(t *testing.T) {
 	}
 	if data, _ := os.ReadFile(path); string(data) != orig {
 		t.Fatalf("not restored: %s", data)
+	}
+}
+
+// TestUnwritableBundle checks that a bundle whose files cannot be written
+// (here a read-only bind mount) fails with an error naming the file, and
+// leaves config.json as it was.
+func TestUnwritableBundle(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root for a read-only bind mount")
+	}
+	dir := t.TempDir()
+	orig := []byte(`{"ociVersion":"1.2.0"}`)
+	if err := os.WriteFile(filepath.Join(dir, ConfigFile), orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := ReadConfig(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(dir, unix.MNT_DETACH)
+	if err := unix.Mount("", dir, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		t.Fatal(err)
+	}
+	err = c.Apply(ConfigPatch{Annotations: map[string]string{"io.snapview.view.key": "k"}})
+	if err == nil || !strings.HasPrefix(err.Error(), "snapview: ") || !strings.Contains(err.Error(), filepath.Join(dir, ConfigFile)) {
+		t.Fatalf("Apply on a read-only bundle: %v", err)
+	}
+	if err := WriteState(dir, validState()); err == nil || !strings.Contains(err.Error(), StatePath(dir)) {
+		t.Fatalf("WriteState on a read-only bundle: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, ConfigFile)); string(b) != string(orig) {
+		t.Fatalf("config.json changed: %s", b)
 	}
 }
