@@ -25,6 +25,19 @@ import (
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
 
+// demoScript is the container's process: a stand-in for a VM monitor that
+// reads its guest's kernel and config from the bound artifacts.
+const demoScript = `echo "hello from a snapview container"
+echo overwritten > /boot/vmlinux
+echo "my own /boot/vmlinux now holds: $(cat /boot/vmlinux)"
+echo "bound kernel /.snapview/boot/kernel: $(wc -c < /.snapview/boot/kernel) bytes, sha256 $(sha256sum < /.snapview/boot/kernel | cut -c1-16)…"
+echo "bound config /.snapview/boot/config: $(cat /.snapview/boot/config)"
+if echo x > /.snapview/boot/kernel 2>/dev/null; then echo "writing the bound kernel: allowed (!)"; else echo "writing the bound kernel: refused (read-only)"; fi
+if rm /.snapview/boot/config 2>/dev/null; then echo "removing the bound config: allowed (!)"; else echo "removing the bound config: refused"; fi
+echo "params: $(cat /.snapview/params.json | tr -d '\n' | tr -s ' ')"
+echo ready
+exec sleep 300`
+
 const (
 	ns      = "snapview-demo"
 	runtime = "io.containerd.snapview.v2"
@@ -87,14 +100,20 @@ func run() (retErr error) {
 	ctx = harness.Context(ctx, ns)
 	c := d.Client()
 
-	step("running a container with --runtime %s; it overwrites its own /boot/vmlinux", runtime)
+	step("running a container with --runtime %s and boot-artifact annotations; it overwrites its own /boot/vmlinux", runtime)
+	ann := map[string]string{
+		"io.snapview.boot.kernel": "/boot/vmlinux",
+		"io.snapview.boot.config": "/etc/snapview/config.json",
+	}
+	for k, v := range ann {
+		fmt.Printf("    --annotation %s=%s\n", k, v)
+	}
 	ctr, err := c.NewContainer(ctx, id,
 		client.WithImage(cimg),
 		client.WithSnapshotter("overlayfs"),
 		client.WithNewSnapshot(id+"-snapshot", cimg),
 		client.WithRuntime(runtime, nil),
-		client.WithNewSpec(oci.WithImageConfig(cimg), oci.WithProcessArgs("sh", "-c",
-			`echo "hello from a snapview container"; echo overwritten > /boot/vmlinux; echo ready; exec sleep 300`)),
+		client.WithNewSpec(oci.WithImageConfig(cimg), oci.WithAnnotations(ann), oci.WithProcessArgs("sh", "-c", demoScript)),
 	)
 	if err != nil {
 		return err
@@ -160,7 +179,7 @@ func run() (retErr error) {
 		return err
 	}
 	fmt.Println("    config.json annotations runc was given:")
-	for _, k := range []string{"io.snapview.view.snapshotter", "io.snapview.view.key", "io.snapview.view.lease", "io.snapview.view.mountpoint", "io.snapview.rootfs.params"} {
+	for _, k := range []string{"io.snapview.view.snapshotter", "io.snapview.view.key", "io.snapview.view.lease", "io.snapview.view.mountpoint", "io.snapview.bound.kernel", "io.snapview.bound.config", "io.snapview.rootfs.params"} {
 		fmt.Printf("      %s = %s\n", k, cfg.Annotations[k])
 	}
 
