@@ -10,6 +10,7 @@ CACHE     := $(CURDIR)/.cache
 TOOLS     := $(CACHE)/tools
 BIN       := $(CURDIR)/bin
 SHIM      := $(BIN)/containerd-shim-snapview-v2
+CTL       := $(BIN)/snapviewctl
 
 CONTAINERD_VERSION        ?= v2.4.2
 CONTAINERD_COMPAT_VERSION ?= v2.2.9
@@ -23,7 +24,7 @@ LDFLAGS  := -s -w \
 	-X github.com/containerd/containerd/v2/version.Package=github.com/snapview/snapview
 
 # What the e2e harness and the demo are told about the tools.
-E2E_ENV := SNAPVIEW_SHIM=$(SHIM) \
+E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) \
 	SNAPVIEW_CONTAINERD=$(TOOLS)/containerd-$(CONTAINERD_VERSION)/containerd \
 	SNAPVIEW_CONTAINERD_COMPAT=$(TOOLS)/containerd-$(CONTAINERD_COMPAT_VERSION)/containerd \
 	SNAPVIEW_RUNC=$(TOOLS)/runc-$(RUNC_VERSION)/runc
@@ -35,10 +36,13 @@ UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
 
 all: build
 
-build: $(SHIM)
+build: $(SHIM) $(CTL)
 
 $(SHIM): $(shell find cmd pkg -name '*.go') go.mod go.sum
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./cmd/containerd-shim-snapview-v2
+
+$(CTL): $(shell find cmd pkg -name '*.go') go.mod go.sum
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $@ ./cmd/snapviewctl
 
 deps:
 	@TOOLS=$(TOOLS) CONTAINERD_VERSIONS="$(CONTAINERD_VERSION) $(CONTAINERD_COMPAT_VERSION)" \
@@ -76,6 +80,7 @@ fuzz:
 
 install: build
 	install -D -m 0755 $(SHIM) $(DESTDIR)$(PREFIX)/bin/containerd-shim-snapview-v2
+	install -D -m 0755 $(CTL) $(DESTDIR)$(PREFIX)/bin/snapviewctl
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt:"; echo "$$out"; exit 1; fi

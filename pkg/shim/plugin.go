@@ -1,6 +1,9 @@
 package shim
 
 import (
+	"os"
+	"path/filepath"
+
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/task"
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/containerd/v2/pkg/shutdown"
@@ -34,7 +37,12 @@ func init() {
 				return nil, err
 			}
 			s := newService(inner, ic.Properties[plugins.PropertyGRPCAddress])
-			s.backend.preconnect()
+			s.backend.Preconnect()
+			// runc's manager starts the shim in the bundle directory of the
+			// container that started it; its siblings are the namespace's bundles.
+			if cwd, err := os.Getwd(); err == nil {
+				go sweepOnStart(ic.Context, s.backend, filepath.Dir(cwd))
+			}
 			return s, nil
 		},
 	})

@@ -21,6 +21,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 
+	"github.com/snapview/snapview/pkg/backend"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/config"
 )
@@ -30,7 +31,7 @@ import (
 type service struct {
 	taskAPI.TTRPCTaskService
 
-	backend *backend
+	backend *backend.Backend
 
 	mu sync.Mutex
 	// views holds the state of each container with a view, keyed by
@@ -46,7 +47,7 @@ type viewEntry struct {
 func newService(inner taskAPI.TTRPCTaskService, grpcAddress string) *service {
 	return &service{
 		TTRPCTaskService: inner,
-		backend:          newBackend(grpcAddress),
+		backend:          backend.New(grpcAddress),
 		views:            map[string]*viewEntry{},
 	}
 }
@@ -152,7 +153,7 @@ func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*pt
 	idle := len(s.views) == 0
 	s.mu.Unlock()
 	if idle {
-		if cerr := s.backend.close(); cerr != nil {
+		if cerr := s.backend.Close(); cerr != nil {
 			log.G(ctx).WithError(cerr).Debug("snapview: close containerd connection")
 		}
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 
+	"github.com/snapview/snapview/pkg/backend"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/lease"
 	"github.com/snapview/snapview/pkg/view"
@@ -49,8 +50,8 @@ func stopView(ctx context.Context, bundlePath, id string) error {
 	defer cancel()
 	logger := log.G(ctx).WithFields(log.Fields{"id": id, "bundle": bundlePath})
 
-	b := newBackend(grpcAddress())
-	defer b.close()
+	b := backend.New(grpcAddress())
+	defer b.Close()
 
 	st, err := bundle.ReadState(bundlePath)
 	if err == nil {
@@ -71,9 +72,9 @@ func stopView(ctx context.Context, bundlePath, id string) error {
 
 // fallbackState builds the state of a view from its deterministic names,
 // keeping only the objects that exist and carry this container's labels.
-func fallbackState(ctx context.Context, b *backend, bundlePath, id, ns string) (*bundle.State, error) {
+func fallbackState(ctx context.Context, b *backend.Backend, bundlePath, id, ns string) (*bundle.State, error) {
 	st := &bundle.State{Namespace: ns, ContainerID: id, Mountpoint: mountpoint(bundlePath)}
-	lm, err := b.leases()
+	lm, err := b.Leases()
 	if err != nil {
 		return st, err
 	}
@@ -84,7 +85,7 @@ func fallbackState(ctx context.Context, b *backend, bundlePath, id, ns string) (
 	if len(ls) == 1 && lease.IsOwned(ls[0].Labels, id) {
 		st.LeaseID = ls[0].ID
 	}
-	cc, err := b.containers()
+	cc, err := b.Containers()
 	if err != nil {
 		return st, err
 	}
@@ -97,7 +98,7 @@ func fallbackState(ctx context.Context, b *backend, bundlePath, id, ns string) (
 		}
 		return st, fmt.Errorf("snapview: look up container %s: %w", id, err)
 	}
-	sn, err := b.snapshotter(resp.Container.Snapshotter)
+	sn, err := b.Snapshotter(resp.Container.Snapshotter)
 	if err != nil {
 		return st, err
 	}

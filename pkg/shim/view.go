@@ -19,6 +19,7 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/snapview/snapview/pkg/annotations"
+	"github.com/snapview/snapview/pkg/backend"
 	"github.com/snapview/snapview/pkg/boot"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/config"
@@ -101,11 +102,11 @@ func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *
 		return nil, "", fmt.Errorf("snapview: rootfs of %s: %w", r.ID, err)
 	}
 
-	cc, err := s.backend.containers()
+	cc, err := s.backend.Containers()
 	if err != nil {
 		return nil, "", fmt.Errorf("snapview: %w", err)
 	}
-	cctx, cancel := withTimeout(ctx)
+	cctx, cancel := backend.WithTimeout(ctx)
 	defer cancel()
 	resp, err := cc.Get(cctx, &containersapi.GetContainerRequest{ID: r.ID})
 	if err != nil {
@@ -115,7 +116,7 @@ func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *
 	if c.SnapshotKey == "" || c.Snapshotter == "" {
 		return noView("the container has no image snapshot (e.g. ctr run --rootfs)")
 	}
-	sn, err := s.backend.snapshotter(c.Snapshotter)
+	sn, err := s.backend.Snapshotter(c.Snapshotter)
 	if err != nil {
 		return nil, "", fmt.Errorf("snapview: %w", err)
 	}
@@ -166,17 +167,17 @@ func (s *service) setup(ctx context.Context, p *plan, sw *stopwatch) (_ *bundle.
 		}
 	}()
 
-	lm, err := s.backend.leases()
+	lm, err := s.backend.Leases()
 	if err != nil {
 		return nil, fmt.Errorf("snapview: %w", err)
 	}
-	sn, err := s.backend.snapshotter(p.snapshotter)
+	sn, err := s.backend.Snapshotter(p.snapshotter)
 	if err != nil {
 		return nil, fmt.Errorf("snapview: %w", err)
 	}
 	labels := lease.Labels(p.id, st.Created)
 
-	cctx, cancel := withTimeout(ctx)
+	cctx, cancel := backend.WithTimeout(ctx)
 	defer cancel()
 	l, err := lease.Acquire(cctx, lm, p.id, st.Created)
 	if err != nil {
@@ -255,7 +256,7 @@ func (s *service) setup(ctx context.Context, p *plan, sw *stopwatch) (_ *bundle.
 // manager, under the view's lease and tied to the container, and returns the
 // system mounts left to perform.
 func (s *service) activate(ctx context.Context, id, leaseID string, mounts []mount.Mount) ([]mount.Mount, error) {
-	mm, err := s.backend.mounts()
+	mm, err := s.backend.Mounts()
 	if err != nil {
 		return nil, fmt.Errorf("snapview: %w", err)
 	}
@@ -290,7 +291,7 @@ func (s *service) teardown(ctx context.Context, bundlePath string, st *bundle.St
 	return teardown(ctx, s.backend, bundlePath, st)
 }
 
-func teardown(ctx context.Context, b *backend, bundlePath string, st *bundle.State) error {
+func teardown(ctx context.Context, b *backend.Backend, bundlePath string, st *bundle.State) error {
 	logger := log.G(ctx).WithField("id", st.ContainerID)
 	sw := newStopwatch()
 	var errs []error
@@ -319,17 +320,17 @@ func teardown(ctx context.Context, b *backend, bundlePath string, st *bundle.Sta
 		logger.WithField("target", st.Mountpoint).Debug("snapview: view unmounted")
 		sw.lap("unmount")
 	}
-	cctx, cancel := withTimeout(ctx)
+	cctx, cancel := backend.WithTimeout(ctx)
 	defer cancel()
 	if st.Activation != "" {
-		if mm, err := b.mounts(); err != nil {
+		if mm, err := b.Mounts(); err != nil {
 			step("deactivate", err)
 		} else if err := mm.Deactivate(cctx, st.Activation); err != nil && !errdefs.IsNotFound(errgrpc.ToNative(err)) {
 			step("deactivate", fmt.Errorf("deactivate %s: %w", st.Activation, err))
 		}
 	}
 	if st.ViewKey != "" {
-		if sn, err := b.snapshotter(st.Snapshotter); err != nil {
+		if sn, err := b.Snapshotter(st.Snapshotter); err != nil {
 			step("remove view", err)
 		} else {
 			step("remove view", view.Remove(cctx, sn, st.ContainerID))
@@ -337,7 +338,7 @@ func teardown(ctx context.Context, b *backend, bundlePath string, st *bundle.Sta
 		sw.lap("remove")
 	}
 	if st.LeaseID != "" {
-		if lm, err := b.leases(); err != nil {
+		if lm, err := b.Leases(); err != nil {
 			step("delete lease", err)
 		} else {
 			step("delete lease", lease.Release(cctx, lm, st.ContainerID))

@@ -1,0 +1,143 @@
+// Package backend is the connection back to containerd's gRPC API used by
+// the shim and snapviewctl: the raw containers, snapshots, leases, mounts and
+// namespaces clients, which are much lighter than the full containerd client.
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	containersapi "github.com/containerd/containerd/api/services/containers/v1"
+	leasesapi "github.com/containerd/containerd/api/services/leases/v1"
+	mountsapi "github.com/containerd/containerd/api/services/mounts/v1"
+	namespacesapi "github.com/containerd/containerd/api/services/namespaces/v1"
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/core/leases"
+	leasesproxy "github.com/containerd/containerd/v2/core/leases/proxy"
+	"github.com/containerd/containerd/v2/core/mount"
+	mountproxy "github.com/containerd/containerd/v2/core/mount/proxy"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	snproxy "github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"github.com/containerd/containerd/v2/pkg/dialer"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// Backend is a connection to containerd's gRPC API. It is dialled once, on
+// first use (or Preconnect); grpc.NewClient does not block, and callers bound
+// each call with WithTimeout.
+type Backend struct {
+	address string
+
+	mu   sync.Mutex
+	conn *grpc.ClientConn
+}
+
+// CallTimeout bounds each call back into containerd.
+const CallTimeout = 10 * time.Second
+
+// New returns a Backend for containerd's gRPC socket at address.
+func New(address string) *Backend {
+	return &Backend{address: address}
+}
+
+func (b *Backend) client() (*grpc.ClientConn, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.conn != nil {
+		return b.conn, nil
+	}
+	if b.address == "" {
+		return nil, errors.New("containerd's gRPC address is unknown (no -address flag or GRPC_ADDRESS)")
+	}
+	conn, err := grpc.NewClient(dialer.DialAddress(b.address),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(dialer.ContextDialer),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("connect to containerd at %s: %w", b.address, err)
+	}
+	b.conn = conn
+	return conn, nil
+}
+
+// Containers returns the containers client.
+func (b *Backend) Containers() (containersapi.ContainersClient, error) {
+	c, err := b.client()
+	if err != nil {
+		return nil, err
+	}
+	return containersapi.NewContainersClient(c), nil
+}
+
+// Snapshotter returns the snapshotter called name.
+func (b *Backend) Snapshotter(name string) (snapshots.Snapshotter, error) {
+	c, err := b.client()
+	if err != nil {
+		return nil, err
+	}
+	return snproxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(c), name), nil
+}
+
+// Leases returns the lease manager.
+func (b *Backend) Leases() (leases.Manager, error) {
+	c, err := b.client()
+	if err != nil {
+		return nil, err
+	}
+	return leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(c)), nil
+}
+
+// Mounts returns the mount manager.
+func (b *Backend) Mounts() (mount.Manager, error) {
+	c, err := b.client()
+	if err != nil {
+		return nil, err
+	}
+	return mountproxy.NewMountManager(mountsapi.NewMountsClient(c)), nil
+}
+
+// Preconnect starts connecting to containerd in the background, so that the
+// first call does not wait for the dial and handshake.
+func (b *Backend) Preconnect() {
+	if c, err := b.client(); err == nil {
+		c.Connect()
+	}
+}
+
+// Close closes the connection, if one was made; a later call dials again.
+func (b *Backend) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.conn == nil {
+		return nil
+	}
+	err := b.conn.Close()
+	b.conn = nil
+	return err
+}
+
+// WithTimeout bounds one call back into containerd.
+func WithTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, CallTimeout)
+}
+
+// Namespaces lists containerd's namespaces.
+func (b *Backend) Namespaces(ctx context.Context) ([]string, error) {
+	c, err := b.client()
+	if err != nil {
+		return nil, err
+	}
+	resp, err := namespacesapi.NewNamespacesClient(c).List(ctx, &namespacesapi.ListNamespacesRequest{})
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(resp.Namespaces))
+	for _, n := range resp.Namespaces {
+		names = append(names, n.Name)
+	}
+	return names, nil
+}
