@@ -6,14 +6,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 
 	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
-	"github.com/containerd/errdefs"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
@@ -323,19 +321,7 @@ func TestCorruptState(t *testing.T) {
 				t.Fatal(err)
 			}
 			if killShim {
-				pids := harness.ShimPids(d.Address, id)
-				if len(pids) != 1 {
-					t.Fatalf("shim of %s: %v", id, pids)
-				}
-				if err := syscall.Kill(pids[0], syscall.SIGKILL); err != nil {
-					t.Fatal(err)
-				}
-				if _, err := r.wait(t); err != nil && !strings.Contains(err.Error(), "ttrpc: closed") {
-					t.Fatal(err)
-				}
-				if _, err := r.task.Delete(ctx); err != nil && !errdefs.IsNotFound(err) {
-					t.Fatal(err)
-				}
+				r.killShimAndDelete(ctx, t, d, id)
 			} else if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
 				t.Fatal(err)
 			}

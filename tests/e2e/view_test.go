@@ -239,20 +239,7 @@ func TestViewShimKilled(t *testing.T) {
 			if _, err := os.Stat(filepath.Join(bundleDir(d, id), "snapview.json")); err != nil {
 				t.Fatalf("no view state before the kill: %v", err)
 			}
-			pids := harness.ShimPids(d.Address, id)
-			if len(pids) != 1 {
-				t.Fatalf("shim processes for %s: %v", id, pids)
-			}
-			if err := syscall.Kill(pids[0], syscall.SIGKILL); err != nil {
-				t.Fatal(err)
-			}
-			// The exit is reported with the shim's connection error.
-			if _, err := r.wait(t); err != nil && !strings.Contains(err.Error(), "ttrpc: closed") {
-				t.Fatal(err)
-			}
-			if _, err := r.task.Delete(ctx); err != nil && !errdefs.IsNotFound(err) {
-				t.Fatalf("task delete after the shim died: %v", err)
-			}
+			r.killShimAndDelete(ctx, t, d, id)
 			if err := r.ctr.Delete(ctx); err != nil {
 				t.Fatalf("container delete: %v", err)
 			}
@@ -321,5 +308,26 @@ func TestViewPod(t *testing.T) {
 	checkPristine(t, states["pod-b"].Mountpoint)
 	if _, err := d.Client().SnapshotService("overlayfs").Stat(ctx, "snapview/pod-b"); err != nil {
 		t.Errorf("pod-b view gone after pod-a's delete: %v", err)
+	}
+}
+
+// killShimAndDelete kills the shim of container id with SIGKILL, waits for
+// the task's exit and deletes the task as a user would: containerd then runs
+// the shim's `delete` action, which must clean up.
+func (r *running) killShimAndDelete(ctx context.Context, t *testing.T, d *harness.Daemon, id string) {
+	t.Helper()
+	pids := harness.ShimPids(d.Address, id)
+	if len(pids) != 1 {
+		t.Fatalf("shim processes for %s: %v", id, pids)
+	}
+	if err := syscall.Kill(pids[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// The exit is reported with the shim's connection error.
+	if _, err := r.wait(t); err != nil && !strings.Contains(err.Error(), "ttrpc: closed") {
+		t.Fatal(err)
+	}
+	if _, err := r.task.Delete(ctx); err != nil && !errdefs.IsNotFound(err) {
+		t.Fatalf("task delete after the shim died: %v", err)
 	}
 }
