@@ -32,7 +32,7 @@ echo overwritten > /boot/vmlinux
 echo "my own /boot/vmlinux now holds: $(cat /boot/vmlinux)"
 echo "bound kernel /.snapview/boot/kernel: $(wc -c < /.snapview/boot/kernel) bytes, sha256 $(sha256sum < /.snapview/boot/kernel | cut -c1-16)…"
 echo "bound config /.snapview/boot/config: $(cat /.snapview/boot/config)"
-if echo x > /.snapview/boot/kernel 2>/dev/null; then echo "writing the bound kernel: allowed (!)"; else echo "writing the bound kernel: refused (read-only)"; fi
+if (echo x > /.snapview/boot/kernel) 2>/dev/null; then echo "writing the bound kernel: allowed (!)"; else echo "writing the bound kernel: refused (read-only)"; fi
 if rm /.snapview/boot/config 2>/dev/null; then echo "removing the bound config: allowed (!)"; else echo "removing the bound config: refused"; fi
 echo "params: $(cat /.snapview/params.json | tr -d '\n' | tr -s ' ')"
 echo ready
