@@ -39,6 +39,7 @@ type viewState struct {
 	Parent      string `json:"parent"`
 	Lease       string `json:"lease"`
 	Mountpoint  string `json:"mountpoint"`
+	Activation  string `json:"activation"`
 	Rootfs      struct {
 		Kind   string `json:"kind"`
 		FSType string `json:"fstype"`
@@ -78,6 +79,11 @@ func checkView(ctx context.Context, t *testing.T, d *harness.Daemon, id, sn, run
 	}
 	if st.Rootfs.Kind != "fs" || st.Rootfs.FSType == "" {
 		t.Errorf("rootfs params %+v", st.Rootfs)
+	}
+	// A view of the two-layer test image on erofs is N erofs layers plus a
+	// templated overlay, which only containerd's mount manager can perform.
+	if wantActivation := sn == "erofs"; (st.Activation != "") != wantActivation {
+		t.Errorf("%s view: mount-manager activation %q, want one: %v", sn, st.Activation, wantActivation)
 	}
 
 	// Lease: labelled, holding the view.
@@ -228,7 +234,7 @@ func TestView(t *testing.T) {
 // action must remove the view.
 func TestViewShimKilled(t *testing.T) {
 	d := suite.daemon
-	for _, sn := range []string{"overlayfs", "blockfile"} {
+	for _, sn := range d.Snapshotters {
 		t.Run(sn, func(t *testing.T) {
 			ctx := setup(t, d)
 			id := "killed-" + sn
