@@ -79,16 +79,18 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	ctx = namespaces.WithNamespace(ctx, ns)
 
 	sw := newStopwatch()
-	p, reason, err := s.decide(ctx, ns, newCreateRequest(r.ID, r.Bundle, r.Rootfs), cfg)
+	p, reason, err := s.decide(ctx, ns, newCreateRequest(r.ID, r.Bundle, r.Rootfs), cfg, sw)
 	if err != nil {
 		logger.WithError(err).Error("snapview: create rejected")
 		return nil, errgrpc.ToGRPC(err)
 	}
 	if p == nil {
-		logger.WithFields(log.Fields{"reason": reason, "config": cfg.Source}).Info("snapview: no view for this container")
-		return s.TTRPCTaskService.Create(ctx, r)
+		resp, err := s.TTRPCTaskService.Create(ctx, r)
+		sw.lap("runc_create")
+		logger.WithFields(sw.fields).WithFields(log.Fields{"reason": reason, "config": cfg.Source}).Info("snapview: no view for this container")
+		return resp, err
 	}
-	sw.lap("lookup")
+	sw.lap("stat")
 	st, err := s.setup(ctx, p, sw)
 	if err != nil {
 		logger.WithError(err).Error("snapview: view setup failed")
@@ -98,7 +100,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	if err != nil {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
-		if terr := s.teardown(cctx, r.Bundle, st); terr != nil {
+		if terr := s.teardown(cctx, r.Bundle, st, newStopwatch()); terr != nil {
 			logger.WithError(terr).Error("snapview: rollback after a failed runc create left something behind")
 		}
 		if rerr := p.spec.Restore(); rerr != nil {
@@ -117,7 +119,9 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 // Delete calls runc's Delete, then, for an init process with a view, removes
 // the view: only once runc's container is gone is nothing using it.
 func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
+	sw := newStopwatch()
 	resp, err := s.TTRPCTaskService.Delete(ctx, r)
+	sw.lap("runc_delete")
 	if r.ExecID != "" {
 		return resp, err
 	}
@@ -137,7 +141,7 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	}
 	tctx, cancel := context.WithTimeout(context.WithoutCancel(namespaces.WithNamespace(ctx, ns)), 30*time.Second)
 	defer cancel()
-	if terr := s.teardown(tctx, e.bundle, e.state); terr != nil {
+	if terr := s.teardown(tctx, e.bundle, e.state, sw); terr != nil {
 		// The task is gone either way; what is left is reclaimed by
 		// containerd's GC (the view's gc.bref.container label) or the sweep.
 		log.G(ctx).WithError(terr).WithField("id", r.ID).Error("snapview: view teardown incomplete")

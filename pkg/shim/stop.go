@@ -56,7 +56,7 @@ func stopView(ctx context.Context, bundlePath, id string) error {
 	st, err := bundle.ReadState(bundlePath)
 	if err == nil {
 		logger.WithFields(log.Fields{"key": st.ViewKey, "lease": st.LeaseID}).Info("snapview: removing the view of a dead shim's container")
-		return teardown(ctx, b, bundlePath, st)
+		return teardown(ctx, b, bundlePath, st, newStopwatch())
 	}
 	if errors.Is(err, bundle.ErrNoState) {
 		logger.Info("snapview: no state file; checking the deterministic names for a view left by a crash")
@@ -67,7 +67,7 @@ func stopView(ctx context.Context, bundlePath, id string) error {
 	if err != nil {
 		return err
 	}
-	return teardown(ctx, b, bundlePath, st)
+	return teardown(ctx, b, bundlePath, st, newStopwatch())
 }
 
 // fallbackState builds the state of a view from its deterministic names,

@@ -60,7 +60,7 @@ type plan struct {
 // decide reads the spec and the container record and returns the plan of a
 // container's view, or nil with the reason when it gets none. It has no side
 // effects.
-func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *config.Config) (*plan, string, error) {
+func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *config.Config, sw *stopwatch) (*plan, string, error) {
 	spec, err := bundle.ReadConfig(r.Bundle)
 	if err != nil {
 		return nil, "", err
@@ -102,6 +102,7 @@ func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *
 		return nil, "", fmt.Errorf("snapview: rootfs of %s: %w", r.ID, err)
 	}
 
+	sw.lap("local")
 	cc, err := s.backend.Containers()
 	if err != nil {
 		return nil, "", fmt.Errorf("snapview: %w", err)
@@ -113,6 +114,7 @@ func (s *service) decide(ctx context.Context, ns string, r *createRequest, cfg *
 		return nil, "", fmt.Errorf("snapview: look up container %s: %w", r.ID, errgrpc.ToNative(err))
 	}
 	c := resp.Container
+	sw.lap("get")
 	if c.SnapshotKey == "" || c.Snapshotter == "" {
 		return noView("the container has no image snapshot (e.g. ctr run --rootfs)")
 	}
@@ -161,7 +163,7 @@ func (s *service) setup(ctx context.Context, p *plan, sw *stopwatch) (_ *bundle.
 		if retErr != nil {
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 			defer cancel()
-			if err := s.teardown(cctx, p.bundle, st); err != nil {
+			if err := s.teardown(cctx, p.bundle, st, newStopwatch()); err != nil {
 				logger.WithError(err).Error("snapview: rollback of a failed create left something behind")
 			}
 		}
@@ -287,13 +289,12 @@ func mountTypes(mounts []mount.Mount) string {
 // then remove the state file. Every step runs; the first error is returned
 // and the others are logged. Steps whose object is already gone succeed, so
 // teardown can run any number of times.
-func (s *service) teardown(ctx context.Context, bundlePath string, st *bundle.State) error {
-	return teardown(ctx, s.backend, bundlePath, st)
+func (s *service) teardown(ctx context.Context, bundlePath string, st *bundle.State, sw *stopwatch) error {
+	return teardown(ctx, s.backend, bundlePath, st, sw)
 }
 
-func teardown(ctx context.Context, b *backend.Backend, bundlePath string, st *bundle.State) error {
+func teardown(ctx context.Context, b *backend.Backend, bundlePath string, st *bundle.State, sw *stopwatch) error {
 	logger := log.G(ctx).WithField("id", st.ContainerID)
-	sw := newStopwatch()
 	var errs []error
 	step := func(name string, err error) {
 		if err != nil {

@@ -36,6 +36,7 @@ var (
 	iterations = flag.Int("n", 40, "sequential runs per runtime")
 	parallel   = flag.Int("parallel", 32, "containers run at once in the parallel test")
 	compat     = flag.Bool("compat", false, "run on the older containerd (SNAPVIEW_CONTAINERD_COMPAT), whose runc shim shares snapview's containerd libraries")
+	logLevel   = flag.String("log-level", "info", "containerd's log level (production runs info; debug logs every request)")
 	mode       = flag.String("mode", "view", "snapview's view.mode for the run (off measures the wrapper alone)")
 )
 
@@ -76,7 +77,7 @@ func run() error {
 	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("[view]\nmode = %q\n", *mode)), 0o600); err != nil {
 		return err
 	}
-	d, err := harness.StartDaemon(ctx, dir, tools, "SNAPVIEW_CONFIG="+cfg)
+	d, err := harness.StartDaemon(ctx, dir, tools, harness.WithEnv("SNAPVIEW_CONFIG="+cfg), harness.WithLogLevel(*logLevel))
 	if err != nil {
 		return err
 	}
@@ -89,8 +90,8 @@ func run() error {
 	ctx = harness.Context(ctx, ns)
 	b := &bench{d: d}
 
-	fmt.Printf("\nmachine: %s, %d CPUs; containerd %s; snapshotter overlayfs; %d runs per runtime, alternated\n",
-		kernel(), cpus(), d.Version, *iterations)
+	fmt.Printf("\nmachine: %s, %d CPUs; containerd %s (log level %s); snapshotter overlayfs; %d runs per runtime, alternated\n",
+		kernel(), cpus(), d.Version, d.LogLevel, *iterations)
 
 	// Warm up both runtimes (page cache, binaries).
 	for _, rt := range []string{runc, snapview} {
@@ -100,6 +101,7 @@ func run() error {
 	}
 
 	lat := map[string][]time.Duration{}
+	phases := map[string]map[string][]time.Duration{"start": {}, "exit": {}, "delete": {}}
 	createSmall := map[string][]time.Duration{}
 	for i := 0; i < *iterations; i++ {
 		for _, rt := range order(i) {
@@ -109,12 +111,19 @@ func run() error {
 			}
 			lat[rt] = append(lat[rt], r.total)
 			createSmall[rt] = append(createSmall[rt], r.create)
+			phases["start"][rt] = append(phases["start"][rt], r.start)
+			phases["exit"][rt] = append(phases["exit"][rt], r.exit)
+			phases["delete"][rt] = append(phases["delete"][rt], r.delete)
 		}
 	}
 	fmt.Println("\ntask create→start→wait→delete (ctr run --rm of `true`, container and snapshot excluded)")
 	table([]string{"", "runc", "snapview", "ratio"},
 		row("median", lat, 50),
 		row("p95", lat, 95),
+		row("  create", createSmall, 50),
+		row("  start", phases["start"], 50),
+		row("  run to exit", phases["exit"], 50),
+		row("  delete", phases["delete"], 50),
 	)
 
 	createLarge := map[string][]time.Duration{}
@@ -173,7 +182,7 @@ type bench struct {
 }
 
 type result struct {
-	create, total time.Duration
+	create, start, exit, delete, total time.Duration
 }
 
 // once runs `true` in a new container on runtime rt and times the task's
@@ -203,10 +212,13 @@ func (b *bench) once(ctx context.Context, rt, ref, id string) (result, error) {
 	if err != nil {
 		return result{}, err
 	}
+	t1 := time.Now()
 	if err := task.Start(ctx); err != nil {
 		return result{}, err
 	}
+	t2 := time.Now()
 	st := <-exit
+	t3 := time.Now()
 	if _, err := task.Delete(ctx); err != nil {
 		return result{}, err
 	}
@@ -214,7 +226,7 @@ func (b *bench) once(ctx context.Context, rt, ref, id string) (result, error) {
 	if st.ExitCode() != 0 {
 		return result{}, fmt.Errorf("%s exited %d: %s", id, st.ExitCode(), out.String())
 	}
-	return result{create: create, total: total}, nil
+	return result{create: create, start: t2.Sub(t1), exit: t3.Sub(t2), delete: time.Since(t3), total: total}, nil
 }
 
 // shimRSS starts a sleeping container on rt and returns its shim's VmRSS in KiB.
@@ -321,6 +333,7 @@ func table(head []string, rows ...[]string) {
 
 var (
 	createdRe = regexp.MustCompile(`msg="snapview: container created with its view".*`)
+	noViewRe  = regexp.MustCompile(`msg="snapview: no view for this container".*`)
 	removedRe = regexp.MustCompile(`msg="snapview: view removed".*`)
 	fieldRe   = regexp.MustCompile(`(\w+)_us=(\d+)`)
 )
@@ -332,8 +345,9 @@ func breakdown(log string) {
 		re    *regexp.Regexp
 		steps []string
 	}{
-		{"create", createdRe, []string{"lookup", "lease", "view", "mount", "persist", "runc_create"}},
-		{"delete", removedRe, []string{"unmount", "remove", "lease"}},
+		{"create", createdRe, []string{"local", "get", "stat", "lease", "view", "mount", "persist", "runc_create"}},
+		{"delete", removedRe, []string{"runc_delete", "unmount", "remove", "lease"}},
+		{"create without a view", noViewRe, []string{"runc_create"}},
 	} {
 		steps := map[string][]time.Duration{}
 		n := 0
@@ -343,6 +357,9 @@ func breakdown(log string) {
 				us, _ := strconv.ParseInt(m[2], 10, 64)
 				steps[m[1]] = append(steps[m[1]], time.Duration(us)*time.Microsecond)
 			}
+		}
+		if n == 0 {
+			continue
 		}
 		fmt.Printf("  %s (%d containers):", part.title, n)
 		for _, s := range part.steps {

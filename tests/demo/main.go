@@ -80,7 +80,7 @@ func run() (retErr error) {
 	}
 
 	step("starting a private containerd under %s (the system's containerd is not touched)", dir)
-	d, err := harness.StartDaemon(ctx, dir, tools, "SNAPVIEW_CONFIG="+dir+"/snapview.toml")
+	d, err := harness.StartDaemon(ctx, dir, tools, harness.WithEnv("SNAPVIEW_CONFIG="+dir+"/snapview.toml"))
 	if err != nil {
 		return err
 	}

@@ -78,7 +78,7 @@ func run(m *testing.M) int {
 
 // startDaemon starts a daemon and imports the test image into it.
 func startDaemon(ctx context.Context, tools harness.Tools) (*harness.Daemon, error) {
-	d, err := harness.StartDaemon(ctx, suite.dir, tools, "SNAPVIEW_CONFIG="+filepath.Join(suite.dir, "snapview.toml"))
+	d, err := harness.StartDaemon(ctx, suite.dir, tools, harness.WithEnv("SNAPVIEW_CONFIG="+filepath.Join(suite.dir, "snapview.toml")))
 	if err != nil {
 		return nil, err
 	}

@@ -70,6 +70,9 @@ type Daemon struct {
 	// SnapshotterNames are the snapshotters this daemon serves and the tests use.
 	Snapshotters []string
 
+	// LogLevel is containerd's (and so the shims') log level.
+	LogLevel string
+
 	cmd     *exec.Cmd
 	logFile *os.File
 	waitErr chan error
@@ -96,7 +99,7 @@ disabled_plugins = [
   address = "{{.Address}}.ttrpc"
 
 [debug]
-  level = "debug"
+  level = "{{.LogLevel}}"
 
 [plugins."io.containerd.snapshotter.v1.blockfile"]
   scratch_file = "{{.Dir}}/blockfile-scratch.ext4"
@@ -109,10 +112,32 @@ disabled_plugins = [
 // images are a few MiB of busybox plus the boot artifacts.
 const blockfileScratchSize = 384 << 20
 
+// Option configures a daemon.
+type Option func(*options)
+
+type options struct {
+	env      []string
+	logLevel string
+}
+
+// WithEnv adds variables to the daemon's (and so the shims') environment.
+func WithEnv(env ...string) Option {
+	return func(o *options) { o.env = append(o.env, env...) }
+}
+
+// WithLogLevel sets containerd's log level (default debug, so that a failed
+// test can print what happened; the benchmark uses info, as production does).
+func WithLogLevel(level string) Option {
+	return func(o *options) { o.logLevel = level }
+}
+
 // StartDaemon starts a private containerd under a new directory in parent
 // and returns once it serves and every plugin the tests need is loaded.
-// env is added to the daemon's (and so the shims') environment.
-func StartDaemon(ctx context.Context, parent string, tools Tools, env ...string) (_ *Daemon, retErr error) {
+func StartDaemon(ctx context.Context, parent string, tools Tools, opts ...Option) (_ *Daemon, retErr error) {
+	o := options{logLevel: "debug"}
+	for _, opt := range opts {
+		opt(&o)
+	}
 	dir, err := os.MkdirTemp(parent, "containerd-")
 	if err != nil {
 		return nil, err
@@ -130,13 +155,14 @@ func StartDaemon(ctx context.Context, parent string, tools Tools, env ...string)
 		return nil, fmt.Errorf("mount tmpfs for the daemon's state: %w", err)
 	}
 	d := &Daemon{
-		Dir:     dir,
-		RunDir:  runDir,
-		Address: filepath.Join(runDir, "containerd.sock"),
-		Root:    filepath.Join(dir, "root"),
-		State:   filepath.Join(runDir, "state"),
-		Tools:   tools,
-		waitErr: make(chan error, 1),
+		Dir:      dir,
+		RunDir:   runDir,
+		Address:  filepath.Join(runDir, "containerd.sock"),
+		Root:     filepath.Join(dir, "root"),
+		State:    filepath.Join(runDir, "state"),
+		Tools:    tools,
+		LogLevel: o.logLevel,
+		waitErr:  make(chan error, 1),
 	}
 	defer func() {
 		if retErr != nil {
@@ -175,7 +201,7 @@ func StartDaemon(ctx context.Context, parent string, tools Tools, env ...string)
 		os.Getenv("PATH"),
 	}, string(os.PathListSeparator))
 	d.cmd = exec.Command(tools.Containerd, "--config", cfgPath)
-	d.cmd.Env = append(append(os.Environ(), "PATH="+path), env...)
+	d.cmd.Env = append(append(os.Environ(), "PATH="+path), o.env...)
 	d.cmd.Stdout = d.logFile
 	d.cmd.Stderr = d.logFile
 	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
