@@ -150,16 +150,19 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 }
 
 // Shutdown forwards to runc's service, which exits the shim once it serves no
-// container, and then closes the connection to containerd.
+// container. The connection to containerd is then closed off the reply path:
+// containerd waits for this reply on every task delete.
 func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*ptypes.Empty, error) {
 	resp, err := s.TTRPCTaskService.Shutdown(ctx, r)
 	s.mu.Lock()
 	idle := len(s.views) == 0
 	s.mu.Unlock()
 	if idle {
-		if cerr := s.backend.Close(); cerr != nil {
-			log.G(ctx).WithError(cerr).Debug("snapview: close containerd connection")
-		}
+		go func() {
+			if cerr := s.backend.Close(); cerr != nil {
+				log.G(ctx).WithError(cerr).Debug("snapview: close containerd connection")
+			}
+		}()
 	}
 	return resp, err
 }
