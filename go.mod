@@ -22,6 +22,7 @@ require (
 	golang.org/x/sys v0.46.0
 	google.golang.org/grpc v1.78.0
 	google.golang.org/protobuf v1.36.12-0.20260120151049-f2248ac996af
+	k8s.io/cri-api v0.34.10
 )
 
 require (

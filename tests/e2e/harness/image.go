@@ -39,6 +39,8 @@ type ImageSpec struct {
 	// KernelSize is the size of /boot/vmlinux, a deterministic pseudo-random
 	// file standing in for a guest kernel.
 	KernelSize int64
+	// Cmd is the image's default command (default /bin/sh).
+	Cmd []string
 }
 
 // Image is a built test image: an OCI archive and what its files hold.
@@ -130,11 +132,15 @@ func BuildImage(dir string, spec ImageSpec) (*Image, error) {
 		layers = append(layers, desc)
 		diffIDs = append(diffIDs, diffID)
 	}
+	cmd := spec.Cmd
+	if len(cmd) == 0 {
+		cmd = []string{"/bin/sh"}
+	}
 	config := ocispec.Image{
 		Platform: ocispec.Platform{Architecture: "amd64", OS: "linux"},
 		Config: ocispec.ImageConfig{
 			Env:        []string{"PATH=/bin"},
-			Cmd:        []string{"/bin/sh"},
+			Cmd:        cmd,
 			WorkingDir: "/",
 		},
 		RootFS: ocispec.RootFS{Type: "layers", DiffIDs: diffIDs},
