@@ -53,8 +53,8 @@ var parityScenarios = []scenario{
 		if err != nil {
 			return nil, err
 		}
-		topics, err := ev.waitFor(id, "/tasks/delete")
-		return observation{"exit": code, "deleteExit": st.ExitCode(), "stdout": r.stdout.String(), "stderr": r.stderr.String(), "events": sorted(topics)}, err
+		topics, err := ev.waitFor(id, "/tasks/exit")
+		return observation{"exit": code, "deleteExit": st.ExitCode(), "stdout": r.stdout.String(), "stderr": r.stderr.String(), "events": lifecycle(topics)}, err
 	}},
 	{"exec", func(ctx context.Context, t *testing.T, d *harness.Daemon, ev *events, id, rt string) (observation, error) {
 		r, err := start(ctx, t, d, id, runOpts{runtime: rt, args: []string{"sleep", "300"}})
@@ -238,12 +238,12 @@ var parityScenarios = []scenario{
 			return nil, err
 		}
 		_, loadErr := r.ctr.Task(ctx, nil)
-		topics, err := ev.waitFor(id, "/tasks/delete")
+		topics, err := ev.waitFor(id, "/tasks/exit")
 		return observation{
 			"deleteRunningFails": runningErr != nil,
 			"exit":               st.ExitCode(),
 			"taskGone":           errdefs.IsNotFound(loadErr),
-			"events":             sorted(topics),
+			"events":             lifecycle(topics),
 		}, err
 	}},
 	{"oom", func(ctx context.Context, t *testing.T, d *harness.Daemon, ev *events, id, rt string) (observation, error) {
@@ -285,6 +285,21 @@ var parityScenarios = []scenario{
 		}
 		return observation{"checkpointed": img.Target().MediaType, "statusAfter": string(st.Status)}, nil
 	}},
+}
+
+// lifecycle returns the sorted topics without /tasks/delete. The shim
+// publishes that event asynchronously and exits right after Shutdown, so
+// under load runc's own shim sometimes loses it (containerd#4769): it is not
+// a behaviour to compare. That the task is gone after Delete is checked
+// through the API instead.
+func lifecycle(topics []string) []string {
+	var out []string
+	for _, t := range topics {
+		if t != "/tasks/delete" {
+			out = append(out, t)
+		}
+	}
+	return sorted(out)
 }
 
 func sorted(s []string) []string {

@@ -24,11 +24,11 @@ const ViewPrefix = "snapview/"
 // CheckLeaks reports everything a finished test may have left behind, in
 // every namespace: snapview leases, snapview/ snapshots, containers, mounts
 // under the daemon's directory, loop devices backed by its files, and shim
-// processes. It waits up to 5 s for shims to exit, since they do so after
-// answering the last Delete.
+// processes. It waits up to 10 s for what is left to go, since shims exit
+// only after answering the last Delete and Shutdown.
 func (d *Daemon) CheckLeaks(ctx context.Context) error {
 	var leaks []string
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for {
 		leaks = d.leaks(ctx)
 		if len(leaks) == 0 || time.Now().After(deadline) {
