@@ -14,8 +14,12 @@ import (
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
 
+// ns is the containerd namespace of the tests, unique per test process: runc
+// keeps its state under a fixed root per namespace (/run/containerd/runc/<ns>),
+// so two suites running at once, or a system containerd, never share it.
+var ns = fmt.Sprintf("snapview-e2e-%d", os.Getpid())
+
 const (
-	ns          = "snapview-e2e"
 	snapviewRT  = "io.containerd.snapview.v2"
 	runcRT      = "io.containerd.runc.v2"
 	testImageID = "docker.io/snapview/test:latest"

@@ -141,26 +141,33 @@ var parityScenarios = []scenario{
 		if err != nil {
 			return nil, err
 		}
-		m, err := r.task.Metrics(ctx)
-		if err != nil {
-			return nil, err
+		// Right after Start, runc init's threads can still be in the
+		// cgroup: sample until the container is its one process.
+		var o observation
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			m, err := r.task.Metrics(ctx)
+			if err != nil {
+				return nil, err
+			}
+			v, err := typeurl.UnmarshalAny(m.Data)
+			if err != nil {
+				return nil, err
+			}
+			o = observation{"type": fmt.Sprintf("%T", v)}
+			switch s := v.(type) {
+			case *v1.Metrics:
+				o["memory"] = s.GetMemory().GetUsage().GetUsage() > 0
+				o["pids"] = s.GetPids().GetCurrent()
+				o["cpu"] = s.GetCPU() != nil
+			case *v2.Metrics:
+				o["memory"] = s.GetMemory().GetUsage() > 0
+				o["pids"] = s.GetPids().GetCurrent()
+				o["cpu"] = s.GetCPU() != nil
+			}
+			if o["pids"] == uint64(1) || time.Now().After(deadline) {
+				return o, nil
+			}
 		}
-		v, err := typeurl.UnmarshalAny(m.Data)
-		if err != nil {
-			return nil, err
-		}
-		o := observation{"type": fmt.Sprintf("%T", v)}
-		switch s := v.(type) {
-		case *v1.Metrics:
-			o["memory"] = s.GetMemory().GetUsage().GetUsage() > 0
-			o["pids"] = s.GetPids().GetCurrent()
-			o["cpu"] = s.GetCPU() != nil
-		case *v2.Metrics:
-			o["memory"] = s.GetMemory().GetUsage() > 0
-			o["pids"] = s.GetPids().GetCurrent()
-			o["cpu"] = s.GetCPU() != nil
-		}
-		return o, nil
 	}},
 	{"update-resources", func(ctx context.Context, t *testing.T, d *harness.Daemon, ev *events, id, rt string) (observation, error) {
 		r, err := start(ctx, t, d, id, runOpts{runtime: rt, args: []string{"sleep", "300"}})
