@@ -9,7 +9,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -73,11 +72,8 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	cfg := filepath.Join(dir, "snapview.toml")
-	if err := os.WriteFile(cfg, []byte(fmt.Sprintf("[view]\nmode = %q\n", *mode)), 0o600); err != nil {
-		return err
-	}
-	d, err := harness.StartDaemon(ctx, dir, tools, harness.WithEnv("SNAPVIEW_CONFIG="+cfg), harness.WithLogLevel(*logLevel))
+	d, err := harness.StartDaemon(ctx, dir, tools,
+		harness.WithSnapviewConfig(fmt.Sprintf("[view]\nmode = %q\n", *mode)), harness.WithLogLevel(*logLevel))
 	if err != nil {
 		return err
 	}

@@ -82,11 +82,7 @@ func run() (retErr error) {
 	step("starting a private containerd under %s (the system's containerd is not touched)", dir)
 	// The demo's snapview configuration keeps runc's state in the private
 	// directory too, not in the system's /run/containerd/runc.
-	cfgFile := filepath.Join(dir, "snapview.toml")
-	if err := os.WriteFile(cfgFile, []byte(fmt.Sprintf("Root = %q\n", filepath.Join(dir, "runc"))), 0o600); err != nil {
-		return err
-	}
-	d, err := harness.StartDaemon(ctx, dir, tools, harness.WithEnv("SNAPVIEW_CONFIG="+cfgFile))
+	d, err := harness.StartDaemon(ctx, dir, tools, harness.WithSnapviewConfig(fmt.Sprintf("Root = %q\n", filepath.Join(dir, "runc"))))
 	if err != nil {
 		return err
 	}

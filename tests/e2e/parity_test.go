@@ -143,29 +143,13 @@ var parityScenarios = []scenario{
 		}
 		// Right after Start, runc init's threads can still be in the
 		// cgroup: sample until the container is its one process.
-		var o observation
 		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-			m, err := r.task.Metrics(ctx)
+			m, err := taskMetrics(ctx, r.task)
 			if err != nil {
 				return nil, err
 			}
-			v, err := typeurl.UnmarshalAny(m.Data)
-			if err != nil {
-				return nil, err
-			}
-			o = observation{"type": fmt.Sprintf("%T", v)}
-			switch s := v.(type) {
-			case *v1.Metrics:
-				o["memory"] = s.GetMemory().GetUsage().GetUsage() > 0
-				o["pids"] = s.GetPids().GetCurrent()
-				o["cpu"] = s.GetCPU() != nil
-			case *v2.Metrics:
-				o["memory"] = s.GetMemory().GetUsage() > 0
-				o["pids"] = s.GetPids().GetCurrent()
-				o["cpu"] = s.GetCPU() != nil
-			}
-			if o["pids"] == uint64(1) || time.Now().After(deadline) {
-				return o, nil
+			if m.pids == 1 || time.Now().After(deadline) {
+				return observation{"type": m.kind, "memory": m.memoryUsed, "pids": m.pids, "cpu": m.cpu}, nil
 			}
 		}
 	}},
@@ -178,21 +162,11 @@ var parityScenarios = []scenario{
 		if err := r.task.Update(ctx, client.WithResources(&specs.LinuxResources{Memory: &specs.LinuxMemory{Limit: &limit}})); err != nil {
 			return nil, err
 		}
-		m, err := r.task.Metrics(ctx)
+		m, err := taskMetrics(ctx, r.task)
 		if err != nil {
 			return nil, err
 		}
-		v, err := typeurl.UnmarshalAny(m.Data)
-		if err != nil {
-			return nil, err
-		}
-		var got uint64
-		switch s := v.(type) {
-		case *v1.Metrics:
-			got = s.GetMemory().GetUsage().GetLimit()
-		case *v2.Metrics:
-			got = s.GetMemory().GetUsageLimit()
-		}
+		got := m.limit
 		return observation{"limit": got}, nil
 	}},
 	{"stdin-close-io", func(ctx context.Context, t *testing.T, d *harness.Daemon, ev *events, id, rt string) (observation, error) {
@@ -292,6 +266,41 @@ var parityScenarios = []scenario{
 		}
 		return observation{"checkpointed": img.Target().MediaType, "statusAfter": string(st.Status)}, nil
 	}},
+}
+
+// metricsSummary is what the parity scenarios compare of a task's metrics,
+// whichever cgroup version produced them.
+type metricsSummary struct {
+	kind       string
+	memoryUsed bool
+	limit      uint64
+	pids       uint64
+	cpu        bool
+}
+
+func taskMetrics(ctx context.Context, task client.Task) (metricsSummary, error) {
+	m, err := task.Metrics(ctx)
+	if err != nil {
+		return metricsSummary{}, err
+	}
+	v, err := typeurl.UnmarshalAny(m.Data)
+	if err != nil {
+		return metricsSummary{}, err
+	}
+	sum := metricsSummary{kind: fmt.Sprintf("%T", v)}
+	switch s := v.(type) {
+	case *v1.Metrics:
+		sum.memoryUsed = s.GetMemory().GetUsage().GetUsage() > 0
+		sum.limit = s.GetMemory().GetUsage().GetLimit()
+		sum.pids = s.GetPids().GetCurrent()
+		sum.cpu = s.GetCPU() != nil
+	case *v2.Metrics:
+		sum.memoryUsed = s.GetMemory().GetUsage() > 0
+		sum.limit = s.GetMemory().GetUsageLimit()
+		sum.pids = s.GetPids().GetCurrent()
+		sum.cpu = s.GetCPU() != nil
+	}
+	return sum, nil
 }
 
 // lifecycle returns the sorted topics without /tasks/delete. The shim

@@ -153,9 +153,17 @@ const blockfileScratchSize = 384 << 20
 type Option func(*options)
 
 type options struct {
-	env      []string
-	logLevel string
-	cri      *CRIConfig
+	env            []string
+	logLevel       string
+	cri            *CRIConfig
+	snapviewConfig *string
+}
+
+// WithSnapviewConfig writes body as snapview's configuration file in the
+// daemon's directory and points the shims at it ($SNAPVIEW_CONFIG), so that
+// the system's /etc/containerd/snapview.toml is never read.
+func WithSnapviewConfig(body string) Option {
+	return func(o *options) { o.snapviewConfig = &body }
 }
 
 // CRIConfig configures containerd's CRI plugin for a daemon. Its runtime
@@ -237,6 +245,13 @@ func StartDaemon(ctx context.Context, parent string, tools Tools, opts ...Option
 	var cfg bytes.Buffer
 	if err := template.Must(template.New("config").Parse(configTemplate)).Execute(&cfg, d); err != nil {
 		return nil, err
+	}
+	if o.snapviewConfig != nil {
+		p := filepath.Join(dir, "snapview.toml")
+		if err := os.WriteFile(p, []byte(*o.snapviewConfig), 0o600); err != nil {
+			return nil, err
+		}
+		o.env = append(o.env, "SNAPVIEW_CONFIG="+p)
 	}
 	cfgPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfgPath, cfg.Bytes(), 0o600); err != nil {
