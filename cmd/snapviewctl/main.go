@@ -70,7 +70,7 @@ func run(args []string) error {
 	total := 0
 	for _, ns := range nss {
 		nctx := namespaces.WithNamespace(ctx, ns)
-		orphans, err := sweep.Namespace(nctx, b, sweep.Options{
+		orphans, err := sweep.Namespace(nctx, b, ns, sweep.Options{
 			BundleRoot: filepath.Join(*state, "io.containerd.runtime.v2.task", ns),
 			DryRun:     *dryRun,
 		})

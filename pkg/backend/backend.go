@@ -22,6 +22,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	snproxy "github.com/containerd/containerd/v2/core/snapshots/proxy"
 	"github.com/containerd/containerd/v2/pkg/dialer"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -64,13 +65,21 @@ func (b *Backend) client() (*grpc.ClientConn, error) {
 	return conn, nil
 }
 
-// Containers returns the containers client.
-func (b *Backend) Containers() (containersapi.ContainersClient, error) {
+// Container returns the snapshotter and snapshot key of container id; a
+// container containerd does not know is an error wrapping
+// errdefs.ErrNotFound.
+func (b *Backend) Container(ctx context.Context, id string) (snapshotter, snapshotKey string, err error) {
 	c, err := b.client()
 	if err != nil {
-		return nil, err
+		return "", "", err
 	}
-	return containersapi.NewContainersClient(c), nil
+	cctx, cancel := WithTimeout(ctx)
+	defer cancel()
+	resp, err := containersapi.NewContainersClient(c).Get(cctx, &containersapi.GetContainerRequest{ID: id})
+	if err != nil {
+		return "", "", errgrpc.ToNative(err)
+	}
+	return resp.Container.Snapshotter, resp.Container.SnapshotKey, nil
 }
 
 // Snapshotter returns the snapshotter called name.

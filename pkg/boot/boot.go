@@ -22,8 +22,9 @@ import (
 	"github.com/snapview/snapview/pkg/bundle"
 )
 
-// BindOptions are the options of every bind snapview adds.
-var BindOptions = []string{"bind", "ro", "nosuid", "nodev"}
+// BindOptions returns the options of every file bind snapview adds, a new
+// slice each time.
+func BindOptions() []string { return []string{"bind", "ro", "nosuid", "nodev"} }
 
 // Resolve resolves each artifact inside the view mounted at root (a clean
 // absolute host path) and returns where each is on the host. The error names
@@ -78,8 +79,9 @@ func kind(m fs.FileMode) string {
 }
 
 // Mounts returns the OCI mounts that bind arts, the whole view (when
-// viewTarget is set) and the params file into the container, all read-only,
-// nosuid and nodev, with absolute host sources.
+// viewTarget is set) and the params file (when paramsSource is set) into
+// the container, all read-only, nosuid and nodev, with absolute host
+// sources.
 func Mounts(arts []bundle.Artifact, viewSource, viewTarget, paramsSource string) []specs.Mount {
 	var ms []specs.Mount
 	if viewTarget != "" {
@@ -87,8 +89,10 @@ func Mounts(arts []bundle.Artifact, viewSource, viewTarget, paramsSource string)
 			Options: []string{"rbind", "ro", "nosuid", "nodev"}})
 	}
 	for _, a := range arts {
-		ms = append(ms, specs.Mount{Destination: a.Target, Type: "bind", Source: a.Source, Options: BindOptions})
+		ms = append(ms, specs.Mount{Destination: a.Target, Type: "bind", Source: a.Source, Options: BindOptions()})
 	}
-	ms = append(ms, specs.Mount{Destination: annotations.ParamsTarget, Type: "bind", Source: paramsSource, Options: BindOptions})
+	if paramsSource != "" {
+		ms = append(ms, specs.Mount{Destination: annotations.ParamsTarget, Type: "bind", Source: paramsSource, Options: BindOptions()})
+	}
 	return ms
 }

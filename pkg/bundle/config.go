@@ -18,6 +18,11 @@ type ConfigPatch struct {
 	Annotations map[string]string
 	// Mounts are appended to the spec's mounts.
 	Mounts []specs.Mount
+	// Devices are appended to linux.devices.
+	Devices []specs.LinuxDevice
+	// DeviceRules are appended to linux.resources.devices, after the rules
+	// already there (CRI starts them with deny-all).
+	DeviceRules []specs.LinuxDeviceCgroup
 }
 
 // Config is a bundle's config.json, decoded only as far as snapview needs:
@@ -29,6 +34,10 @@ type Config struct {
 	fields map[string]json.RawMessage
 	// Annotations are the spec's annotations.
 	Annotations map[string]string
+	// UID and GID are the container process's user.
+	UID, GID uint32
+	// UserNamespace reports whether the spec asks for a user namespace.
+	UserNamespace bool
 }
 
 // ReadConfig reads the bundle's config.json.
@@ -45,6 +54,31 @@ func ReadConfig(bundle string) (*Config, error) {
 	if raw, ok := c.fields["annotations"]; ok {
 		if err := json.Unmarshal(raw, &c.Annotations); err != nil {
 			return nil, fmt.Errorf("snapview: decode annotations of %s: %w", path, err)
+		}
+	}
+	if raw, ok := c.fields["process"]; ok {
+		var p struct {
+			User struct {
+				UID uint32 `json:"uid"`
+				GID uint32 `json:"gid"`
+			} `json:"user"`
+		}
+		if err := json.Unmarshal(raw, &p); err != nil {
+			return nil, fmt.Errorf("snapview: decode process of %s: %w", path, err)
+		}
+		c.UID, c.GID = p.User.UID, p.User.GID
+	}
+	if raw, ok := c.fields["linux"]; ok {
+		var l struct {
+			Namespaces []specs.LinuxNamespace `json:"namespaces"`
+		}
+		if err := json.Unmarshal(raw, &l); err != nil {
+			return nil, fmt.Errorf("snapview: decode linux of %s: %w", path, err)
+		}
+		for _, n := range l.Namespaces {
+			if n.Type == specs.UserNamespace {
+				c.UserNamespace = true
+			}
 		}
 	}
 	return c, nil
@@ -71,31 +105,76 @@ func (c *Config) Apply(p ConfigPatch) error {
 		}
 		fields["annotations"] = raw
 	}
-	if len(p.Mounts) > 0 {
-		var mounts []json.RawMessage
-		if raw, ok := fields["mounts"]; ok {
-			if err := json.Unmarshal(raw, &mounts); err != nil {
-				return fmt.Errorf("snapview: decode mounts of %s: %w", c.path, err)
-			}
+	if err := appendTo(fields, "mounts", p.Mounts); err != nil {
+		return fmt.Errorf("snapview: mounts of %s: %w", c.path, err)
+	}
+	if len(p.Devices) > 0 || len(p.DeviceRules) > 0 {
+		linux := map[string]json.RawMessage{}
+		if err := decodeField(fields, "linux", &linux); err != nil {
+			return fmt.Errorf("snapview: linux of %s: %w", c.path, err)
 		}
-		for _, m := range p.Mounts {
-			raw, err := json.Marshal(m)
-			if err != nil {
+		if err := appendTo(linux, "devices", p.Devices); err != nil {
+			return fmt.Errorf("snapview: linux.devices of %s: %w", c.path, err)
+		}
+		if len(p.DeviceRules) > 0 {
+			res := map[string]json.RawMessage{}
+			if err := decodeField(linux, "resources", &res); err != nil {
+				return fmt.Errorf("snapview: linux.resources of %s: %w", c.path, err)
+			}
+			if err := appendTo(res, "devices", p.DeviceRules); err != nil {
+				return fmt.Errorf("snapview: linux.resources.devices of %s: %w", c.path, err)
+			}
+			if err := encodeField(linux, "resources", res); err != nil {
 				return err
 			}
-			mounts = append(mounts, raw)
 		}
-		raw, err := json.Marshal(mounts)
-		if err != nil {
+		if err := encodeField(fields, "linux", linux); err != nil {
 			return err
 		}
-		fields["mounts"] = raw
 	}
 	data, err := json.Marshal(fields)
 	if err != nil {
 		return err
 	}
 	return c.write(data)
+}
+
+// decodeField decodes fields[key], if present and not null, into v.
+func decodeField(fields map[string]json.RawMessage, key string, v any) error {
+	raw, ok := fields[key]
+	if !ok || string(raw) == "null" {
+		return nil
+	}
+	return json.Unmarshal(raw, v)
+}
+
+func encodeField(fields map[string]json.RawMessage, key string, v any) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	fields[key] = raw
+	return nil
+}
+
+// appendTo appends items to the JSON array fields[key], keeping the
+// elements already there byte for byte.
+func appendTo[T any](fields map[string]json.RawMessage, key string, items []T) error {
+	if len(items) == 0 {
+		return nil
+	}
+	var list []json.RawMessage
+	if err := decodeField(fields, key, &list); err != nil {
+		return err
+	}
+	for _, it := range items {
+		raw, err := json.Marshal(it)
+		if err != nil {
+			return err
+		}
+		list = append(list, raw)
+	}
+	return encodeField(fields, key, list)
 }
 
 // Restore writes back config.json as it was read.

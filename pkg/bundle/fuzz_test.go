@@ -15,6 +15,7 @@ func FuzzParseState(f *testing.F) {
 	f.Add([]byte(`{"version":1}`))
 	f.Add([]byte(`{"version":2,"namespace":"x"}`))
 	f.Add([]byte(`{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/m","mounts":[{"type":"bind"}]}`))
+	f.Add([]byte(`{"version":1,"namespace":"default","container_id":"c1","snapshotter":"blockfile","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","mode":"block","block":{"device":"/dev/loop1","monitor_rootfs":"view","loop":{"backing_file":"/f","backing_ino":3}}}`))
 	f.Add([]byte(`[]`))
 	f.Add([]byte(`null`))
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -22,9 +23,19 @@ func FuzzParseState(f *testing.F) {
 		if err != nil {
 			return
 		}
+		// Whatever is accepted names everything teardown needs, a
+		// mountpoint that is a bundle's view mountpoint (never "/" or a
+		// host directory), and, in block mode, a device under /dev.
+		bundleDir := filepath.Dir(filepath.Dir(s.Mountpoint))
 		if s.Version != StateVersion || s.ViewKey == "" || s.LeaseID == "" || s.ContainerID == "" ||
-			!filepath.IsAbs(s.Mountpoint) || filepath.Clean(s.Mountpoint) != s.Mountpoint || strings.Contains(s.Mountpoint, "/../") {
+			!filepath.IsAbs(s.Mountpoint) || Mountpoint(bundleDir) != s.Mountpoint || bundleDir == "/" {
 			t.Fatalf("accepted %+v", s)
+		}
+		if s.Mode == ModeBlock && (s.Block == nil || !strings.HasPrefix(s.Block.Device, "/dev/")) {
+			t.Fatalf("accepted block state %+v", s.Block)
+		}
+		if s.Mode != ModeBlock && s.Block != nil {
+			t.Fatalf("accepted block state in mode %q", s.Mode)
 		}
 	})
 }

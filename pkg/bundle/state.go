@@ -15,6 +15,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/pkg/atomicfile"
@@ -61,7 +63,45 @@ type State struct {
 	LoopDevices []string `json:"loop_devices,omitempty"`
 	// Artifacts are the boot artifacts bound into the container.
 	Artifacts []Artifact `json:"artifacts,omitempty"`
-	Created   time.Time  `json:"created"`
+	// Created is when setup began; with the container id it is the owner
+	// of the lease and the view (their snapview.io/created label).
+	Created time.Time `json:"created"`
+	// Mode is "view" or "block"; files without it are view mode.
+	Mode string `json:"mode,omitempty"`
+	// Block is what block mode did with the container's rootfs.
+	Block *Block `json:"block,omitempty"`
+}
+
+// Modes recorded in the state file.
+const (
+	ModeView  = "view"
+	ModeBlock = "block"
+)
+
+// Block records the block device a block-mode container gets instead of a
+// mounted rootfs.
+type Block struct {
+	// Rootfs is the container's own rootfs mount as containerd sent it. It
+	// is never mounted on the host.
+	Rootfs Mount `json:"rootfs"`
+	// Device is the host block device: a loop device snapview attached to
+	// Rootfs.Source (blockfile) or the device-mapper node (devmapper).
+	Device string `json:"device"`
+	Major  uint32 `json:"major"`
+	Minor  uint32 `json:"minor"`
+	// Loop is set when snapview attached Device itself, and identifies the
+	// backing file, so that a reused loop number is never detached.
+	Loop *Loop `json:"loop,omitempty"`
+	// MonitorRootfs is the lower layer of the container's root: "view" or
+	// a host directory.
+	MonitorRootfs string `json:"monitor_rootfs"`
+}
+
+// Loop identifies the file a loop device was attached to.
+type Loop struct {
+	BackingFile string `json:"backing_file"`
+	BackingDev  uint64 `json:"backing_dev"`
+	BackingIno  uint64 `json:"backing_ino"`
 }
 
 // Artifact is a boot artifact bound from the view into the container.
@@ -138,10 +178,50 @@ func ParseState(data []byte) (*State, error) {
 			return nil, fmt.Errorf("missing %s", field)
 		}
 	}
-	if !filepath.IsAbs(s.Mountpoint) || filepath.Clean(s.Mountpoint) != s.Mountpoint {
-		return nil, fmt.Errorf("mountpoint %q is not a clean absolute path", s.Mountpoint)
+	if !filepath.IsAbs(s.Mountpoint) || filepath.Clean(s.Mountpoint) != s.Mountpoint ||
+		Mountpoint(filepath.Dir(filepath.Dir(s.Mountpoint))) != s.Mountpoint || s.Mountpoint == Mountpoint("/") {
+		return nil, fmt.Errorf("mountpoint %q is not a view mountpoint in a bundle", s.Mountpoint)
+	}
+	switch s.Mode {
+	case "", ModeView:
+		if s.Block != nil {
+			return nil, fmt.Errorf("block state in a %q mode file", ModeView)
+		}
+	case ModeBlock:
+		if err := s.Block.check(); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("unknown mode %q", s.Mode)
 	}
 	return &s, nil
+}
+
+func (b *Block) check() error {
+	if b == nil {
+		return errors.New("block mode without block state")
+	}
+	if !isDevPath(b.Device) {
+		return fmt.Errorf("block device %q is not a path under /dev", b.Device)
+	}
+	if b.Loop != nil {
+		if !loopPath.MatchString(b.Device) {
+			return fmt.Errorf("loop device %q is not /dev/loopN", b.Device)
+		}
+		if !filepath.IsAbs(b.Loop.BackingFile) || b.Loop.BackingIno == 0 {
+			return fmt.Errorf("loop backing file %q (inode %d) is not identified", b.Loop.BackingFile, b.Loop.BackingIno)
+		}
+	}
+	if b.MonitorRootfs == "" {
+		return errors.New("block mode without a monitor rootfs")
+	}
+	return nil
+}
+
+var loopPath = regexp.MustCompile(`^/dev/loop[0-9]+$`)
+
+func isDevPath(p string) bool {
+	return strings.HasPrefix(p, "/dev/") && filepath.Clean(p) == p
 }
 
 // RemoveState removes the bundle's state file; a missing file is success.

@@ -2,11 +2,16 @@
 //
 // Lifecycle: Acquire creates the lease "snapview/<container-id>" before the
 // view exists, so that the view is created under it (in the same metadata
-// transaction) and garbage collection never sees it unreferenced. Release
-// deletes it with synchronous GC, after the view was removed. A lease of the
-// same id left by a crash is verified as snapview's by its labels and
-// replaced, never reused blindly; a lease of that id without them is not
-// touched and fails Acquire.
+// transaction) and garbage collection never sees it unreferenced. Delete
+// removes it after the view was removed. A lease of the same id left by a
+// crash is verified as snapview's by its labels and replaced, never reused
+// blindly; a lease of that id without them is not touched and fails Acquire.
+//
+// Ownership is an Owner: the container id and the creation time, both
+// recorded as labels. Deleting with an Owner re-reads the lease and deletes
+// it only if both labels still match, so that a rollback, the dead-shim path
+// or the orphan sweep never deletes a lease that a newer container of the
+// same id created in the meantime.
 package lease
 
 import (
@@ -28,66 +33,116 @@ const (
 // ID returns the lease id of a container's view.
 func ID(containerID string) string { return "snapview/" + containerID }
 
-// Labels returns the labels of a container's lease and view.
-func Labels(containerID string, created time.Time) map[string]string {
-	return map[string]string{
-		LabelContainer: containerID,
-		LabelCreated:   created.UTC().Format(time.RFC3339),
-	}
+// Owner identifies one incarnation of a container's view: the container id
+// and when its setup began.
+type Owner struct {
+	Container string
+	// Created is the snapview.io/created label value (RFC 3339 with
+	// nanoseconds), unique per setup.
+	Created string
 }
 
-// IsOwned reports whether labels mark an object as snapview's for containerID.
-func IsOwned(labels map[string]string, containerID string) bool {
-	return labels[LabelContainer] == containerID
+// NewOwner returns the owner of a view set up at created.
+func NewOwner(containerID string, created time.Time) Owner {
+	return Owner{Container: containerID, Created: created.UTC().Format(time.RFC3339Nano)}
 }
 
-// Acquire creates the lease of containerID's view, replacing a leftover one
-// of snapview's own.
-func Acquire(ctx context.Context, m leases.Manager, containerID string, created time.Time) (leases.Lease, error) {
-	id := ID(containerID)
-	l, err := m.Create(ctx, leases.WithID(id), leases.WithLabels(Labels(containerID, created)))
+// OwnerOf reads the owner from an object's labels.
+func OwnerOf(labels map[string]string) Owner {
+	return Owner{Container: labels[LabelContainer], Created: labels[LabelCreated]}
+}
+
+// Labels returns the labels that mark an object as o's.
+func (o Owner) Labels() map[string]string {
+	return map[string]string{LabelContainer: o.Container, LabelCreated: o.Created}
+}
+
+// IsContainer reports whether labels mark an object as snapview's for o's
+// container, whichever incarnation made it.
+func (o Owner) IsContainer(labels map[string]string) bool {
+	return o.Container != "" && labels[LabelContainer] == o.Container
+}
+
+// Owns reports whether labels mark an object as made by exactly o.
+func (o Owner) Owns(labels map[string]string) bool {
+	return o.IsContainer(labels) && o.Created != "" && labels[LabelCreated] == o.Created
+}
+
+// Acquire creates the lease of o's container, replacing a leftover lease of
+// the same container made by an earlier setup.
+func Acquire(ctx context.Context, m leases.Manager, o Owner) (leases.Lease, error) {
+	id := ID(o.Container)
+	l, err := m.Create(ctx, leases.WithID(id), leases.WithLabels(o.Labels()))
 	if err == nil {
-		log.G(ctx).WithFields(log.Fields{"id": containerID, "lease": id}).Debug("snapview: lease created")
+		log.G(ctx).WithFields(log.Fields{"id": o.Container, "lease": id}).Debug("snapview: lease created")
 		return l, nil
 	}
 	if !errdefs.IsAlreadyExists(err) {
 		return leases.Lease{}, fmt.Errorf("create lease %s: %w", id, err)
 	}
-	old, err := get(ctx, m, id)
+	old, err := Get(ctx, m, o.Container)
 	if err != nil {
 		return leases.Lease{}, err
 	}
-	if !IsOwned(old.Labels, containerID) {
+	if !o.IsContainer(old.Labels) {
 		return leases.Lease{}, fmt.Errorf("lease %s exists and is not snapview's (label %s=%q): %w",
 			id, LabelContainer, old.Labels[LabelContainer], errdefs.ErrAlreadyExists)
 	}
-	log.G(ctx).WithFields(log.Fields{"id": containerID, "lease": id, "created": old.Labels[LabelCreated]}).
+	log.G(ctx).WithFields(log.Fields{"id": o.Container, "lease": id, "created": old.Labels[LabelCreated]}).
 		Warn("snapview: replacing a leftover lease of an earlier run")
-	if err := Release(ctx, m, containerID); err != nil {
+	if _, err := Delete(ctx, m, OwnerOf(old.Labels), true); err != nil {
 		return leases.Lease{}, err
 	}
-	l, err = m.Create(ctx, leases.WithID(id), leases.WithLabels(Labels(containerID, created)))
+	l, err = m.Create(ctx, leases.WithID(id), leases.WithLabels(o.Labels()))
 	if err != nil {
 		return leases.Lease{}, fmt.Errorf("create lease %s: %w", id, err)
 	}
 	return l, nil
 }
 
-// Release deletes containerID's lease with synchronous garbage collection. A
-// lease already gone is success.
-func Release(ctx context.Context, m leases.Manager, containerID string) error {
+// Delete deletes o's lease if its labels still say it is exactly o's, and
+// reports whether it did. A lease already gone is success (false, nil); a
+// lease of another owner is left alone (false, nil). With syncGC the call
+// returns only after containerd's garbage collector ran, so whatever the
+// lease alone held is gone too.
+func Delete(ctx context.Context, m leases.Manager, o Owner, syncGC bool) (bool, error) {
+	l, err := Get(ctx, m, o.Container)
+	if err != nil {
+		if errdefs.IsNotFound(err) {
+			return false, nil
+		}
+		return false, err
+	}
+	if !o.Owns(l.Labels) {
+		log.G(ctx).WithFields(log.Fields{"id": o.Container, "lease": l.ID, "created": l.Labels[LabelCreated], "want": o.Created}).
+			Warn("snapview: lease belongs to another incarnation of the container; left alone")
+		return false, nil
+	}
+	return true, Remove(ctx, m, o.Container, syncGC)
+}
+
+// Remove deletes containerID's lease without checking its owner, for a
+// caller that created it itself and still holds it. A lease already gone is
+// success.
+func Remove(ctx context.Context, m leases.Manager, containerID string, syncGC bool) error {
 	id := ID(containerID)
-	if err := m.Delete(ctx, leases.Lease{ID: id}, leases.SynchronousDelete); err != nil {
+	var opts []leases.DeleteOpt
+	if syncGC {
+		opts = append(opts, leases.SynchronousDelete)
+	}
+	if err := m.Delete(ctx, leases.Lease{ID: id}, opts...); err != nil {
 		if errdefs.IsNotFound(err) {
 			return nil
 		}
 		return fmt.Errorf("delete lease %s: %w", id, err)
 	}
-	log.G(ctx).WithFields(log.Fields{"id": containerID, "lease": id}).Debug("snapview: lease deleted")
+	log.G(ctx).WithFields(log.Fields{"id": containerID, "lease": id, "sync_gc": syncGC}).Debug("snapview: lease deleted")
 	return nil
 }
 
-func get(ctx context.Context, m leases.Manager, id string) (leases.Lease, error) {
+// Get returns containerID's lease, or an error wrapping errdefs.ErrNotFound.
+func Get(ctx context.Context, m leases.Manager, containerID string) (leases.Lease, error) {
+	id := ID(containerID)
 	ls, err := m.List(ctx, fmt.Sprintf("id==%q", id))
 	if err != nil {
 		return leases.Lease{}, fmt.Errorf("list lease %s: %w", id, err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/manager"
@@ -66,14 +67,18 @@ func (m *shimManager) Start(ctx context.Context, id string, opts shim.StartOpts)
 	return m.Manager.Start(ctx, id, opts)
 }
 
-// Stop runs when containerd deletes a task whose shim is gone (the `delete`
-// action): runc's manager force-deletes the container and unmounts its rootfs,
-// then snapview removes the view from what the bundle holds. A failed view
-// cleanup is logged, not returned: the task must still be deleted, and what is
-// left is reclaimed by containerd's GC (the view is tied to the container
-// record) and by the sweep.
+// Stop is the `delete` action, which containerd runs after every task
+// delete (and waits for), and after a shim died: runc's manager
+// force-deletes the container and unmounts its rootfs, then snapview tears
+// down the view from what the bundle holds. The whole action is bounded by
+// stopBudget from here. A failed view cleanup is logged, not returned: the
+// task must still be deleted, and what is left is reclaimed by containerd's
+// GC (the view is tied to the container record) and by the sweep.
 func (m *shimManager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
+	deadline := time.Now().Add(stopBudget)
 	ss, err := m.Manager.Stop(ctx, id)
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
 	bundlePath, berr := bundleOf(id)
 	if berr != nil {
 		log.G(ctx).WithError(berr).WithField("id", id).Error("snapview: cannot find the bundle; the view is left to the sweep")

@@ -1,6 +1,7 @@
 package shim
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 
@@ -10,6 +11,9 @@ import (
 	"github.com/containerd/containerd/v2/plugins"
 	"github.com/containerd/plugin"
 	"github.com/containerd/plugin/registry"
+
+	"github.com/snapview/snapview/pkg/backend"
+	"github.com/snapview/snapview/pkg/lifecycle"
 )
 
 // init registers snapview's task service as the shim's "task" TTRPC plugin.
@@ -32,16 +36,21 @@ func init() {
 			if err != nil {
 				return nil, err
 			}
-			inner, err := task.NewTaskService(ic.Context, pp.(shim.Publisher), ss.(shutdown.Service))
+			sd := ss.(shutdown.Service)
+			inner, err := task.NewTaskService(ic.Context, pp.(shim.Publisher), sd)
 			if err != nil {
 				return nil, err
 			}
-			s := newService(inner, ic.Properties[plugins.PropertyGRPCAddress])
-			s.backend.Preconnect()
+			b := backend.New(ic.Properties[plugins.PropertyGRPCAddress])
+			b.Preconnect()
+			// The connection is shared by every container of the shim; it
+			// closes when the shim exits, not when one container goes.
+			sd.RegisterCallback(func(context.Context) error { return b.Close() })
+			s := newService(inner, lifecycle.New(b))
 			// runc's manager starts the shim in the bundle directory of the
 			// container that started it; its siblings are the namespace's bundles.
 			if cwd, err := os.Getwd(); err == nil {
-				go sweepOnStart(ic.Context, s.backend, filepath.Dir(cwd))
+				go sweepOnStart(ic.Context, b, filepath.Dir(cwd))
 			}
 			return s, nil
 		},

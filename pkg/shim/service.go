@@ -1,5 +1,6 @@
 // Package shim is snapview's containerd shim: runc's task service and shim
-// manager, wrapped in-process.
+// manager, wrapped in-process, adapting containerd's task API to the view
+// lifecycle (package lifecycle).
 //
 // The task service wrapper changes Create, Delete and Shutdown and forwards
 // every other RPC to runc's service unchanged, so that exec, kill, wait,
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
+	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	ptypes "github.com/containerd/containerd/v2/pkg/protobuf/types"
 	"github.com/containerd/errdefs"
@@ -21,9 +23,9 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/ttrpc"
 
-	"github.com/snapview/snapview/pkg/backend"
-	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/config"
+	"github.com/snapview/snapview/pkg/lifecycle"
+	"github.com/snapview/snapview/pkg/rootfs"
 )
 
 // service wraps runc's task service. Methods not defined here are runc's,
@@ -31,28 +33,28 @@ import (
 type service struct {
 	taskAPI.TTRPCTaskService
 
-	backend *backend.Backend
+	lc *lifecycle.Lifecycle
 
 	mu sync.Mutex
-	// views holds the state of each container with a view, keyed by
-	// namespace and container id: one shim process can serve a whole pod.
-	views map[string]*viewEntry
+	// views holds each container's view, keyed by namespace and container
+	// id (one shim process can serve a whole pod). An entry stays until
+	// its teardown has ended.
+	views map[string]*entry
+	// creating counts Creates in progress, which runc does not know of
+	// until its own Create.
+	creating int
 }
 
-type viewEntry struct {
-	bundle string
-	state  *bundle.State
+type entry struct {
+	view     *lifecycle.View
+	deleting bool
 }
 
-func newService(inner taskAPI.TTRPCTaskService, grpcAddress string) *service {
-	return &service{
-		TTRPCTaskService: inner,
-		backend:          backend.New(grpcAddress),
-		views:            map[string]*viewEntry{},
-	}
+func newService(inner taskAPI.TTRPCTaskService, lc *lifecycle.Lifecycle) *service {
+	return &service{TTRPCTaskService: inner, lc: lc, views: map[string]*entry{}}
 }
 
-func viewKey(ns, id string) string { return ns + "/" + id }
+func key(ns, id string) string { return ns + "/" + id }
 
 // RegisterTTRPC registers the wrapper, not the inner service, so that every
 // RPC enters through snapview.
@@ -61,11 +63,22 @@ func (s *service) RegisterTTRPC(server *ttrpc.Server) error {
 	return nil
 }
 
-// Create prepares the container's view (when it gets one), persists its state
-// and patches config.json, and only then calls runc's Create, which is when
-// runc reads config.json. If anything fails, runc's Create included, every
-// step is undone and Create fails with a snapview: error.
-func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *taskAPI.CreateTaskResponse, retErr error) {
+// Create decides the container's view, sets it up (state, params and
+// config.json written) and only then calls runc's Create, which is when
+// runc reads config.json. In block mode runc is handed the monitor rootfs
+// instead of the container's block-backed rootfs, which is never mounted. If
+// anything fails, runc's Create included, the view is undone and Create
+// fails with a snapview: error.
+func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*taskAPI.CreateTaskResponse, error) {
+	s.mu.Lock()
+	s.creating++
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.creating--
+		s.mu.Unlock()
+	}()
+
 	logger := log.G(ctx).WithField("id", r.ID)
 	cfg, err := normaliseOptions(r)
 	if err != nil {
@@ -78,50 +91,48 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (_ *
 	}
 	ctx = namespaces.WithNamespace(ctx, ns)
 
-	sw := newStopwatch()
-	p, reason, err := s.decide(ctx, ns, newCreateRequest(r.ID, r.Bundle, r.Rootfs), cfg, sw)
+	p, err := s.lc.Decide(ctx, lifecycle.Request{Namespace: ns, ID: r.ID, Bundle: r.Bundle, Rootfs: fromTypes(r.Rootfs), Config: cfg})
 	if err != nil {
 		logger.WithError(err).Error("snapview: create rejected")
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if p == nil {
+	if p.Skip != "" {
 		resp, err := s.TTRPCTaskService.Create(ctx, r)
-		sw.lap("runc_create")
-		logger.WithFields(sw.fields).WithFields(log.Fields{"reason": reason, "config": cfg.Source}).Info("snapview: no view for this container")
+		logger.WithFields(log.Fields{"reason": p.Skip, "config": cfg.Source}).Info("snapview: no view for this container")
 		return resp, err
 	}
-	sw.lap("stat")
-	st, err := s.setup(ctx, p, sw)
+	v, err := s.lc.Setup(ctx, p)
 	if err != nil {
 		logger.WithError(err).Error("snapview: view setup failed")
 		return nil, errgrpc.ToGRPC(err)
 	}
+	if v.Rootfs != nil {
+		r.Rootfs = toTypes(v.Rootfs)
+	}
+	start := time.Now()
 	resp, err := s.TTRPCTaskService.Create(ctx, r)
 	if err != nil {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		cctx, cancel := lifecycle.CleanupContext(ctx)
 		defer cancel()
-		if terr := s.teardown(cctx, r.Bundle, st, newStopwatch()); terr != nil {
-			logger.WithError(terr).Error("snapview: rollback after a failed runc create left something behind")
-		}
-		if rerr := p.spec.Restore(); rerr != nil {
-			logger.WithError(rerr).Error("snapview: restore config.json")
+		if uerr := s.lc.Undo(cctx, v); uerr != nil {
+			logger.WithError(uerr).Error("snapview: rollback after a failed runc create left something behind")
 		}
 		return nil, errgrpc.ToGRPC(fmt.Errorf("snapview: create %s: %w", r.ID, errgrpc.ToNative(err)))
 	}
-	sw.lap("runc_create")
 	s.mu.Lock()
-	s.views[viewKey(ns, r.ID)] = &viewEntry{bundle: r.Bundle, state: st}
+	s.views[key(ns, r.ID)] = &entry{view: v}
 	s.mu.Unlock()
-	logger.WithFields(sw.fields).WithFields(log.Fields{"key": st.ViewKey, "lease": st.LeaseID, "target": st.Mountpoint}).Info("snapview: container created with its view")
+	st := v.State
+	logger.WithFields(v.Timings()).
+		WithFields(log.Fields{"runc_create_us": time.Since(start).Microseconds(), "mode": p.Mode(), "key": st.ViewKey, "lease": st.LeaseID, "target": st.Mountpoint}).
+		Info("snapview: container created with its view")
 	return resp, nil
 }
 
-// Delete calls runc's Delete, then, for an init process with a view, removes
-// the view: only once runc's container is gone is nothing using it.
+// Delete calls runc's Delete, then, for an init process with a view, tears
+// the view down: only once runc's container is gone is nothing using it.
 func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAPI.DeleteResponse, error) {
-	sw := newStopwatch()
 	resp, err := s.TTRPCTaskService.Delete(ctx, r)
-	sw.lap("runc_delete")
 	if r.ExecID != "" {
 		return resp, err
 	}
@@ -132,39 +143,45 @@ func (s *service) Delete(ctx context.Context, r *taskAPI.DeleteRequest) (*taskAP
 	if nerr != nil {
 		return resp, err
 	}
+	k := key(ns, r.ID)
 	s.mu.Lock()
-	e := s.views[viewKey(ns, r.ID)]
-	delete(s.views, viewKey(ns, r.ID))
-	s.mu.Unlock()
-	if e == nil {
+	e := s.views[k]
+	if e == nil || e.deleting {
+		s.mu.Unlock()
 		return resp, err
 	}
-	tctx, cancel := context.WithTimeout(context.WithoutCancel(namespaces.WithNamespace(ctx, ns)), 30*time.Second)
+	e.deleting = true
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.views, k)
+		s.mu.Unlock()
+	}()
+
+	tctx, cancel := lifecycle.CleanupContext(namespaces.WithNamespace(ctx, ns))
 	defer cancel()
-	if terr := s.teardown(tctx, e.bundle, e.state, sw); terr != nil {
-		// The task is gone either way; what is left is reclaimed by
-		// containerd's GC (the view's gc.bref.container label) or the sweep.
+	if terr := s.lc.Teardown(tctx, e.view); terr != nil {
+		// The task is gone either way; the state file stays, and the
+		// `delete` action that containerd runs next, or the sweep,
+		// finishes the teardown.
 		log.G(ctx).WithError(terr).WithField("id", r.ID).Error("snapview: view teardown incomplete")
 	}
 	return resp, err
 }
 
-// Shutdown forwards to runc's service, which exits the shim once it serves no
-// container. The connection to containerd is then closed off the reply path:
-// containerd waits for this reply on every task delete.
+// Shutdown forwards to runc's service, which exits the shim once it serves
+// no container, unless snapview still has work in this process: a Create
+// runc does not know of yet, or a view not yet torn down. containerd asks
+// again after the next task delete. The connection to containerd is closed
+// by a shutdown callback, once the shim really exits.
 func (s *service) Shutdown(ctx context.Context, r *taskAPI.ShutdownRequest) (*ptypes.Empty, error) {
-	resp, err := s.TTRPCTaskService.Shutdown(ctx, r)
 	s.mu.Lock()
-	idle := len(s.views) == 0
-	s.mu.Unlock()
-	if idle {
-		go func() {
-			if cerr := s.backend.Close(); cerr != nil {
-				log.G(ctx).WithError(cerr).Debug("snapview: close containerd connection")
-			}
-		}()
+	defer s.mu.Unlock()
+	if s.creating > 0 || len(s.views) > 0 {
+		log.G(ctx).WithFields(log.Fields{"creating": s.creating, "views": len(s.views)}).Debug("snapview: shutdown deferred: views in use")
+		return &ptypes.Empty{}, nil
 	}
-	return resp, err
+	return s.TTRPCTaskService.Shutdown(ctx, r)
 }
 
 // normaliseOptions reads snapview's configuration from r.Options and replaces
@@ -181,4 +198,20 @@ func normaliseOptions(r *taskAPI.CreateTaskRequest) (*config.Config, error) {
 		return nil, err
 	}
 	return cfg, nil
+}
+
+func fromTypes(mounts []*types.Mount) []rootfs.Mount {
+	out := make([]rootfs.Mount, 0, len(mounts))
+	for _, m := range mounts {
+		out = append(out, rootfs.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
+	}
+	return out
+}
+
+func toTypes(mounts []rootfs.Mount) []*types.Mount {
+	out := make([]*types.Mount, 0, len(mounts))
+	for _, m := range mounts {
+		out = append(out, &types.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
+	}
+	return out
 }

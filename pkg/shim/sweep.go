@@ -4,9 +4,10 @@ import (
 	"context"
 	"time"
 
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/log"
 
-	"github.com/snapview/snapview/pkg/backend"
+	"github.com/snapview/snapview/pkg/lifecycle"
 	"github.com/snapview/snapview/pkg/sweep"
 )
 
@@ -16,15 +17,19 @@ const sweepDelay = 2 * time.Second
 
 // sweepOnStart removes orphaned views of the shim's namespace once, in the
 // background, shortly after the shim started. ctx carries the namespace.
-func sweepOnStart(ctx context.Context, b *backend.Backend, bundleRoot string) {
+func sweepOnStart(ctx context.Context, b lifecycle.Backend, bundleRoot string) {
 	select {
 	case <-time.After(sweepDelay):
 	case <-ctx.Done():
 		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	ns, err := namespaces.NamespaceRequired(ctx)
+	if err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(ctx, ns), lifecycle.CleanupTimeout)
 	defer cancel()
-	orphans, err := sweep.Namespace(ctx, b, sweep.Options{BundleRoot: bundleRoot})
+	orphans, err := sweep.Namespace(ctx, b, ns, sweep.Options{BundleRoot: bundleRoot})
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("snapview: orphan sweep incomplete")
 	}

@@ -1,6 +1,6 @@
 // Package sweep removes orphaned views: a snapview lease whose container no
-// longer exists, with the view it holds and, when the bundle directory is
-// known, a mount left on its mountpoint.
+// longer exists, with the view it holds and what is left of it on this host,
+// and view mounts left in bundles that containerd already deleted.
 //
 // Orphans exist only when every other cleanup path failed: task Delete, and
 // the dead-shim `delete` action (for example because containerd was
@@ -10,37 +10,40 @@
 // A lease is an orphan only if its snapview.io/container label names a
 // container that containerd does not know: snapview creates a lease after the
 // container record and deletes it before the record can be deleted, so a
-// live container's lease is never taken.
+// live container's lease is never taken. Removal goes through the same
+// teardown as every other path (lifecycle.Teardown), which re-reads the
+// lease's and the view's labels and removes them only if they still carry
+// the owner the sweep found, so that a container of the same id created in
+// the meantime keeps its new view.
 package sweep
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 
-	containersapi "github.com/containerd/containerd/api/services/containers/v1"
-	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/errdefs"
-	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
 
-	"github.com/snapview/snapview/pkg/backend"
+	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/lease"
+	"github.com/snapview/snapview/pkg/lifecycle"
 	"github.com/snapview/snapview/pkg/view"
 )
 
-// Orphan is a view that was removed, or would be in a dry run.
+// Orphan is what the sweep removed (or, in a dry run, would remove) for
+// one container.
 type Orphan struct {
-	Namespace   string
 	ContainerID string
-	Lease       string
+	// Lease is the orphaned lease, or "" for a leftover mount alone.
+	Lease string
 	// Views are the snapshots the lease held, as "snapshotter/key".
 	Views []string
-	// Mountpoint is the leftover mountpoint that was unmounted, if any.
+	// Mountpoint is a leftover view mountpoint that was unmounted, if any.
 	Mountpoint string
 }
 
@@ -48,20 +51,18 @@ type Orphan struct {
 type Options struct {
 	// BundleRoot is the directory of the namespace's bundles
 	// (<containerd state>/io.containerd.runtime.v2.task/<namespace>), where
-	// a leftover view mountpoint would be; empty skips mounts.
+	// leftover view mounts are looked for; empty skips mounts.
 	BundleRoot string
 	// DryRun reports orphans without removing them.
 	DryRun bool
 }
 
-// Namespace sweeps the namespace of ctx and returns the orphans it found.
-// Every orphan is attempted; the first error is returned.
-func Namespace(ctx context.Context, b *backend.Backend, opts Options) ([]Orphan, error) {
+// Namespace sweeps namespace ns and returns the orphans it removed, or would
+// remove in a dry run. Every orphan is attempted; the errors of those that
+// could not be removed are joined, and they are not in the result.
+func Namespace(ctx context.Context, b lifecycle.Backend, ns string, opts Options) ([]Orphan, error) {
+	lc := lifecycle.New(b)
 	lm, err := b.Leases()
-	if err != nil {
-		return nil, err
-	}
-	cc, err := b.Containers()
 	if err != nil {
 		return nil, err
 	}
@@ -78,69 +79,110 @@ func Namespace(ctx context.Context, b *backend.Backend, opts Options) ([]Orphan,
 		if l.ID != lease.ID(id) {
 			continue // not a lease snapview made
 		}
-		if _, err := cc.Get(ctx, &containersapi.GetContainerRequest{ID: id}); err == nil {
+		if _, _, err := b.Container(ctx, id); err == nil {
 			continue
-		} else if !errdefs.IsNotFound(errgrpc.ToNative(err)) {
+		} else if !errdefs.IsNotFound(err) {
 			errs = append(errs, fmt.Errorf("look up container %s: %w", id, err))
 			continue
 		}
-		o := Orphan{ContainerID: id, Lease: l.ID}
-		res, err := lm.ListResources(ctx, l)
+		bundlePath := ""
+		if opts.BundleRoot != "" {
+			bundlePath = filepath.Join(opts.BundleRoot, id)
+		}
+		v, err := lc.FromLease(ctx, ns, id, bundlePath, l)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("list resources of lease %s: %w", l.ID, err))
+			errs = append(errs, err)
 			continue
 		}
-		if err := remove(ctx, b, opts, &o, res); err != nil {
-			errs = append(errs, err)
+		o := Orphan{ContainerID: id, Lease: l.ID}
+		if v.State.ViewKey != "" {
+			o.Views = []string{v.State.Snapshotter + "/" + v.State.ViewKey}
+		}
+		if bundlePath != "" && mounted(v.State.Mountpoint) {
+			o.Mountpoint = v.State.Mountpoint
+		}
+		if !opts.DryRun {
+			if err := lc.Teardown(ctx, v); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			log.G(ctx).WithFields(log.Fields{"id": id, "lease": l.ID, "views": o.Views, "target": o.Mountpoint}).Warn("snapview: orphaned view removed")
 		}
 		orphans = append(orphans, o)
+	}
+	if opts.BundleRoot != "" {
+		left, err := leftoverMounts(ctx, b, opts)
+		orphans = append(orphans, left...)
+		errs = append(errs, err)
 	}
 	return orphans, errors.Join(errs...)
 }
 
-// remove removes one orphan: its mount, its views, then its lease.
-func remove(ctx context.Context, b *backend.Backend, opts Options, o *Orphan, res []leases.Resource) error {
-	logger := log.G(ctx).WithFields(log.Fields{"id": o.ContainerID, "lease": o.Lease})
-	if opts.BundleRoot != "" {
-		mp := filepath.Join(opts.BundleRoot, o.ContainerID, "snapview", "view")
-		if _, err := os.Stat(mp); err == nil {
-			o.Mountpoint = mp
-			if !opts.DryRun {
-				if err := view.Unmount(mp); err != nil {
-					return err
+// leftoverMounts unmounts view mounts under the bundle root that no
+// container owns any more: in a bundle containerd renamed to .<id> to delete
+// it (it could not, with the view still mounted there), or in the bundle of a
+// container containerd does not know. A .<id> bundle left with nothing
+// mounted under it is then removed, as containerd would have done.
+func leftoverMounts(ctx context.Context, b lifecycle.Backend, opts Options) ([]Orphan, error) {
+	root := filepath.Clean(opts.BundleRoot)
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(root))
+	if err != nil {
+		return nil, fmt.Errorf("read mountinfo: %w", err)
+	}
+	var (
+		found []Orphan
+		errs  []error
+	)
+	for _, mi := range infos {
+		rel, err := filepath.Rel(root, mi.Mountpoint)
+		if err != nil {
+			continue
+		}
+		name, rest, ok := strings.Cut(rel, string(filepath.Separator))
+		if !ok || filepath.Join(root, name, rest) != bundle.Mountpoint(filepath.Join(root, name)) {
+			continue
+		}
+		id, deleted := strings.CutPrefix(name, ".")
+		if !deleted {
+			if _, _, err := b.Container(ctx, id); err == nil {
+				continue
+			} else if !errdefs.IsNotFound(err) {
+				errs = append(errs, fmt.Errorf("look up container %s: %w", id, err))
+				continue
+			}
+		}
+		o := Orphan{ContainerID: id, Mountpoint: mi.Mountpoint}
+		if !opts.DryRun {
+			if err := view.Unmount(mi.Mountpoint); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if deleted {
+				if err := removeDeletedBundle(filepath.Join(root, name)); err != nil {
+					errs = append(errs, err)
 				}
 			}
-		} else if !errors.Is(err, fs.ErrNotExist) {
-			return err
+			log.G(ctx).WithFields(log.Fields{"id": id, "target": mi.Mountpoint}).Warn("snapview: leftover view mount removed")
 		}
+		found = append(found, o)
 	}
-	for _, r := range res {
-		sn, ok := strings.CutPrefix(r.Type, "snapshots/")
-		if !ok || r.ID != view.Key(o.ContainerID) {
-			continue
-		}
-		o.Views = append(o.Views, sn+"/"+r.ID)
-		if opts.DryRun {
-			continue
-		}
-		s, err := b.Snapshotter(sn)
-		if err != nil {
-			return err
-		}
-		if err := view.Remove(ctx, s, o.ContainerID); err != nil {
-			return err
-		}
-	}
-	if opts.DryRun {
-		return nil
-	}
-	lm, err := b.Leases()
+	return found, errors.Join(errs...)
+}
+
+// removeDeletedBundle removes a bundle containerd had renamed for deletion,
+// unless something is still mounted under it.
+func removeDeletedBundle(dir string) error {
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
 	if err != nil {
-		return err
+		return fmt.Errorf("read mountinfo: %w", err)
 	}
-	if err := lease.Release(ctx, lm, o.ContainerID); err != nil {
-		return err
+	if len(infos) > 0 {
+		return fmt.Errorf("%s still has %d mounts; left for a later sweep", dir, len(infos))
 	}
-	logger.WithFields(log.Fields{"views": o.Views, "target": o.Mountpoint}).Warn("snapview: orphaned view removed")
-	return nil
+	return os.RemoveAll(dir)
+}
+
+func mounted(path string) bool {
+	m, err := mountinfo.Mounted(path)
+	return err == nil && m
 }

@@ -37,21 +37,21 @@ const LabelGCBackRef = "containerd.io/gc.bref.container"
 // Key returns the view's snapshot key for a container.
 func Key(containerID string) string { return "snapview/" + containerID }
 
-// Labels returns the labels of a container's view.
-func Labels(containerID string, base map[string]string) map[string]string {
-	l := map[string]string{LabelGCBackRef: containerID}
-	for k, v := range base {
-		l[k] = v
-	}
+// Labels returns the labels of o's view: o's ownership labels and the
+// back-reference that lets containerd's GC take it with the container.
+func Labels(o lease.Owner) map[string]string {
+	l := o.Labels()
+	l[LabelGCBackRef] = o.Container
 	return l
 }
 
-// Create creates the view of parent for containerID under leaseID. A leftover
-// view of the same key is verified as snapview's by its labels and replaced.
-func Create(ctx context.Context, sn snapshots.Snapshotter, containerID, parent, leaseID string, labels map[string]string) ([]mount.Mount, error) {
-	key := Key(containerID)
+// Create creates o's view of parent under leaseID. A leftover view of the
+// same key is verified as snapview's, for the same container, by its labels
+// and replaced.
+func Create(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner, parent, leaseID string) ([]mount.Mount, error) {
+	key := Key(o.Container)
 	ctx = leases.WithLease(ctx, leaseID)
-	opt := snapshots.WithLabels(Labels(containerID, labels))
+	opt := snapshots.WithLabels(Labels(o))
 	mounts, err := sn.View(ctx, key, parent, opt)
 	if err == nil {
 		return mounts, nil
@@ -63,13 +63,13 @@ func Create(ctx context.Context, sn snapshots.Snapshotter, containerID, parent, 
 	if err != nil {
 		return nil, fmt.Errorf("stat existing view %s: %w", key, err)
 	}
-	if !lease.IsOwned(info.Labels, containerID) {
+	if !o.IsContainer(info.Labels) {
 		return nil, fmt.Errorf("snapshot %s exists and is not snapview's (label %s=%q): %w",
 			key, lease.LabelContainer, info.Labels[lease.LabelContainer], errdefs.ErrAlreadyExists)
 	}
-	log.G(ctx).WithFields(log.Fields{"id": containerID, "key": key, "parent": info.Parent}).
+	log.G(ctx).WithFields(log.Fields{"id": o.Container, "key": key, "parent": info.Parent, "created": info.Labels[lease.LabelCreated]}).
 		Warn("snapview: replacing a leftover view of an earlier run")
-	if err := Remove(ctx, sn, containerID); err != nil {
+	if err := Remove(ctx, sn, o.Container); err != nil {
 		return nil, err
 	}
 	mounts, err = sn.View(ctx, key, parent, opt)
@@ -79,7 +79,9 @@ func Create(ctx context.Context, sn snapshots.Snapshotter, containerID, parent, 
 	return mounts, nil
 }
 
-// Remove removes containerID's view snapshot; a view already gone is success.
+// Remove removes containerID's view snapshot without checking its owner, for
+// a caller that created it and still holds it; a view already gone is
+// success.
 func Remove(ctx context.Context, sn snapshots.Snapshotter, containerID string) error {
 	key := Key(containerID)
 	if err := sn.Remove(ctx, key); err != nil {
@@ -89,6 +91,26 @@ func Remove(ctx context.Context, sn snapshots.Snapshotter, containerID string) e
 		return fmt.Errorf("remove view %s: %w", key, err)
 	}
 	return nil
+}
+
+// RemoveOwned removes o's view only if its labels still say it is exactly
+// o's: a view of a newer incarnation of the container is left alone. A view
+// already gone is success.
+func RemoveOwned(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner) error {
+	key := Key(o.Container)
+	info, err := sn.Stat(ctx, key)
+	if err != nil {
+		if errdefs.IsNotFound(err) {
+			return nil
+		}
+		return fmt.Errorf("stat view %s: %w", key, err)
+	}
+	if !o.Owns(info.Labels) {
+		log.G(ctx).WithFields(log.Fields{"id": o.Container, "key": key, "created": info.Labels[lease.LabelCreated], "want": o.Created}).
+			Warn("snapview: view belongs to another incarnation of the container; left alone")
+		return nil
+	}
+	return Remove(ctx, sn, o.Container)
 }
 
 // NeedsManager reports whether mounts need containerd's mount manager:
@@ -109,13 +131,18 @@ func NeedsManager(mounts []mount.Mount) bool {
 }
 
 // ReadOnly returns mounts with "ro" added to each and "rw" removed, so that
-// a view is never mounted writable whatever the snapshotter returned.
+// a view is never mounted writable whatever the snapshotter returned. An
+// ext4 view (blockfile, devmapper) also gets "noload": its journal is not
+// replayed, so a dirty journal cannot block or change a read-only mount.
 func ReadOnly(mounts []mount.Mount) []mount.Mount {
 	out := make([]mount.Mount, len(mounts))
 	for i, m := range mounts {
 		opts := slices.DeleteFunc(slices.Clone(m.Options), func(o string) bool { return o == "rw" })
 		if !slices.Contains(opts, "ro") {
 			opts = append(opts, "ro")
+		}
+		if (m.Type == "ext4" || m.Type == "ext3") && !slices.Contains(opts, "noload") {
+			opts = append(opts, "noload")
 		}
 		m.Options = opts
 		out[i] = m

@@ -64,13 +64,13 @@ func TestCreateUnderLease(t *testing.T) {
 		t.Fatal(err)
 	}
 	parent := committedParent(ctx, t, sn)
-	created := time.Now()
+	first := lease.NewOwner("c1", time.Now())
 
-	l, err := lease.Acquire(ctx, lm, "c1", created)
+	l, err := lease.Acquire(ctx, lm, first)
 	if err != nil {
 		t.Fatal(err)
 	}
-	mounts, err := Create(ctx, sn, "c1", parent, l.ID, lease.Labels("c1", created))
+	mounts, err := Create(ctx, sn, first, parent, l.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,25 +82,40 @@ func TestCreateUnderLease(t *testing.T) {
 		t.Fatalf("the view is not held by the lease: %v %v", res, err)
 	}
 	info, err := sn.Stat(ctx, Key("c1"))
-	if err != nil || info.Kind != snapshots.KindView || info.Labels[LabelGCBackRef] != "c1" || info.Labels[lease.LabelContainer] != "c1" {
+	if err != nil || info.Kind != snapshots.KindView || info.Labels[LabelGCBackRef] != "c1" || !first.Owns(info.Labels) {
 		t.Fatalf("view %+v %v", info, err)
 	}
 
+	later := lease.NewOwner("c1", time.Now().Add(time.Hour))
 	t.Run("leftover lease and view of ours are replaced", func(t *testing.T) {
-		later := created.Add(time.Hour)
-		l2, err := lease.Acquire(ctx, lm, "c1", later)
+		l2, err := lease.Acquire(ctx, lm, later)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if l2.Labels[lease.LabelCreated] != later.UTC().Format(time.RFC3339) {
+		if !later.Owns(l2.Labels) {
 			t.Fatalf("lease not replaced: %v", l2.Labels)
 		}
-		if _, err := Create(ctx, sn, "c1", parent, l2.ID, lease.Labels("c1", later)); err != nil {
+		if _, err := Create(ctx, sn, later, parent, l2.ID); err != nil {
 			t.Fatal(err)
 		}
 		info, err := sn.Stat(ctx, Key("c1"))
-		if err != nil || info.Labels[lease.LabelCreated] != later.UTC().Format(time.RFC3339) {
+		if err != nil || !later.Owns(info.Labels) {
 			t.Fatalf("view not replaced: %+v %v", info, err)
+		}
+	})
+
+	t.Run("an earlier incarnation's owner removes nothing of the newer one", func(t *testing.T) {
+		if err := RemoveOwned(ctx, sn, first); err != nil {
+			t.Fatal(err)
+		}
+		if deleted, err := lease.Delete(ctx, lm, first, true); err != nil || deleted {
+			t.Fatalf("delete with the old owner: %v %v", deleted, err)
+		}
+		if _, err := sn.Stat(ctx, Key("c1")); err != nil {
+			t.Fatalf("the newer view was removed: %v", err)
+		}
+		if _, err := lease.Get(ctx, lm, "c1"); err != nil {
+			t.Fatalf("the newer lease was removed: %v", err)
 		}
 	})
 
@@ -108,18 +123,22 @@ func TestCreateUnderLease(t *testing.T) {
 		if _, err := lm.Create(ctx, leases.WithID(lease.ID("c2")), leases.WithLabels(map[string]string{"owner": "someone"})); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := lease.Acquire(ctx, lm, "c2", created); !errdefs.IsAlreadyExists(err) {
+		if _, err := lease.Acquire(ctx, lm, lease.NewOwner("c2", time.Now())); !errdefs.IsAlreadyExists(err) {
 			t.Fatalf("foreign lease: %v", err)
 		}
 		if _, err := sn.View(leases.WithLease(ctx, "test-image"), Key("c3"), parent); err != nil {
 			t.Fatal(err)
 		}
-		l3, err := lease.Acquire(ctx, lm, "c3", created)
+		c3 := lease.NewOwner("c3", time.Now())
+		l3, err := lease.Acquire(ctx, lm, c3)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := Create(ctx, sn, "c3", parent, l3.ID, lease.Labels("c3", created)); !errdefs.IsAlreadyExists(err) {
+		if _, err := Create(ctx, sn, c3, parent, l3.ID); !errdefs.IsAlreadyExists(err) {
 			t.Fatalf("foreign view: %v", err)
+		}
+		if err := RemoveOwned(ctx, sn, c3); err != nil {
+			t.Fatal(err)
 		}
 		if _, err := sn.Stat(ctx, Key("c3")); err != nil {
 			t.Fatalf("the foreign view was touched: %v", err)
@@ -128,10 +147,10 @@ func TestCreateUnderLease(t *testing.T) {
 
 	t.Run("teardown is idempotent and GC takes nothing else", func(t *testing.T) {
 		for i := 0; i < 2; i++ {
-			if err := Remove(ctx, sn, "c1"); err != nil {
+			if err := RemoveOwned(ctx, sn, later); err != nil {
 				t.Fatalf("remove %d: %v", i, err)
 			}
-			if err := lease.Release(ctx, lm, "c1"); err != nil {
+			if _, err := lease.Delete(ctx, lm, later, false); err != nil {
 				t.Fatalf("release %d: %v", i, err)
 			}
 		}
@@ -141,17 +160,21 @@ func TestCreateUnderLease(t *testing.T) {
 		if _, err := sn.Stat(ctx, Key("c1")); !errdefs.IsNotFound(err) {
 			t.Fatalf("view after teardown: %v", err)
 		}
+		if _, err := lease.Get(ctx, lm, "c1"); !errdefs.IsNotFound(err) {
+			t.Fatalf("lease after teardown: %v", err)
+		}
 		if _, err := sn.Stat(ctx, parent); err != nil {
 			t.Fatalf("the image went with the view: %v", err)
 		}
 	})
 
 	t.Run("without its lease a view is collected", func(t *testing.T) {
-		l4, err := lease.Acquire(ctx, lm, "c4", created)
+		c4 := lease.NewOwner("c4", time.Now())
+		l4, err := lease.Acquire(ctx, lm, c4)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := Create(ctx, sn, "c4", parent, l4.ID, lease.Labels("c4", created)); err != nil {
+		if _, err := Create(ctx, sn, c4, parent, l4.ID); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := db.GarbageCollect(ctx); err != nil {
@@ -160,9 +183,10 @@ func TestCreateUnderLease(t *testing.T) {
 		if _, err := sn.Stat(ctx, Key("c4")); err != nil {
 			t.Fatalf("GC took a leased view: %v", err)
 		}
-		if err := lease.Release(ctx, lm, "c4"); err != nil {
+		if err := lease.Remove(ctx, lm, "c4", true); err != nil {
 			t.Fatal(err)
 		}
+		// In a daemon, SynchronousDelete runs the collector; here, by hand.
 		if _, err := db.GarbageCollect(ctx); err != nil {
 			t.Fatal(err)
 		}

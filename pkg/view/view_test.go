@@ -1,6 +1,10 @@
 package view
 
 import (
+	"time"
+
+	"github.com/snapview/snapview/pkg/lease"
+
 	"reflect"
 	"testing"
 
@@ -33,12 +37,12 @@ func TestMountShapes(t *testing.T) {
 		{
 			name:     "blockfile: loop ro",
 			mounts:   []mount.Mount{{Type: "ext4", Source: "/b/snapshots/2", Options: []string{"loop", "ro"}}},
-			readOnly: []mount.Mount{{Type: "ext4", Source: "/b/snapshots/2", Options: []string{"loop", "ro"}}},
+			readOnly: []mount.Mount{{Type: "ext4", Source: "/b/snapshots/2", Options: []string{"loop", "ro", "noload"}}},
 		},
 		{
 			name:     "devmapper: a thin device, made read-only",
 			mounts:   []mount.Mount{{Type: "ext4", Source: "/dev/mapper/pool-snap-9", Options: []string{"rw"}}},
-			readOnly: []mount.Mount{{Type: "ext4", Source: "/dev/mapper/pool-snap-9", Options: []string{"ro"}}},
+			readOnly: []mount.Mount{{Type: "ext4", Source: "/dev/mapper/pool-snap-9", Options: []string{"ro", "noload"}}},
 		},
 		{
 			name:     "devmapper xfs: nouuid kept",
@@ -83,8 +87,9 @@ func TestNames(t *testing.T) {
 	if Key("c1") != "snapview/c1" {
 		t.Fatal(Key("c1"))
 	}
-	l := Labels("c1", map[string]string{"snapview.io/container": "c1"})
-	if l[LabelGCBackRef] != "c1" || l["snapview.io/container"] != "c1" {
+	o := lease.NewOwner("c1", time.Date(2026, 11, 23, 12, 0, 0, 5, time.UTC))
+	l := Labels(o)
+	if l[LabelGCBackRef] != "c1" || l["snapview.io/container"] != "c1" || l["snapview.io/created"] != "2026-11-23T12:00:00.000000005Z" {
 		t.Fatal(l)
 	}
 }

@@ -1,4 +1,4 @@
-package shim
+package lifecycle
 
 import (
 	"time"

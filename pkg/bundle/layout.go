@@ -1,0 +1,77 @@
+package bundle
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+)
+
+// The layout of what snapview keeps in a container's bundle directory. It is
+// defined here only: the shim, the dead-shim path, the sweep and the tests
+// derive every path from a bundle with these functions.
+//
+//	<bundle>/snapview.json          the state file (StatePath)
+//	<bundle>/snapview/              snapview's directory (Dir); its presence marks a view as started
+//	<bundle>/snapview/view          the view's mountpoint (Mountpoint)
+//	<bundle>/snapview/params.json   bound at /.snapview/params.json (ParamsFile)
+//	<bundle>/snapview/upper, work   block mode: the monitor rootfs overlay's upper and work dirs
+const (
+	dirName    = "snapview"
+	viewName   = "view"
+	paramsName = "params.json"
+	upperName  = "upper"
+	workName   = "work"
+)
+
+// Dir returns snapview's directory in bundle. Setup creates it before its
+// first side effect, so that the dead-shim path can tell from the bundle
+// alone, without calling containerd, whether a view was ever started.
+func Dir(bundle string) string { return filepath.Join(bundle, dirName) }
+
+// Mountpoint returns where a container's view is mounted on the host.
+func Mountpoint(bundle string) string { return filepath.Join(bundle, dirName, viewName) }
+
+// ParamsFile returns the host file bound at /.snapview/params.json.
+func ParamsFile(bundle string) string { return filepath.Join(bundle, dirName, paramsName) }
+
+// UpperDir returns the upper directory of the block-mode monitor rootfs.
+func UpperDir(bundle string) string { return filepath.Join(bundle, dirName, upperName) }
+
+// WorkDir returns the overlay work directory of the block-mode monitor rootfs.
+func WorkDir(bundle string) string { return filepath.Join(bundle, dirName, workName) }
+
+// MakeDir creates snapview's directory in bundle, mode 0700. A directory
+// already there (from an earlier attempt in the same bundle) is reused; a
+// symlink or any other kind of file is refused, so that nothing snapview
+// writes or mounts later can be redirected outside the bundle.
+func MakeDir(bundle string) error {
+	dir := Dir(bundle)
+	err := os.Mkdir(dir, 0o700)
+	if err == nil || !errors.Is(err, fs.ErrExist) {
+		if err != nil {
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
+		return nil
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("check %s: %w", dir, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s exists and is not a directory (%s)", dir, fi.Mode().Type())
+	}
+	return nil
+}
+
+// Started reports whether bundle shows that a view was started in it: a
+// state file or snapview's directory exists.
+func Started(bundle string) bool {
+	for _, p := range []string{StatePath(bundle), Dir(bundle)} {
+		if _, err := os.Lstat(p); err == nil || !errors.Is(err, fs.ErrNotExist) {
+			return true
+		}
+	}
+	return false
+}

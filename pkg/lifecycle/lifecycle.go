@@ -1,0 +1,99 @@
+// Package lifecycle owns the lifecycle of a container's view: every path
+// that creates, finds or removes one goes through it.
+//
+//	Decide    reads the spec, annotations, configuration and rootfs and looks
+//	          up the container's snapshot. No side effects. The plan says
+//	          whether the container gets a view, in which mode, and why not.
+//	Setup     carries out a plan: snapview's bundle directory, lease, view,
+//	          mount-manager activation, mount, block device, boot artifacts,
+//	          state file, params file, config.json patch, in that order. Each
+//	          side effect is recorded before it is attempted, so a call that
+//	          fails or times out after taking effect is still undone. On
+//	          failure everything recorded is undone before Setup returns.
+//	Teardown  undoes a View in reverse order. Every step runs; errors are
+//	          joined; an object already gone is success; it can run any
+//	          number of times. A View that was not set up by this process
+//	          (recovered, or a rolled-back partial setup) is removed only
+//	          where containerd's objects still carry its owner labels.
+//	Recover   rebuilds a View in a process that did not set it up (the
+//	          dead-shim `delete` action, the orphan sweep): from the state
+//	          file when it is valid for the bundle, container and namespace,
+//	          else from the deterministic names. A bundle without snapview's
+//	          directory or state file never had a view: Recover answers that
+//	          without calling containerd.
+//
+// The shim's task service (Create, Delete), its manager's Stop and the sweep
+// are thin callers of these four. Dependencies point one way: lifecycle uses
+// bundle, lease, view, blockdev, rootfs, boot, annotations and config, and
+// reaches containerd only through Backend.
+package lifecycle
+
+import (
+	"context"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+)
+
+// Backend is the part of containerd the lifecycle calls: the shim and
+// snapviewctl use containerd's gRPC API (package backend), the unit tests
+// containerd's metadata store in process.
+type Backend interface {
+	// Container returns the snapshotter and snapshot key of container id;
+	// a missing container is an error wrapping errdefs.ErrNotFound.
+	Container(ctx context.Context, id string) (snapshotter, snapshotKey string, err error)
+	Snapshotter(name string) (snapshots.Snapshotter, error)
+	Leases() (leases.Manager, error)
+	Mounts() (mount.Manager, error)
+}
+
+// Lifecycle runs the lifecycle of views against one containerd.
+type Lifecycle struct {
+	backend Backend
+	// afterStep, when set, runs after each setup step took effect; an error
+	// fails the setup at that point. Unit tests use it to fail every step
+	// in turn.
+	afterStep func(step string) error
+}
+
+// New returns a Lifecycle that calls containerd through b.
+func New(b Backend) *Lifecycle {
+	return &Lifecycle{backend: b}
+}
+
+// Setup steps, in order; the names appear in logs and errors.
+const (
+	StepDir       = "dir"
+	StepLease     = "lease"
+	StepView      = "view"
+	StepActivate  = "activate"
+	StepMount     = "mount"
+	StepDevice    = "device"
+	StepArtifacts = "artifacts"
+	StepMonitor   = "monitor"
+	StepState     = "state"
+	StepParams    = "params"
+	StepConfig    = "config"
+)
+
+// callTimeout bounds each call into containerd.
+const callTimeout = 10 * time.Second
+
+// CleanupTimeout bounds a rollback or teardown that runs after its
+// caller's context ended.
+const CleanupTimeout = 30 * time.Second
+
+// CleanupContext returns a context for cleanup after ctx failed or was
+// cancelled: not cancelled with ctx, bounded by CleanupTimeout.
+func CleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), CleanupTimeout)
+}
+
+func (l *Lifecycle) step(name string) error {
+	if l.afterStep == nil {
+		return nil
+	}
+	return l.afterStep(name)
+}

@@ -1,0 +1,164 @@
+package lifecycle
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/snapview/snapview/pkg/annotations"
+	"github.com/snapview/snapview/pkg/bundle"
+	"github.com/snapview/snapview/pkg/config"
+	"github.com/snapview/snapview/pkg/rootfs"
+)
+
+// Annotations of CRI's that snapview reads.
+const (
+	annotationContainerType = "io.kubernetes.cri.container-type"
+	containerTypeSandbox    = "sandbox"
+)
+
+// Request is what Decide needs to know about a task being created.
+type Request struct {
+	Namespace string
+	ID        string
+	Bundle    string
+	// Rootfs are the rootfs mounts containerd sent, not yet mounted.
+	Rootfs []rootfs.Mount
+	Config *config.Config
+}
+
+// Plan is what Decide decided for a container, before any side effect.
+type Plan struct {
+	// Skip, when set, says why the container gets no view; the rest of
+	// the plan is then empty.
+	Skip string
+
+	req         Request
+	mode        string
+	snapshotter string
+	parent      string
+	spec        *bundle.Config
+	ann         *annotations.Request
+	// params describe the rootfs in view mode; block mode fills them in
+	// once the device is known.
+	params rootfs.Params
+	// block is the block-backed rootfs, in block mode.
+	block *rootfs.BlockSource
+	// readOnlyRootfs: runc cannot create bind targets in the rootfs.
+	readOnlyRootfs bool
+}
+
+// Mode returns the planned mode: view or block ("" when skipped).
+func (p *Plan) Mode() string { return p.mode }
+
+// Decide reads the bundle's config.json, the container's annotations and
+// the configuration, checks the rootfs and looks up the container's
+// snapshot, and returns the plan. It changes nothing. A request that
+// snapview must refuse is an error that starts with "snapview:" and names
+// the annotation, setting or rootfs at fault.
+func (l *Lifecycle) Decide(ctx context.Context, r Request) (*Plan, error) {
+	spec, err := bundle.ReadConfig(r.Bundle)
+	if err != nil {
+		return nil, err
+	}
+	cfg := r.Config
+	if spec.Annotations[annotationContainerType] == containerTypeSandbox && !cfg.View.Sandbox {
+		// Pod annotations reach the sandbox too: they are not for it.
+		return &Plan{Skip: "CRI sandbox container (view.sandbox is off)"}, nil
+	}
+	ann, err := annotations.Parse(spec.Annotations, cfg.View.BootDir)
+	if err != nil {
+		return nil, err
+	}
+	mode, modeFrom := cfg.View.Mode, fmt.Sprintf("view.mode in %s", cfg.Source)
+	if ann.Mode != "" {
+		mode, modeFrom = ann.Mode, fmt.Sprintf("annotation %s", annotations.Mode)
+	}
+	p := &Plan{req: r, mode: mode, spec: spec, ann: ann}
+	switch mode {
+	case config.ModeOff:
+		if ann.HasBinds() {
+			return nil, fmt.Errorf("snapview: %s asks for binds from the view, but the mode is off (%s)", bindAnnotations(ann), modeFrom)
+		}
+		return &Plan{Skip: "mode off (" + modeFrom + ")"}, nil
+	case config.ModeBlock:
+		if err := p.checkBlock(modeFrom); err != nil {
+			return nil, err
+		}
+	case config.ModeView:
+		if len(r.Rootfs) == 0 {
+			return p.noView("the container has no rootfs mounts (no image snapshot)")
+		}
+		if p.params, err = rootfs.FromMounts(r.Rootfs); err != nil {
+			return nil, fmt.Errorf("snapview: rootfs of %s: %w", r.ID, err)
+		}
+		p.readOnlyRootfs = rootfs.ReadOnly(r.Rootfs)
+	}
+
+	sn, key, err := l.backend.Container(ctx, r.ID)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: look up container %s: %w", r.ID, err)
+	}
+	if key == "" || sn == "" {
+		return p.noView("the container has no image snapshot (e.g. ctr run --rootfs)")
+	}
+	s, err := l.backend.Snapshotter(sn)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: %w", err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	info, err := s.Stat(cctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: stat snapshot %s of container %s in %s: %w", key, r.ID, sn, err)
+	}
+	if info.Parent == "" {
+		return p.noView("the container's snapshot has no parent image")
+	}
+	p.snapshotter, p.parent = sn, info.Parent
+	return p, nil
+}
+
+// checkBlock refuses block mode for a container it cannot serve, before
+// anything is mounted: the rootfs must be one writable block-backed mount
+// (a devmapper device, or a blockfile image with the loop option), and the
+// spec must not ask for a user namespace (runc would bind the host's device
+// node, which a remapped root cannot open).
+func (p *Plan) checkBlock(modeFrom string) error {
+	if len(p.req.Rootfs) == 0 {
+		return fmt.Errorf("snapview: block mode (%s) needs a block-backed rootfs, but the container has no rootfs mounts (no image snapshot)", modeFrom)
+	}
+	src, err := rootfs.DetectBlock(p.req.Rootfs)
+	if err != nil {
+		return fmt.Errorf("snapview: block mode (%s) needs a block-backed rootfs (blockfile or devmapper snapshotter): %w", modeFrom, err)
+	}
+	if p.spec.UserNamespace {
+		return fmt.Errorf("snapview: block mode (%s) is refused for a container with a user namespace: runc would bind the host's device node, which the remapped root cannot open", modeFrom)
+	}
+	p.block = &src
+	return nil
+}
+
+// noView skips the view with reason, or fails if the annotations ask for
+// binds that need it.
+func (p *Plan) noView(reason string) (*Plan, error) {
+	if p.mode == config.ModeBlock {
+		return nil, fmt.Errorf("snapview: block mode needs the container's image view, but %s", reason)
+	}
+	if p.ann.HasBinds() {
+		return nil, fmt.Errorf("snapview: %s asks for binds from the image, but %s", bindAnnotations(p.ann), reason)
+	}
+	return &Plan{Skip: reason}, nil
+}
+
+// bindAnnotations names the annotations of req that ask for binds.
+func bindAnnotations(req *annotations.Request) string {
+	var names []string
+	for _, a := range req.Artifacts {
+		names = append(names, annotations.BootPrefix+a.Name)
+	}
+	if req.ViewTarget != "" {
+		names = append(names, annotations.ViewTarget)
+	}
+	return "annotation " + strings.Join(names, ", ")
+}

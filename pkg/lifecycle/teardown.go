@@ -1,0 +1,166 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
+
+	"github.com/snapview/snapview/pkg/blockdev"
+	"github.com/snapview/snapview/pkg/bundle"
+	"github.com/snapview/snapview/pkg/lease"
+	"github.com/snapview/snapview/pkg/view"
+)
+
+// Teardown removes what v records, in reverse order of setup: on this host
+// the block device (closed, and a loop device still bound to the recorded
+// backing inode detached), the monitor rootfs's upper and work directories,
+// the params file and the view's mount; in containerd the mount-manager
+// activation, the view snapshot and the lease. The lease is deleted with a
+// synchronous garbage collection only when the view could not be removed,
+// so that the collector takes what the lease alone held. The state file and
+// snapview's directory go last, and only when everything else is gone, so
+// that a later attempt (the dead-shim `delete` action, the sweep) can
+// finish a teardown that failed.
+//
+// Every step runs; an object already gone is success; the errors are
+// joined. The caller must make sure the container no longer runs: runc's
+// delete comes first.
+func (l *Lifecycle) Teardown(ctx context.Context, v *View) error {
+	st := v.State
+	logger := log.G(ctx).WithFields(log.Fields{"id": st.ContainerID, "bundle": v.Bundle})
+	sw := newStopwatch()
+	var errs []error
+	fail := func(step string, err error) {
+		if err != nil {
+			logger.WithError(err).WithField("step", step).Error("snapview: teardown step failed")
+			errs = append(errs, fmt.Errorf("%s: %w", step, err))
+		}
+	}
+
+	// On this host (a view rebuilt without its bundle has nothing here).
+	fail("close block device", v.device.Close())
+	if v.Bundle != "" {
+		v.teardownLocal(logger, fail)
+	}
+	sw.lap("unmount")
+
+	// In containerd.
+	cctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	owner := v.owner()
+	if st.Activation != "" {
+		if mm, err := l.backend.Mounts(); err != nil {
+			fail("deactivate", err)
+		} else if err := mm.Deactivate(cctx, st.Activation); err != nil && !errdefs.IsNotFound(err) && !errdefs.IsNotImplemented(err) {
+			fail("deactivate", fmt.Errorf("deactivate %s: %w", st.Activation, err))
+		}
+	}
+	viewRemoved := true
+	if st.ViewKey != "" {
+		sn, err := l.backend.Snapshotter(st.Snapshotter)
+		if err == nil {
+			if v.owned {
+				err = view.Remove(cctx, sn, st.ContainerID)
+			} else {
+				err = view.RemoveOwned(cctx, sn, owner)
+			}
+		}
+		viewRemoved = err == nil
+		fail("remove view", err)
+		sw.lap("remove")
+	}
+	if st.LeaseID != "" {
+		// After the view's explicit removal nothing else is under the
+		// lease, and a collection would only add latency.
+		syncGC := !viewRemoved
+		lm, err := l.backend.Leases()
+		if err == nil {
+			if v.owned {
+				err = lease.Remove(cctx, lm, st.ContainerID, syncGC)
+			} else {
+				_, err = lease.Delete(cctx, lm, owner, syncGC)
+			}
+		}
+		fail("delete lease", err)
+		sw.lap("lease")
+	}
+
+	// The records of what was done go last.
+	if len(errs) > 0 {
+		return fmt.Errorf("snapview: teardown of %s: %w", st.ContainerID, errors.Join(errs...))
+	}
+	if v.Bundle != "" {
+		if err := bundle.RemoveState(v.Bundle); err != nil {
+			return fmt.Errorf("snapview: teardown of %s: remove state: %w", st.ContainerID, err)
+		}
+		if err := os.Remove(bundle.Dir(v.Bundle)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("snapview: teardown of %s: remove %s: %w", st.ContainerID, bundle.Dir(v.Bundle), err)
+		}
+	}
+	logger.WithFields(sw.fields).WithFields(log.Fields{"key": st.ViewKey, "lease": st.LeaseID}).Info("snapview: view removed")
+	return nil
+}
+
+// teardownLocal undoes what setup did on this host, in reverse order: the
+// loop device (if still bound to the recorded backing inode), the monitor
+// rootfs's directories, the params file, the view's mount.
+func (v *View) teardownLocal(logger *log.Entry, fail func(string, error)) {
+	st := v.State
+	if b := st.Block; b != nil && b.Loop != nil {
+		err := blockdev.Detach(b.Device, blockdev.Backing{Path: b.Loop.BackingFile, Dev: b.Loop.BackingDev, Ino: b.Loop.BackingIno})
+		if errors.Is(err, blockdev.ErrOtherBacking) {
+			logger.WithError(err).Warn("snapview: loop device was reused by another file; left alone")
+			err = nil
+		}
+		fail("detach loop device", err)
+	}
+	fail("remove monitor rootfs", removeMonitorDirs(v.Bundle))
+	fail("remove params file", removeFile(bundle.ParamsFile(v.Bundle)))
+	fail("unmount view", view.Unmount(st.Mountpoint))
+	fail("detach view loop devices", view.DetachLoops(st.LoopDevices, func(backing string) bool {
+		for _, m := range st.Mounts {
+			if m.Source == backing {
+				return true
+			}
+		}
+		return false
+	}))
+	logger.WithField("target", st.Mountpoint).Debug("snapview: view unmounted")
+}
+
+// removeMonitorDirs removes the block-mode monitor rootfs's upper and work
+// directories, unless the overlay still looks mounted: removing an upper
+// directory under a live overlay would pull files from under a container.
+func removeMonitorDirs(bundlePath string) error {
+	upper, work := bundle.UpperDir(bundlePath), bundle.WorkDir(bundlePath)
+	if _, err := os.Lstat(upper); errors.Is(err, fs.ErrNotExist) {
+		if _, err := os.Lstat(work); errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+	}
+	root := filepath.Join(bundlePath, "rootfs")
+	if mounted, err := mountinfo.Mounted(root); err == nil && mounted {
+		return fmt.Errorf("the monitor rootfs is still mounted at %s", root)
+	}
+	var errs []error
+	for _, d := range []string{upper, work} {
+		if err := os.RemoveAll(d); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func removeFile(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}
