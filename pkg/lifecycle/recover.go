@@ -45,7 +45,11 @@ func (l *Lifecycle) Recover(ctx context.Context, ns, id, bundlePath string) (*Vi
 	} else {
 		logger.WithError(err).Warn("snapview: state file not trusted; falling back to the deterministic names")
 	}
-	return l.fromNames(ctx, ns, id, bundlePath)
+	v, err := l.fromNames(ctx, ns, id, bundlePath)
+	if err != nil {
+		v.partial = true
+	}
+	return v, err
 }
 
 // validate checks that a state file describes container id of namespace ns

@@ -43,6 +43,10 @@ type View struct {
 	// the view are known to be its own and are removed without re-reading
 	// their labels. A recovered or partial view is always re-checked.
 	owned bool
+	// partial: containerd could not be asked what the view holds there, so
+	// the records (state file, snapview's directory) must outlive this
+	// teardown for a later one to find the rest.
+	partial bool
 	// timings of the setup steps, for the log.
 	timings log.Fields
 	// spec is config.json as Setup read it; patched says Setup changed it.

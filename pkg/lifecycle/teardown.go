@@ -96,6 +96,10 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) error {
 	if len(errs) > 0 {
 		return fmt.Errorf("snapview: teardown of %s: %w", st.ContainerID, errors.Join(errs...))
 	}
+	if v.partial {
+		logger.Warn("snapview: view partly removed; containerd's part is left to a later teardown or the sweep")
+		return nil
+	}
 	if v.Bundle != "" {
 		if err := bundle.RemoveState(v.Bundle); err != nil {
 			return fmt.Errorf("snapview: teardown of %s: remove state: %w", st.ContainerID, err)

@@ -1,0 +1,317 @@
+package lifecycle
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/containers"
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/metadata"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/plugins/content/local"
+	"github.com/containerd/containerd/v2/plugins/snapshots/native"
+	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/snapview/snapview/pkg/config"
+	"github.com/snapview/snapview/pkg/lease"
+	"github.com/snapview/snapview/pkg/rootfs"
+	"github.com/snapview/snapview/pkg/view"
+)
+
+const testNS = "test"
+
+// env is containerd's own metadata store, in process, over a native
+// snapshotter, with an image layer to take views of: the same lease,
+// snapshot and container semantics as a daemon.
+type env struct {
+	ctx    context.Context
+	dir    string
+	db     *metadata.DB
+	sn     snapshots.Snapshotter
+	lm     leases.Manager
+	cs     containers.Store
+	parent string
+	b      *dbBackend
+}
+
+// Files of the test image layer.
+const (
+	kernelPath    = "/boot/vmlinux"
+	kernelContent = "a guest kernel"
+)
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip("needs root: the lifecycle mounts views")
+	}
+	dir := t.TempDir()
+	// Only if a test failed halfway: nothing stays mounted in the
+	// temporary directory (the tests' own checks ran before this).
+	t.Cleanup(func() { _ = mount.UnmountRecursive(dir, unix.MNT_DETACH) })
+	bdb, err := bolt.Open(filepath.Join(dir, "meta.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bdb.Close() })
+	cs, err := local.NewStore(filepath.Join(dir, "content"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nsn, err := native.NewSnapshotter(filepath.Join(dir, "native"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := metadata.NewDB(bdb, cs, map[string]snapshots.Snapshotter{"native": nsn})
+	ctx := namespaces.WithNamespace(context.Background(), testNS)
+	if err := db.Init(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e := &env{ctx: ctx, dir: dir, db: db, sn: db.Snapshotter("native"), lm: metadata.NewLeaseManager(db), cs: metadata.NewContainerStore(db)}
+	e.b = &dbBackend{env: e}
+
+	// The image: one committed layer, held by a lease as an image would be.
+	lctx := leases.WithLease(ctx, "image")
+	if _, err := e.lm.Create(ctx, leases.WithID("image")); err != nil {
+		t.Fatal(err)
+	}
+	ms, err := e.sn.Prepare(lctx, "layer-active", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	layer := ms[0].Source // native: a bind of this directory
+	for p, data := range map[string]string{kernelPath: kernelContent, "/etc/passwd": "root:x:0:0::/:/bin/sh\n"} {
+		if err := os.MkdirAll(filepath.Join(layer, filepath.Dir(p)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(layer, p), []byte(data), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("/etc/shadow", filepath.Join(layer, "boot", "escape")); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.sn.Commit(lctx, "layer", "layer-active"); err != nil {
+		t.Fatal(err)
+	}
+	e.parent = "layer"
+	return e
+}
+
+// container creates a container record with its own snapshot of the layer
+// and a bundle whose config.json carries ann, and returns its create request.
+func (e *env) container(t *testing.T, id string, ann map[string]string, specOpts ...func(*specs.Spec)) Request {
+	t.Helper()
+	lctx := leases.WithLease(e.ctx, "image")
+	key := id + "-snapshot"
+	ms, err := e.sn.Prepare(lctx, key, e.parent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.cs.Create(e.ctx, containers.Container{
+		ID: id, Runtime: containers.RuntimeInfo{Name: "io.containerd.snapview.v2"}, Spec: &anypb.Any{},
+		Snapshotter: "native", SnapshotKey: key,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	bundlePath := filepath.Join(e.dir, "bundles", id)
+	if err := os.MkdirAll(bundlePath, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	spec := specs.Spec{Version: "1.2.0", Process: &specs.Process{Args: []string{"sh"}, User: specs.User{UID: 1000, GID: 1000}},
+		Root: &specs.Root{Path: "rootfs"}, Annotations: ann,
+		Linux: &specs.Linux{Resources: &specs.LinuxResources{Devices: []specs.LinuxDeviceCgroup{{Allow: false, Access: "rwm"}}}}}
+	for _, o := range specOpts {
+		o(&spec)
+	}
+	data, err := json.Marshal(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bundlePath, "config.json"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var mounts []rootfs.Mount
+	for _, m := range ms {
+		mounts = append(mounts, rootfs.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
+	}
+	return Request{Namespace: testNS, ID: id, Bundle: bundlePath, Rootfs: mounts, Config: config.Default()}
+}
+
+// checkNothingLeft checks that nothing of container id's view is left:
+// no lease, no view snapshot (after a garbage collection), no mount and no
+// file of snapview's in the bundle, and config.json as it was.
+func (e *env) checkNothingLeft(t *testing.T, r Request, config []byte) {
+	t.Helper()
+	if _, err := lease.Get(e.ctx, e.lm, r.ID); !errdefs.IsNotFound(err) {
+		t.Errorf("lease left: %v", err)
+	}
+	if _, err := e.db.GarbageCollect(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.sn.Stat(e.ctx, view.Key(r.ID)); !errdefs.IsNotFound(err) {
+		t.Errorf("view left: %v", err)
+	}
+	if mounts, _ := mountinfo.GetMounts(mountinfo.PrefixFilter(r.Bundle)); len(mounts) > 0 {
+		t.Errorf("mounts left under the bundle: %v", mounts)
+	}
+	entries, err := os.ReadDir(r.Bundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, en := range entries {
+		names = append(names, en.Name())
+	}
+	if strings.Join(names, ",") != "config.json" {
+		t.Errorf("bundle holds %v, want config.json alone", names)
+	}
+	if got, _ := os.ReadFile(filepath.Join(r.Bundle, "config.json")); config != nil && string(got) != string(config) {
+		t.Errorf("config.json not restored:\n%s\nwant\n%s", got, config)
+	}
+}
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// dbBackend is Backend over env's metadata store. It can simulate a call
+// that takes effect but reports a timeout, and containerd being down.
+type dbBackend struct {
+	env *env
+
+	mu sync.Mutex
+	// lateLease and lateView make Create and View take effect, then fail
+	// as a call that timed out would.
+	lateLease, lateView bool
+	// down makes every call fail, as when containerd does not answer.
+	down  bool
+	calls int
+}
+
+var errDown = errors.New("containerd is not answering")
+
+func (b *dbBackend) call() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.calls++
+	if b.down {
+		return errDown
+	}
+	return nil
+}
+
+func (b *dbBackend) Container(ctx context.Context, id string) (string, string, error) {
+	if err := b.call(); err != nil {
+		return "", "", err
+	}
+	c, err := b.env.cs.Get(ctx, id)
+	if err != nil {
+		return "", "", err
+	}
+	return c.Snapshotter, c.SnapshotKey, nil
+}
+
+func (b *dbBackend) Snapshotter(name string) (snapshots.Snapshotter, error) {
+	if err := b.call(); err != nil {
+		return nil, err
+	}
+	return &lateSnapshotter{Snapshotter: b.env.db.Snapshotter(name), b: b}, nil
+}
+
+func (b *dbBackend) Leases() (leases.Manager, error) {
+	if err := b.call(); err != nil {
+		return nil, err
+	}
+	return &lateLeases{Manager: b.env.lm, b: b}, nil
+}
+
+func (b *dbBackend) Mounts() (mount.Manager, error) {
+	if err := b.call(); err != nil {
+		return nil, err
+	}
+	return noMountManager{}, nil
+}
+
+// lateLeases is the lease manager, with Create reporting a timeout after
+// taking effect when lateLease is set.
+type lateLeases struct {
+	leases.Manager
+	b *dbBackend
+}
+
+func (m *lateLeases) Create(ctx context.Context, opts ...leases.Opt) (leases.Lease, error) {
+	l, err := m.Manager.Create(ctx, opts...)
+	if err == nil && m.b.lateLease {
+		return leases.Lease{}, context.DeadlineExceeded
+	}
+	return l, err
+}
+
+// lateSnapshotter is the snapshotter, with View reporting a timeout after
+// taking effect when lateView is set.
+type lateSnapshotter struct {
+	snapshots.Snapshotter
+	b *dbBackend
+}
+
+func (s *lateSnapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	ms, err := s.Snapshotter.View(ctx, key, parent, opts...)
+	if err == nil && s.b.lateView {
+		return nil, context.DeadlineExceeded
+	}
+	return ms, err
+}
+
+// noMountManager is a containerd without a mount manager; the native
+// snapshotter's views never need one.
+type noMountManager struct{}
+
+func (noMountManager) Activate(context.Context, string, []mount.Mount, ...mount.ActivateOpt) (mount.ActivationInfo, error) {
+	return mount.ActivationInfo{}, errdefs.ErrNotImplemented
+}
+func (noMountManager) Deactivate(context.Context, string) error { return errdefs.ErrNotFound }
+func (noMountManager) Info(context.Context, string) (mount.ActivationInfo, error) {
+	return mount.ActivationInfo{}, errdefs.ErrNotFound
+}
+func (noMountManager) Update(context.Context, mount.ActivationInfo, ...string) (mount.ActivationInfo, error) {
+	return mount.ActivationInfo{}, errdefs.ErrNotImplemented
+}
+func (noMountManager) List(context.Context, ...string) ([]mount.ActivationInfo, error) {
+	return nil, nil
+}
+
+// ext4Image makes an ext4 filesystem image of size bytes.
+func ext4Image(t *testing.T, path string, size int64) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", path).CombinedOutput(); err != nil {
+		t.Skipf("mkfs.ext4 (e2fsprogs): %v: %s", err, out)
+	}
+}
