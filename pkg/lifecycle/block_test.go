@@ -1,4 +1,4 @@
-package lifecycle
+package lifecycle_test
 
 import (
 	"encoding/json"
@@ -14,20 +14,22 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/snapview/snapview/pkg/annotations"
+	"github.com/snapview/snapview/pkg/lifecycle"
+	"github.com/snapview/snapview/pkg/lifecycle/lifecycletest"
 	"github.com/snapview/snapview/pkg/blockdev"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/config"
 	"github.com/snapview/snapview/pkg/rootfs"
 )
 
-var blockAnn = map[string]string{annotations.Mode: "block", annotations.BootPrefix + "kernel": kernelPath}
+var blockAnn = map[string]string{annotations.Mode: "block", annotations.BootPrefix + "kernel": lifecycletest.KernelPath}
 
 // blockfileRootfs makes an ext4 image standing in for a blockfile
 // snapshot and returns the rootfs mount the snapshotter would send.
 func blockfileRootfs(t *testing.T) rootfs.Mount {
 	t.Helper()
 	img := filepath.Join(t.TempDir(), "snapshot.ext4")
-	ext4Image(t, img, 16<<20)
+	lifecycletest.Ext4Image(t, img, 16<<20)
 	return rootfs.Mount{Type: "ext4", Source: img, Options: []string{"loop", "rw"}}
 }
 
@@ -37,7 +39,7 @@ func blockfileRootfs(t *testing.T) rootfs.Mount {
 func fakeMapper(t *testing.T) (link string, dev *os.File) {
 	t.Helper()
 	img := filepath.Join(t.TempDir(), "thin.ext4")
-	ext4Image(t, img, 16<<20)
+	lifecycletest.Ext4Image(t, img, 16<<20)
 	f, err := mount.SetupLoop(img, mount.LoopParams{Autoclear: true})
 	if err != nil {
 		t.Fatal(err)
@@ -53,7 +55,7 @@ func fakeMapper(t *testing.T) (link string, dev *os.File) {
 func readSpec(t *testing.T, bundlePath string) specs.Spec {
 	t.Helper()
 	var spec specs.Spec
-	if err := json.Unmarshal(readFile(t, filepath.Join(bundlePath, "config.json")), &spec); err != nil {
+	if err := json.Unmarshal(lifecycletest.ReadFile(t, filepath.Join(bundlePath, "config.json")), &spec); err != nil {
 		t.Fatal(err)
 	}
 	return spec
@@ -64,8 +66,8 @@ func readSpec(t *testing.T, bundlePath string) specs.Spec {
 // with its cgroup rule, the params say so, runc is given the monitor rootfs,
 // and teardown leaves the device (snapview did not attach it) alone.
 func TestBlockDevmapper(t *testing.T) {
-	e := newEnv(t)
-	l := New(e.b)
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
 	link, dev := fakeMapper(t)
 	var st unix.Stat_t
 	if err := unix.Fstat(int(dev.Fd()), &st); err != nil {
@@ -73,13 +75,13 @@ func TestBlockDevmapper(t *testing.T) {
 	}
 	major, minor := unix.Major(st.Rdev), unix.Minor(st.Rdev)
 
-	r := e.container(t, "dm", blockAnn)
+	r := e.Container(t, "dm", blockAnn)
 	r.Rootfs = []rootfs.Mount{{Type: "ext4", Source: link, Options: []string{"rw"}}}
-	p, err := l.Decide(e.ctx, r)
+	p, err := l.Decide(e.Ctx, r)
 	if err != nil || p.Mode() != config.ModeBlock {
 		t.Fatalf("decide: %+v %v", p, err)
 	}
-	v, err := l.Setup(e.ctx, p)
+	v, err := l.Setup(e.Ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +115,7 @@ func TestBlockDevmapper(t *testing.T) {
 	if !reflect.DeepEqual(params, want) {
 		t.Fatalf("rootfs params %+v, want %+v", params, want)
 	}
-	doc := readFile(t, bundle.ParamsFile(r.Bundle))
+	doc := lifecycletest.ReadFile(t, bundle.ParamsFile(r.Bundle))
 	if !strings.Contains(string(doc), `"kind": "block"`) || !strings.Contains(string(doc), `"device": "/dev/snapview/rootfs"`) {
 		t.Fatalf("params.json %s", doc)
 	}
@@ -123,10 +125,10 @@ func TestBlockDevmapper(t *testing.T) {
 		t.Fatalf("rootfs for runc %+v, want %+v", v.Rootfs, wantRootfs)
 	}
 
-	if err := l.Teardown(e.ctx, v); err != nil {
+	if err := l.Teardown(e.Ctx, v); err != nil {
 		t.Fatal(err)
 	}
-	e.checkNothingLeft(t, r, nil)
+	e.CheckNothingLeft(t, r, nil)
 	if _, err := blockdev.Resolve(link); err != nil {
 		t.Fatalf("the device-mapper stand-in is gone: %v", err)
 	}
@@ -139,17 +141,17 @@ func TestBlockDevmapper(t *testing.T) {
 // loop device to the image, holds it for the container's life, and frees
 // it at teardown; a host directory serves as the monitor rootfs.
 func TestBlockfile(t *testing.T) {
-	e := newEnv(t)
-	l := New(e.b)
-	r := e.container(t, "bf", blockAnn)
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	r := e.Container(t, "bf", blockAnn)
 	r.Rootfs = []rootfs.Mount{blockfileRootfs(t)}
 	monitor := t.TempDir()
 	r.Config.Block.MonitorRootfs = monitor
-	p, err := l.Decide(e.ctx, r)
+	p, err := l.Decide(e.Ctx, r)
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := l.Setup(e.ctx, p)
+	v, err := l.Setup(e.Ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,10 +170,10 @@ func TestBlockfile(t *testing.T) {
 	if err != nil || !reflect.DeepEqual(saved.Block, b) {
 		t.Fatalf("state file block %+v %v, want %+v", saved.Block, err, b)
 	}
-	if err := l.Teardown(e.ctx, v); err != nil {
+	if err := l.Teardown(e.Ctx, v); err != nil {
 		t.Fatal(err)
 	}
-	e.checkNothingLeft(t, r, nil)
+	e.CheckNothingLeft(t, r, nil)
 	if bound, err := blockdev.Bound(b.Device, backing); err != nil || bound {
 		t.Fatalf("%s still bound after teardown: %v", b.Device, err)
 	}
@@ -181,15 +183,15 @@ func TestBlockfile(t *testing.T) {
 // the loop device is found from the state file and detached only while it
 // is bound to the recorded inode.
 func TestBlockfileRecovered(t *testing.T) {
-	e := newEnv(t)
-	l := New(e.b)
-	r := e.container(t, "bf-rec", blockAnn)
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	r := e.Container(t, "bf-rec", blockAnn)
 	r.Rootfs = []rootfs.Mount{blockfileRootfs(t)}
-	p, err := l.Decide(e.ctx, r)
+	p, err := l.Decide(e.Ctx, r)
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := l.Setup(e.ctx, p)
+	v, err := l.Setup(e.Ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -201,17 +203,17 @@ func TestBlockfileRecovered(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer holder.Close()
-	if err := v.device.Close(); err != nil { // the shim died
+	if err := lifecycle.CloseDevice(v); err != nil { // the shim died
 		t.Fatal(err)
 	}
-	got, err := l.Recover(e.ctx, testNS, "bf-rec", r.Bundle)
+	got, err := l.Recover(e.Ctx, lifecycletest.NS, "bf-rec", r.Bundle)
 	if err != nil || !reflect.DeepEqual(got.State.Block, b) {
 		t.Fatalf("recovered %+v %v", got, err)
 	}
-	if err := l.Teardown(e.ctx, got); err != nil {
+	if err := l.Teardown(e.Ctx, got); err != nil {
 		t.Fatal(err)
 	}
-	e.checkNothingLeft(t, r, nil)
+	e.CheckNothingLeft(t, r, nil)
 	holder.Close()
 	backing := blockdev.Backing{Path: b.Loop.BackingFile, Dev: b.Loop.BackingDev, Ino: b.Loop.BackingIno}
 	if bound, err := blockdev.Bound(b.Device, backing); err != nil || bound {
@@ -222,8 +224,8 @@ func TestBlockfileRecovered(t *testing.T) {
 // TestBlockRefused checks every refusal: each fails with a snapview: error
 // that says what was wrong, and leaves nothing behind.
 func TestBlockRefused(t *testing.T) {
-	e := newEnv(t)
-	l := New(e.b)
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
 	bf := blockfileRootfs(t)
 	ro := bf
 	ro.Options = []string{"loop", "ro"}
@@ -249,22 +251,22 @@ func TestBlockRefused(t *testing.T) {
 			if tc.specOpt != nil {
 				opts = append(opts, tc.specOpt)
 			}
-			r := e.container(t, "refused-"+strings.ReplaceAll(tc.name, " ", "-"), blockAnn, opts...)
+			r := e.Container(t, "refused-"+strings.ReplaceAll(tc.name, " ", "-"), blockAnn, opts...)
 			if tc.rootfs != nil {
 				r.Rootfs = tc.rootfs
 			}
 			if tc.monitor != "" {
 				r.Config.Block.MonitorRootfs = tc.monitor
 			}
-			orig := readFile(t, filepath.Join(r.Bundle, "config.json"))
-			p, err := l.Decide(e.ctx, r)
+			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+			p, err := l.Decide(e.Ctx, r)
 			if err == nil && !tc.atDecide {
-				_, err = l.Setup(e.ctx, p)
+				_, err = l.Setup(e.Ctx, p)
 			}
 			if err == nil || !strings.HasPrefix(err.Error(), "snapview: ") || !strings.Contains(err.Error(), tc.wantErr) {
 				t.Fatalf("got %v, want a snapview: error saying %q", err, tc.wantErr)
 			}
-			e.checkNothingLeft(t, r, orig)
+			e.CheckNothingLeft(t, r, orig)
 			if loops := boundTo(t, bf.Source); len(loops) > 0 {
 				t.Fatalf("loop devices left on the image: %v", loops)
 			}
@@ -275,29 +277,29 @@ func TestBlockRefused(t *testing.T) {
 // TestBlockSetupFailsAtEachStep fails a blockfile setup right after each
 // step and checks that nothing is left, the loop device included.
 func TestBlockSetupFailsAtEachStep(t *testing.T) {
-	e := newEnv(t)
+	e := lifecycletest.NewEnv(t)
 	bf := blockfileRootfs(t)
-	for _, step := range []string{StepLease, StepView, StepMount, StepDevice, StepArtifacts, StepMonitor, StepState, StepParams, StepConfig} {
+	for _, step := range []string{lifecycle.StepLease, lifecycle.StepView, lifecycle.StepMount, lifecycle.StepDevice, lifecycle.StepArtifacts, lifecycle.StepMonitor, lifecycle.StepState, lifecycle.StepParams, lifecycle.StepConfig} {
 		t.Run(step, func(t *testing.T) {
-			r := e.container(t, "block-fail-"+step, blockAnn)
+			r := e.Container(t, "block-fail-"+step, blockAnn)
 			r.Rootfs = []rootfs.Mount{bf}
-			orig := readFile(t, filepath.Join(r.Bundle, "config.json"))
-			l := New(e.b)
+			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+			l := lifecycle.New(e.Backend)
 			injected := errors.New("injected failure after " + step)
-			l.afterStep = func(s string) error {
+			lifecycle.SetAfterStep(l, func(s string) error {
 				if s == step {
 					return injected
 				}
 				return nil
-			}
-			p, err := l.Decide(e.ctx, r)
+			})
+			p, err := l.Decide(e.Ctx, r)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if _, err := l.Setup(e.ctx, p); !errors.Is(err, injected) {
+			if _, err := l.Setup(e.Ctx, p); !errors.Is(err, injected) {
 				t.Fatalf("setup: %v, want the injected failure", err)
 			}
-			e.checkNothingLeft(t, r, orig)
+			e.CheckNothingLeft(t, r, orig)
 			if loops := boundTo(t, bf.Source); len(loops) > 0 {
 				t.Fatalf("loop devices left on the image: %v", loops)
 			}

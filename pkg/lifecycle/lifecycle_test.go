@@ -1,4 +1,4 @@
-package lifecycle
+package lifecycle_test
 
 import (
 	"encoding/json"
@@ -15,6 +15,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/snapview/snapview/pkg/annotations"
+	"github.com/snapview/snapview/pkg/lifecycle"
+	"github.com/snapview/snapview/pkg/lifecycle/lifecycletest"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/lease"
 	"github.com/snapview/snapview/pkg/view"
@@ -25,29 +27,29 @@ import (
 // the image's content, the state file naming them, config.json patched;
 // then Teardown leaves nothing.
 func TestSetupTeardown(t *testing.T) {
-	e := newEnv(t)
-	l := New(e.b)
-	r := e.container(t, "c1", map[string]string{annotations.BootPrefix + "kernel": kernelPath})
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	r := e.Container(t, "c1", map[string]string{annotations.BootPrefix + "kernel": lifecycletest.KernelPath})
 
-	p, err := l.Decide(e.ctx, r)
+	p, err := l.Decide(e.Ctx, r)
 	if err != nil || p.Skip != "" {
 		t.Fatalf("decide: %+v %v", p, err)
 	}
-	v, err := l.Setup(e.ctx, p)
+	v, err := l.Setup(e.Ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}
 	st := v.State
 	o := lease.NewOwner("c1", st.Created)
-	ls, err := lease.Get(e.ctx, e.lm, "c1")
+	ls, err := lease.Get(e.Ctx, e.Leases, "c1")
 	if err != nil || !o.Owns(ls.Labels) {
 		t.Fatalf("lease %+v %v, want owner %+v", ls, err, o)
 	}
-	info, err := e.sn.Stat(e.ctx, view.Key("c1"))
-	if err != nil || !o.Owns(info.Labels) || info.Parent != e.parent {
+	info, err := e.Snapshotter.Stat(e.Ctx, view.Key("c1"))
+	if err != nil || !o.Owns(info.Labels) || info.Parent != e.Parent {
 		t.Fatalf("view %+v %v", info, err)
 	}
-	if got := readFile(t, filepath.Join(st.Mountpoint, kernelPath)); string(got) != kernelContent {
+	if got := lifecycletest.ReadFile(t, filepath.Join(st.Mountpoint, lifecycletest.KernelPath)); string(got) != lifecycletest.KernelContent {
 		t.Fatalf("view content %q", got)
 	}
 	if err := os.WriteFile(filepath.Join(st.Mountpoint, "x"), nil, 0o644); !errors.Is(err, unix.EROFS) {
@@ -58,7 +60,7 @@ func TestSetupTeardown(t *testing.T) {
 		t.Fatalf("state %+v %v", saved, err)
 	}
 	var spec specs.Spec
-	if err := json.Unmarshal(readFile(t, filepath.Join(r.Bundle, "config.json")), &spec); err != nil {
+	if err := json.Unmarshal(lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json")), &spec); err != nil {
 		t.Fatal(err)
 	}
 	if spec.Annotations[annotations.ViewKey] != "snapview/c1" || spec.Annotations[annotations.BoundPrefix+"kernel"] != "/.snapview/boot/kernel" {
@@ -75,12 +77,12 @@ func TestSetupTeardown(t *testing.T) {
 		t.Fatalf("view mode replaced the rootfs: %+v", v.Rootfs)
 	}
 
-	if err := l.Teardown(e.ctx, v); err != nil {
+	if err := l.Teardown(e.Ctx, v); err != nil {
 		t.Fatal(err)
 	}
 	// config.json is not restored after a real run: the bundle goes.
-	e.checkNothingLeft(t, r, nil)
-	if err := l.Teardown(e.ctx, v); err != nil {
+	e.CheckNothingLeft(t, r, nil)
+	if err := l.Teardown(e.Ctx, v); err != nil {
 		t.Fatalf("second teardown: %v", err)
 	}
 }
@@ -88,20 +90,20 @@ func TestSetupTeardown(t *testing.T) {
 // TestNothingAskedNothingBound checks that a container that asks nothing of
 // snapview gets nothing in its rootfs: no bind, not even params.json.
 func TestNothingAskedNothingBound(t *testing.T) {
-	e := newEnv(t)
-	l := New(e.b)
-	r := e.container(t, "plain", nil)
-	p, err := l.Decide(e.ctx, r)
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	r := e.Container(t, "plain", nil)
+	p, err := l.Decide(e.Ctx, r)
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := l.Setup(e.ctx, p)
+	v, err := l.Setup(e.Ctx, p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Teardown(e.ctx, v)
+	defer l.Teardown(e.Ctx, v)
 	var spec specs.Spec
-	if err := json.Unmarshal(readFile(t, filepath.Join(r.Bundle, "config.json")), &spec); err != nil {
+	if err := json.Unmarshal(lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json")), &spec); err != nil {
 		t.Fatal(err)
 	}
 	if len(spec.Mounts) != 0 || spec.Annotations[annotations.ViewKey] == "" {
@@ -116,33 +118,33 @@ func TestNothingAskedNothingBound(t *testing.T) {
 // effect, and checks that the rollback leaves nothing and restores
 // config.json.
 func TestSetupFailsAtEachStep(t *testing.T) {
-	e := newEnv(t)
-	ann := map[string]string{annotations.BootPrefix + "kernel": kernelPath, annotations.ViewTarget: "/image"}
-	for i, step := range []string{StepDir, StepLease, StepView, StepMount, StepArtifacts, StepState, StepParams, StepConfig} {
+	e := lifecycletest.NewEnv(t)
+	ann := map[string]string{annotations.BootPrefix + "kernel": lifecycletest.KernelPath, annotations.ViewTarget: "/image"}
+	for i, step := range []string{lifecycle.StepDir, lifecycle.StepLease, lifecycle.StepView, lifecycle.StepMount, lifecycle.StepArtifacts, lifecycle.StepState, lifecycle.StepParams, lifecycle.StepConfig} {
 		t.Run(step, func(t *testing.T) {
-			r := e.container(t, "fail-"+step, ann)
-			orig := readFile(t, filepath.Join(r.Bundle, "config.json"))
-			l := New(e.b)
+			r := e.Container(t, "fail-"+step, ann)
+			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+			l := lifecycle.New(e.Backend)
 			injected := errors.New("injected failure after " + step)
 			var seen []string
-			l.afterStep = func(s string) error {
+			lifecycle.SetAfterStep(l, func(s string) error {
 				seen = append(seen, s)
 				if s == step {
 					return injected
 				}
 				return nil
-			}
-			p, err := l.Decide(e.ctx, r)
+			})
+			p, err := l.Decide(e.Ctx, r)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if _, err := l.Setup(e.ctx, p); !errors.Is(err, injected) {
+			if _, err := l.Setup(e.Ctx, p); !errors.Is(err, injected) {
 				t.Fatalf("setup: %v, want the injected failure", err)
 			}
 			if len(seen) != i+1 {
 				t.Fatalf("steps run %v", seen)
 			}
-			e.checkNothingLeft(t, r, orig)
+			e.CheckNothingLeft(t, r, orig)
 		})
 	}
 }
@@ -152,28 +154,28 @@ func TestSetupFailsAtEachStep(t *testing.T) {
 // still removed by the rollback: each side effect is recorded before its
 // call.
 func TestSetupCallsThatTimeOutLate(t *testing.T) {
-	e := newEnv(t)
+	e := lifecycletest.NewEnv(t)
 	for _, tc := range []struct {
 		name string
-		set  func(b *dbBackend, on bool)
+		set  func(b *lifecycletest.Backend, on bool)
 	}{
-		{"lease", func(b *dbBackend, on bool) { b.lateLease = on }},
-		{"view", func(b *dbBackend, on bool) { b.lateView = on }},
+		{"lease", func(b *lifecycletest.Backend, on bool) { b.LateLease = on }},
+		{"view", func(b *lifecycletest.Backend, on bool) { b.LateView = on }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := e.container(t, "late-"+tc.name, nil)
-			orig := readFile(t, filepath.Join(r.Bundle, "config.json"))
-			l := New(e.b)
-			p, err := l.Decide(e.ctx, r)
+			r := e.Container(t, "late-"+tc.name, nil)
+			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+			l := lifecycle.New(e.Backend)
+			p, err := l.Decide(e.Ctx, r)
 			if err != nil {
 				t.Fatal(err)
 			}
-			tc.set(e.b, true)
-			defer tc.set(e.b, false)
-			if _, err := l.Setup(e.ctx, p); err == nil {
+			tc.set(e.Backend, true)
+			defer tc.set(e.Backend, false)
+			if _, err := l.Setup(e.Ctx, p); err == nil {
 				t.Fatal("setup succeeded")
 			}
-			e.checkNothingLeft(t, r, orig)
+			e.CheckNothingLeft(t, r, orig)
 		})
 	}
 }
@@ -182,20 +184,20 @@ func TestSetupCallsThatTimeOutLate(t *testing.T) {
 // name that is not this container's fails the setup and survives its
 // rollback.
 func TestSetupLeavesForeignObjects(t *testing.T) {
-	e := newEnv(t)
-	l := New(e.b)
-	r := e.container(t, "c2", nil)
-	if _, err := e.lm.Create(e.ctx, leases.WithID(lease.ID("c2")), leases.WithLabels(map[string]string{"owner": "someone else"})); err != nil {
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	r := e.Container(t, "c2", nil)
+	if _, err := e.Leases.Create(e.Ctx, leases.WithID(lease.ID("c2")), leases.WithLabels(map[string]string{"owner": "someone else"})); err != nil {
 		t.Fatal(err)
 	}
-	p, err := l.Decide(e.ctx, r)
+	p, err := l.Decide(e.Ctx, r)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := l.Setup(e.ctx, p); !errdefs.IsAlreadyExists(err) {
+	if _, err := l.Setup(e.Ctx, p); !errdefs.IsAlreadyExists(err) {
 		t.Fatalf("setup over a foreign lease: %v", err)
 	}
-	ls, err := lease.Get(e.ctx, e.lm, "c2")
+	ls, err := lease.Get(e.Ctx, e.Leases, "c2")
 	if err != nil || ls.Labels["owner"] != "someone else" {
 		t.Fatalf("the foreign lease was touched: %+v %v", ls, err)
 	}
@@ -203,31 +205,31 @@ func TestSetupLeavesForeignObjects(t *testing.T) {
 
 // TestDecide covers the decisions that need no view.
 func TestDecide(t *testing.T) {
-	e := newEnv(t)
-	l := New(e.b)
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
 	for _, tc := range []struct {
 		name    string
 		ann     map[string]string
-		mutate  func(*Request)
+		mutate  func(*lifecycle.Request)
 		skip    string
 		wantErr string
 	}{
 		{name: "sandbox", ann: map[string]string{"io.kubernetes.cri.container-type": "sandbox", annotations.BootPrefix + "k": "bad path"}, skip: "CRI sandbox"},
 		{name: "mode off", ann: map[string]string{annotations.Mode: "off"}, skip: "mode off (annotation io.snapview.mode)"},
-		{name: "mode off from the config", mutate: func(r *Request) { r.Config.View.Mode = "off" }, skip: "mode off (view.mode in built-in defaults)"},
-		{name: "binds with mode off", ann: map[string]string{annotations.Mode: "off", annotations.BootPrefix + "k": kernelPath}, wantErr: "but the mode is off"},
-		{name: "no rootfs", mutate: func(r *Request) { r.Rootfs = nil }, skip: "no rootfs mounts"},
-		{name: "binds without rootfs", ann: map[string]string{annotations.BootPrefix + "k": kernelPath}, mutate: func(r *Request) { r.Rootfs = nil }, wantErr: "asks for binds from the image"},
-		{name: "block mode from the config names the config", mutate: func(r *Request) { r.Config.View.Mode = "block" }, wantErr: "block mode (view.mode in built-in defaults) needs a block-backed rootfs"},
+		{name: "mode off from the config", mutate: func(r *lifecycle.Request) { r.Config.View.Mode = "off" }, skip: "mode off (view.mode in built-in defaults)"},
+		{name: "binds with mode off", ann: map[string]string{annotations.Mode: "off", annotations.BootPrefix + "k": lifecycletest.KernelPath}, wantErr: "but the mode is off"},
+		{name: "no rootfs", mutate: func(r *lifecycle.Request) { r.Rootfs = nil }, skip: "no rootfs mounts"},
+		{name: "binds without rootfs", ann: map[string]string{annotations.BootPrefix + "k": lifecycletest.KernelPath}, mutate: func(r *lifecycle.Request) { r.Rootfs = nil }, wantErr: "asks for binds from the image"},
+		{name: "block mode from the config names the config", mutate: func(r *lifecycle.Request) { r.Config.View.Mode = "block" }, wantErr: "block mode (view.mode in built-in defaults) needs a block-backed rootfs"},
 		{name: "block mode from an annotation names it", ann: map[string]string{annotations.Mode: "block"}, wantErr: "block mode (annotation io.snapview.mode) needs a block-backed rootfs"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := e.container(t, "decide-"+strings.ReplaceAll(tc.name, " ", "-"), tc.ann)
+			r := e.Container(t, "decide-"+strings.ReplaceAll(tc.name, " ", "-"), tc.ann)
 			if tc.mutate != nil {
 				tc.mutate(&r)
 			}
-			before := e.b.calls
-			p, err := l.Decide(e.ctx, r)
+			before := e.Backend.Calls()
+			p, err := l.Decide(e.Ctx, r)
 			if tc.wantErr != "" {
 				if err == nil || !strings.HasPrefix(err.Error(), "snapview: ") || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("got %+v %v, want an error saying %q", p, err, tc.wantErr)
@@ -237,8 +239,8 @@ func TestDecide(t *testing.T) {
 			if err != nil || !strings.Contains(p.Skip, tc.skip) {
 				t.Fatalf("got %+v %v, want a skip saying %q", p, err, tc.skip)
 			}
-			if e.b.calls != before && tc.name != "binds without rootfs" {
-				t.Errorf("a local decision called containerd %d times", e.b.calls-before)
+			if e.Backend.Calls() != before && tc.name != "binds without rootfs" {
+				t.Errorf("a local decision called containerd %d times", e.Backend.Calls()-before)
 			}
 		})
 	}
@@ -249,9 +251,9 @@ func TestDecide(t *testing.T) {
 // a bind whose target the image lacks it gets a clear error, since runc
 // could not create the target; a target the image has is fine.
 func TestReadOnlyRootfs(t *testing.T) {
-	e := newEnv(t)
-	l := New(e.b)
-	ro := func(r *Request) {
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	ro := func(r *lifecycle.Request) {
 		r.Rootfs[0].Options = []string{"ro", "rbind"}
 	}
 	for _, tc := range []struct {
@@ -260,28 +262,28 @@ func TestReadOnlyRootfs(t *testing.T) {
 		wantErr string
 	}{
 		{name: "nothing asked"},
-		{name: "missing target", ann: map[string]string{annotations.BootPrefix + "kernel": kernelPath}, wantErr: "rootfs is read-only"},
+		{name: "missing target", ann: map[string]string{annotations.BootPrefix + "kernel": lifecycletest.KernelPath}, wantErr: "rootfs is read-only"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := e.container(t, "ro-"+strings.ReplaceAll(tc.name, " ", "-"), tc.ann)
+			r := e.Container(t, "ro-"+strings.ReplaceAll(tc.name, " ", "-"), tc.ann)
 			ro(&r)
-			orig := readFile(t, filepath.Join(r.Bundle, "config.json"))
-			p, err := l.Decide(e.ctx, r)
+			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+			p, err := l.Decide(e.Ctx, r)
 			if err != nil {
 				t.Fatal(err)
 			}
-			v, err := l.Setup(e.ctx, p)
+			v, err := l.Setup(e.Ctx, p)
 			if tc.wantErr != "" {
 				if err == nil || !strings.HasPrefix(err.Error(), "snapview: ") || !strings.Contains(err.Error(), tc.wantErr) || !strings.Contains(err.Error(), "/.snapview/boot/kernel") {
 					t.Fatalf("setup: %v, want an error saying %q and naming the target", err, tc.wantErr)
 				}
-				e.checkNothingLeft(t, r, orig)
+				e.CheckNothingLeft(t, r, orig)
 				return
 			}
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := l.Teardown(e.ctx, v); err != nil {
+			if err := l.Teardown(e.Ctx, v); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -290,25 +292,25 @@ func TestReadOnlyRootfs(t *testing.T) {
 
 // TestRecover covers the dead-shim path's view of a bundle.
 func TestRecover(t *testing.T) {
-	e := newEnv(t)
+	e := lifecycletest.NewEnv(t)
 
 	t.Run("a bundle without a view costs no call", func(t *testing.T) {
-		r := e.container(t, "never", nil)
-		before := e.b.calls
-		v, err := New(e.b).Recover(e.ctx, testNS, "never", r.Bundle)
-		if v != nil || err != nil || e.b.calls != before {
-			t.Fatalf("got %+v %v after %d calls", v, err, e.b.calls-before)
+		r := e.Container(t, "never", nil)
+		before := e.Backend.Calls()
+		v, err := lifecycle.New(e.Backend).Recover(e.Ctx, lifecycletest.NS, "never", r.Bundle)
+		if v != nil || err != nil || e.Backend.Calls() != before {
+			t.Fatalf("got %+v %v after %d calls", v, err, e.Backend.Calls()-before)
 		}
 	})
 
-	setUp := func(t *testing.T, id string) (*Lifecycle, Request, *View) {
-		l := New(e.b)
-		r := e.container(t, id, nil)
-		p, err := l.Decide(e.ctx, r)
+	setUp := func(t *testing.T, id string) (*lifecycle.Lifecycle, lifecycle.Request, *lifecycle.View) {
+		l := lifecycle.New(e.Backend)
+		r := e.Container(t, id, nil)
+		p, err := l.Decide(e.Ctx, r)
 		if err != nil {
 			t.Fatal(err)
 		}
-		v, err := l.Setup(e.ctx, p)
+		v, err := l.Setup(e.Ctx, p)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -317,14 +319,14 @@ func TestRecover(t *testing.T) {
 
 	t.Run("from the state file", func(t *testing.T) {
 		l, r, v := setUp(t, "rec1")
-		got, err := l.Recover(e.ctx, testNS, "rec1", r.Bundle)
-		if err != nil || got.State.ViewKey != v.State.ViewKey || !got.State.Created.Equal(v.State.Created) || got.owned {
+		got, err := l.Recover(e.Ctx, lifecycletest.NS, "rec1", r.Bundle)
+		if err != nil || got.State.ViewKey != v.State.ViewKey || !got.State.Created.Equal(v.State.Created) || lifecycle.Owned(got) {
 			t.Fatalf("recovered %+v %v", got, err)
 		}
-		if err := l.Teardown(e.ctx, got); err != nil {
+		if err := l.Teardown(e.Ctx, got); err != nil {
 			t.Fatal(err)
 		}
-		e.checkNothingLeft(t, r, nil)
+		e.CheckNothingLeft(t, r, nil)
 	})
 
 	t.Run("from the names when the state file is missing", func(t *testing.T) {
@@ -332,19 +334,19 @@ func TestRecover(t *testing.T) {
 		if err := os.Remove(bundle.StatePath(r.Bundle)); err != nil {
 			t.Fatal(err)
 		}
-		got, err := l.Recover(e.ctx, testNS, "rec2", r.Bundle)
+		got, err := l.Recover(e.Ctx, lifecycletest.NS, "rec2", r.Bundle)
 		if err != nil || got.State.LeaseID != lease.ID("rec2") || got.State.ViewKey != view.Key("rec2") || got.State.Snapshotter != "native" {
 			t.Fatalf("recovered %+v %v", got.State, err)
 		}
-		if err := l.Teardown(e.ctx, got); err != nil {
+		if err := l.Teardown(e.Ctx, got); err != nil {
 			t.Fatal(err)
 		}
-		e.checkNothingLeft(t, r, nil)
+		e.CheckNothingLeft(t, r, nil)
 	})
 
 	t.Run("a state file naming another container or a host path is not trusted", func(t *testing.T) {
 		l, other, otherView := setUp(t, "victim")
-		defer l.Teardown(e.ctx, otherView)
+		defer l.Teardown(e.Ctx, otherView)
 		_, r, _ := setUp(t, "rec3")
 		hostDir := t.TempDir()
 		if err := unix.Mount("tmpfs", hostDir, "tmpfs", 0, ""); err != nil {
@@ -360,15 +362,15 @@ func TestRecover(t *testing.T) {
 		if err := bundle.WriteState(r.Bundle, st); err != nil {
 			t.Fatal(err)
 		}
-		got, err := l.Recover(e.ctx, testNS, "rec3", r.Bundle)
+		got, err := l.Recover(e.Ctx, lifecycletest.NS, "rec3", r.Bundle)
 		if err != nil || got.State.ContainerID != "rec3" || got.State.Mountpoint != bundle.Mountpoint(r.Bundle) {
 			t.Fatalf("recovered %+v %v", got.State, err)
 		}
-		if err := l.Teardown(e.ctx, got); err != nil {
+		if err := l.Teardown(e.Ctx, got); err != nil {
 			t.Fatal(err)
 		}
-		e.checkNothingLeft(t, r, nil)
-		if _, err := lease.Get(e.ctx, e.lm, "victim"); err != nil {
+		e.CheckNothingLeft(t, r, nil)
+		if _, err := lease.Get(e.Ctx, e.Leases, "victim"); err != nil {
 			t.Errorf("the other container's lease was removed: %v", err)
 		}
 		if m, err := mountinfo.Mounted(otherView.State.Mountpoint); err != nil || !m {
@@ -384,28 +386,23 @@ func TestRecover(t *testing.T) {
 		if err := os.WriteFile(bundle.StatePath(r.Bundle), []byte("{"), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		e.b.down = true
-		got, err := l.Recover(e.ctx, testNS, "rec4", r.Bundle)
-		if !errors.Is(err, errDown) || got == nil || got.State.Mountpoint != bundle.Mountpoint(r.Bundle) {
-			t.Fatalf("recovered %+v %v", got, err)
-		}
-		terr := l.Teardown(e.ctx, got)
-		e.b.down = false
-		if terr != nil {
-			t.Fatalf("teardown of what is known: %v", terr)
+		e.Backend.Down = true
+		err := l.TeardownBundle(e.Ctx, lifecycletest.NS, "rec4", r.Bundle)
+		e.Backend.Down = false
+		if !errors.Is(err, lifecycletest.ErrDown) {
+			t.Fatalf("teardown with containerd down: %v, want its error", err)
 		}
 		if m, _ := mountinfo.Mounted(bundle.Mountpoint(r.Bundle)); m {
 			t.Fatal("the view is still mounted")
 		}
-		// The lease and view wait for containerd: the state file was
-		// corrupt, so only a later recovery by name (or the sweep) finds them.
-		got, err = l.Recover(e.ctx, testNS, "rec4", r.Bundle)
-		if err != nil {
+		// The lease and view wait for containerd: the records stay, so
+		// that the next attempt finds them by name.
+		if !bundle.Started(r.Bundle) {
+			t.Fatal("the records of a partial teardown were removed")
+		}
+		if err := l.TeardownBundle(e.Ctx, lifecycletest.NS, "rec4", r.Bundle); err != nil {
 			t.Fatal(err)
 		}
-		if err := l.Teardown(e.ctx, got); err != nil {
-			t.Fatal(err)
-		}
-		e.checkNothingLeft(t, r, nil)
+		e.CheckNothingLeft(t, r, nil)
 	})
 }

@@ -52,6 +52,22 @@ func (l *Lifecycle) Recover(ctx context.Context, ns, id, bundlePath string) (*Vi
 	return v, err
 }
 
+// TeardownBundle tears down the view of container id from what its bundle
+// holds, in a process that did not set it up: the dead-shim `delete` action.
+// It recovers the view (Recover) and tears down whatever is known, even
+// when containerd could not be asked, since the mount at least is on this
+// host; the errors of both are joined. A bundle that shows no view costs
+// nothing and calls nothing.
+func (l *Lifecycle) TeardownBundle(ctx context.Context, ns, id, bundlePath string) error {
+	v, err := l.Recover(ctx, ns, id, bundlePath)
+	if v == nil {
+		return err
+	}
+	log.G(ctx).WithFields(log.Fields{"id": id, "key": v.State.ViewKey, "lease": v.State.LeaseID, "mode": v.State.Mode}).
+		Info("snapview: removing the view of a container whose shim is gone")
+	return errors.Join(err, l.Teardown(ctx, v))
+}
+
 // validate checks that a state file describes container id of namespace ns
 // in bundlePath, and nothing else: a state file is never trusted to name a
 // mountpoint, lease or view of another container.

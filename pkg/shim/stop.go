@@ -2,14 +2,12 @@ package shim
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/log"
 
 	"github.com/snapview/snapview/pkg/backend"
 	"github.com/snapview/snapview/pkg/lifecycle"
@@ -34,25 +32,16 @@ func grpcAddress() string {
 }
 
 // stopView tears down the view of container id after its shim is gone,
-// from what the bundle holds (lifecycle.Recover). A bundle that shows no
-// view costs nothing: containerd is not called.
+// from what the bundle holds. A bundle that shows no view costs nothing:
+// containerd is not called.
 func stopView(ctx context.Context, bundlePath, id string) error {
 	ns, err := namespaces.NamespaceRequired(ctx)
 	if err != nil {
 		return err
 	}
-	ctx = namespaces.WithNamespace(ctx, ns)
 	b := backend.New(grpcAddress())
 	defer b.Close()
-	lc := lifecycle.New(b)
-	v, rerr := lc.Recover(ctx, ns, id, bundlePath)
-	if v == nil {
-		return rerr
-	}
-	log.G(ctx).WithFields(log.Fields{"id": id, "key": v.State.ViewKey, "lease": v.State.LeaseID}).Info("snapview: removing the view of a dead shim's container")
-	// Tear down whatever is known, even when containerd could not be
-	// asked: the mount at least is on this host.
-	return errors.Join(rerr, lc.Teardown(ctx, v))
+	return lifecycle.New(b).TeardownBundle(namespaces.WithNamespace(ctx, ns), ns, id, bundlePath)
 }
 
 // bundleOf returns the bundle of container id in the `delete` action, which

@@ -1,4 +1,8 @@
-package lifecycle
+// Package lifecycletest is containerd's own metadata store, in process,
+// behind the lifecycle's Backend, for the unit tests of the packages that
+// drive the view lifecycle (lifecycle, shim, sweep). It can make a call take
+// effect and then report a timeout, and make containerd stop answering.
+package lifecycletest
 
 import (
 	"context"
@@ -27,34 +31,37 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/snapview/snapview/pkg/config"
+	"github.com/snapview/snapview/pkg/lifecycle"
 	"github.com/snapview/snapview/pkg/lease"
 	"github.com/snapview/snapview/pkg/rootfs"
 	"github.com/snapview/snapview/pkg/view"
 )
 
-const testNS = "test"
-
-// env is containerd's own metadata store, in process, over a native
+// Env is containerd's own metadata store, in process, over a native
 // snapshotter, with an image layer to take views of: the same lease,
 // snapshot and container semantics as a daemon.
-type env struct {
-	ctx    context.Context
-	dir    string
-	db     *metadata.DB
-	sn     snapshots.Snapshotter
-	lm     leases.Manager
-	cs     containers.Store
-	parent string
-	b      *dbBackend
+type Env struct {
+	Ctx         context.Context
+	Dir         string
+	DB          *metadata.DB
+	Snapshotter snapshots.Snapshotter
+	Leases      leases.Manager
+	Containers  containers.Store
+	// Parent is the committed image layer every container's snapshot has.
+	Parent  string
+	Backend *Backend
 }
 
 // Files of the test image layer.
 const (
-	kernelPath    = "/boot/vmlinux"
-	kernelContent = "a guest kernel"
+	KernelPath    = "/boot/vmlinux"
+	KernelContent = "a guest kernel"
 )
 
-func newEnv(t *testing.T) *env {
+// NS is the namespace of the tests.
+const NS = "test"
+
+func NewEnv(t *testing.T) *Env {
 	t.Helper()
 	if os.Getuid() != 0 {
 		t.Skip("needs root: the lifecycle mounts views")
@@ -77,24 +84,24 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	db := metadata.NewDB(bdb, cs, map[string]snapshots.Snapshotter{"native": nsn})
-	ctx := namespaces.WithNamespace(context.Background(), testNS)
+	ctx := namespaces.WithNamespace(context.Background(), NS)
 	if err := db.Init(ctx); err != nil {
 		t.Fatal(err)
 	}
-	e := &env{ctx: ctx, dir: dir, db: db, sn: db.Snapshotter("native"), lm: metadata.NewLeaseManager(db), cs: metadata.NewContainerStore(db)}
-	e.b = &dbBackend{env: e}
+	e := &Env{Ctx: ctx, Dir: dir, DB: db, Snapshotter: db.Snapshotter("native"), Leases: metadata.NewLeaseManager(db), Containers: metadata.NewContainerStore(db)}
+	e.Backend = &Backend{env: e}
 
 	// The image: one committed layer, held by a lease as an image would be.
 	lctx := leases.WithLease(ctx, "image")
-	if _, err := e.lm.Create(ctx, leases.WithID("image")); err != nil {
+	if _, err := e.Leases.Create(ctx, leases.WithID("image")); err != nil {
 		t.Fatal(err)
 	}
-	ms, err := e.sn.Prepare(lctx, "layer-active", "")
+	ms, err := e.Snapshotter.Prepare(lctx, "layer-active", "")
 	if err != nil {
 		t.Fatal(err)
 	}
 	layer := ms[0].Source // native: a bind of this directory
-	for p, data := range map[string]string{kernelPath: kernelContent, "/etc/passwd": "root:x:0:0::/:/bin/sh\n"} {
+	for p, data := range map[string]string{KernelPath: KernelContent, "/etc/passwd": "root:x:0:0::/:/bin/sh\n"} {
 		if err := os.MkdirAll(filepath.Join(layer, filepath.Dir(p)), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -105,30 +112,30 @@ func newEnv(t *testing.T) *env {
 	if err := os.Symlink("/etc/shadow", filepath.Join(layer, "boot", "escape")); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.sn.Commit(lctx, "layer", "layer-active"); err != nil {
+	if err := e.Snapshotter.Commit(lctx, "layer", "layer-active"); err != nil {
 		t.Fatal(err)
 	}
-	e.parent = "layer"
+	e.Parent = "layer"
 	return e
 }
 
-// container creates a container record with its own snapshot of the layer
+// Container creates a container record with its own snapshot of the layer
 // and a bundle whose config.json carries ann, and returns its create request.
-func (e *env) container(t *testing.T, id string, ann map[string]string, specOpts ...func(*specs.Spec)) Request {
+func (e *Env) Container(t *testing.T, id string, ann map[string]string, specOpts ...func(*specs.Spec)) lifecycle.Request {
 	t.Helper()
-	lctx := leases.WithLease(e.ctx, "image")
+	lctx := leases.WithLease(e.Ctx, "image")
 	key := id + "-snapshot"
-	ms, err := e.sn.Prepare(lctx, key, e.parent)
+	ms, err := e.Snapshotter.Prepare(lctx, key, e.Parent)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.cs.Create(e.ctx, containers.Container{
+	if _, err := e.Containers.Create(e.Ctx, containers.Container{
 		ID: id, Runtime: containers.RuntimeInfo{Name: "io.containerd.snapview.v2"}, Spec: &anypb.Any{},
 		Snapshotter: "native", SnapshotKey: key,
 	}); err != nil {
 		t.Fatal(err)
 	}
-	bundlePath := filepath.Join(e.dir, "bundles", id)
+	bundlePath := filepath.Join(e.Dir, "bundles", id)
 	if err := os.MkdirAll(bundlePath, 0o711); err != nil {
 		t.Fatal(err)
 	}
@@ -149,21 +156,21 @@ func (e *env) container(t *testing.T, id string, ann map[string]string, specOpts
 	for _, m := range ms {
 		mounts = append(mounts, rootfs.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
 	}
-	return Request{Namespace: testNS, ID: id, Bundle: bundlePath, Rootfs: mounts, Config: config.Default()}
+	return lifecycle.Request{Namespace: NS, ID: id, Bundle: bundlePath, Rootfs: mounts, Config: config.Default()}
 }
 
-// checkNothingLeft checks that nothing of container id's view is left:
+// CheckNothingLeft checks that nothing of container id's view is left:
 // no lease, no view snapshot (after a garbage collection), no mount and no
 // file of snapview's in the bundle, and config.json as it was.
-func (e *env) checkNothingLeft(t *testing.T, r Request, config []byte) {
+func (e *Env) CheckNothingLeft(t *testing.T, r lifecycle.Request, config []byte) {
 	t.Helper()
-	if _, err := lease.Get(e.ctx, e.lm, r.ID); !errdefs.IsNotFound(err) {
+	if _, err := lease.Get(e.Ctx, e.Leases, r.ID); !errdefs.IsNotFound(err) {
 		t.Errorf("lease left: %v", err)
 	}
-	if _, err := e.db.GarbageCollect(e.ctx); err != nil {
+	if _, err := e.DB.GarbageCollect(e.Ctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.sn.Stat(e.ctx, view.Key(r.ID)); !errdefs.IsNotFound(err) {
+	if _, err := e.Snapshotter.Stat(e.Ctx, view.Key(r.ID)); !errdefs.IsNotFound(err) {
 		t.Errorf("view left: %v", err)
 	}
 	if mounts, _ := mountinfo.GetMounts(mountinfo.PrefixFilter(r.Bundle)); len(mounts) > 0 {
@@ -185,7 +192,8 @@ func (e *env) checkNothingLeft(t *testing.T, r Request, config []byte) {
 	}
 }
 
-func readFile(t *testing.T, path string) []byte {
+// ReadFile returns the content of path.
+func ReadFile(t *testing.T, path string) []byte {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -194,58 +202,74 @@ func readFile(t *testing.T, path string) []byte {
 	return b
 }
 
-// dbBackend is Backend over env's metadata store. It can simulate a call
-// that takes effect but reports a timeout, and containerd being down.
-type dbBackend struct {
-	env *env
+// Backend is lifecycle.Backend over Env's metadata store. It can simulate
+// a call that takes effect but reports a timeout, and containerd being
+// down. Set its fields only while no lifecycle call runs.
+type Backend struct {
+	env *Env
 
-	mu sync.Mutex
-	// lateLease and lateView make Create and View take effect, then fail
-	// as a call that timed out would.
-	lateLease, lateView bool
-	// down makes every call fail, as when containerd does not answer.
-	down  bool
+	// LateLease and LateView make lease Create and snapshot View take
+	// effect, then fail as a call that timed out would.
+	LateLease, LateView bool
+	// Down makes every call fail with ErrDown, as when containerd does not
+	// answer.
+	Down bool
+	// OnContainer, when set, runs before each Container lookup.
+	OnContainer func(id string)
+
+	mu    sync.Mutex
 	calls int
 }
 
-var errDown = errors.New("containerd is not answering")
+// ErrDown is what every call returns while Backend.Down is set.
+var ErrDown = errors.New("containerd is not answering")
 
-func (b *dbBackend) call() error {
+// Calls returns how many calls reached the backend so far.
+func (b *Backend) Calls() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.calls
+}
+
+func (b *Backend) call() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.calls++
-	if b.down {
-		return errDown
+	if b.Down {
+		return ErrDown
 	}
 	return nil
 }
 
-func (b *dbBackend) Container(ctx context.Context, id string) (string, string, error) {
+func (b *Backend) Container(ctx context.Context, id string) (string, string, error) {
+	if b.OnContainer != nil {
+		b.OnContainer(id)
+	}
 	if err := b.call(); err != nil {
 		return "", "", err
 	}
-	c, err := b.env.cs.Get(ctx, id)
+	c, err := b.env.Containers.Get(ctx, id)
 	if err != nil {
 		return "", "", err
 	}
 	return c.Snapshotter, c.SnapshotKey, nil
 }
 
-func (b *dbBackend) Snapshotter(name string) (snapshots.Snapshotter, error) {
+func (b *Backend) Snapshotter(name string) (snapshots.Snapshotter, error) {
 	if err := b.call(); err != nil {
 		return nil, err
 	}
-	return &lateSnapshotter{Snapshotter: b.env.db.Snapshotter(name), b: b}, nil
+	return &lateSnapshotter{Snapshotter: b.env.DB.Snapshotter(name), b: b}, nil
 }
 
-func (b *dbBackend) Leases() (leases.Manager, error) {
+func (b *Backend) Leases() (leases.Manager, error) {
 	if err := b.call(); err != nil {
 		return nil, err
 	}
-	return &lateLeases{Manager: b.env.lm, b: b}, nil
+	return &lateLeases{Manager: b.env.Leases, b: b}, nil
 }
 
-func (b *dbBackend) Mounts() (mount.Manager, error) {
+func (b *Backend) Mounts() (mount.Manager, error) {
 	if err := b.call(); err != nil {
 		return nil, err
 	}
@@ -256,12 +280,12 @@ func (b *dbBackend) Mounts() (mount.Manager, error) {
 // taking effect when lateLease is set.
 type lateLeases struct {
 	leases.Manager
-	b *dbBackend
+	b *Backend
 }
 
 func (m *lateLeases) Create(ctx context.Context, opts ...leases.Opt) (leases.Lease, error) {
 	l, err := m.Manager.Create(ctx, opts...)
-	if err == nil && m.b.lateLease {
+	if err == nil && m.b.LateLease {
 		return leases.Lease{}, context.DeadlineExceeded
 	}
 	return l, err
@@ -271,12 +295,12 @@ func (m *lateLeases) Create(ctx context.Context, opts ...leases.Opt) (leases.Lea
 // taking effect when lateView is set.
 type lateSnapshotter struct {
 	snapshots.Snapshotter
-	b *dbBackend
+	b *Backend
 }
 
 func (s *lateSnapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
 	ms, err := s.Snapshotter.View(ctx, key, parent, opts...)
-	if err == nil && s.b.lateView {
+	if err == nil && s.b.LateView {
 		return nil, context.DeadlineExceeded
 	}
 	return ms, err
@@ -300,8 +324,8 @@ func (noMountManager) List(context.Context, ...string) ([]mount.ActivationInfo, 
 	return nil, nil
 }
 
-// ext4Image makes an ext4 filesystem image of size bytes.
-func ext4Image(t *testing.T, path string, size int64) {
+// Ext4Image makes an ext4 filesystem image of size bytes.
+func Ext4Image(t *testing.T, path string, size int64) {
 	t.Helper()
 	f, err := os.Create(path)
 	if err != nil {
