@@ -16,6 +16,7 @@ package lease
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -90,7 +91,7 @@ func Acquire(ctx context.Context, m leases.Manager, o Owner) (leases.Lease, erro
 	}
 	log.G(ctx).WithFields(log.Fields{"id": o.Container, "lease": id, "created": old.Labels[LabelCreated]}).
 		Warn("snapview: replacing a leftover lease of an earlier run")
-	if _, err := Delete(ctx, m, OwnerOf(old.Labels), true); err != nil {
+	if err := Delete(ctx, m, OwnerOf(old.Labels), true); err != nil {
 		return leases.Lease{}, err
 	}
 	l, err = m.Create(ctx, leases.WithID(id), leases.WithLabels(o.Labels()))
@@ -100,25 +101,28 @@ func Acquire(ctx context.Context, m leases.Manager, o Owner) (leases.Lease, erro
 	return l, nil
 }
 
-// Delete deletes o's lease if its labels still say it is exactly o's, and
-// reports whether it did. A lease already gone is success (false, nil); a
-// lease of another owner is left alone (false, nil). With syncGC the call
-// returns only after containerd's garbage collector ran, so whatever the
-// lease alone held is gone too.
-func Delete(ctx context.Context, m leases.Manager, o Owner, syncGC bool) (bool, error) {
+// ErrNotOwner reports an object of snapview's name that another owner (a
+// newer incarnation of the container, or not snapview at all) holds now: it
+// was left alone.
+var ErrNotOwner = errors.New("held by another owner; left alone")
+
+// Delete deletes o's lease if its labels still say it is exactly o's. A
+// lease already gone is success; a lease of another owner is left alone and
+// reported with ErrNotOwner. With syncGC the call returns only after
+// containerd's garbage collector ran, so whatever the lease alone held is
+// gone too.
+func Delete(ctx context.Context, m leases.Manager, o Owner, syncGC bool) error {
 	l, err := Get(ctx, m, o.Container)
 	if err != nil {
 		if errdefs.IsNotFound(err) {
-			return false, nil
+			return nil
 		}
-		return false, err
+		return err
 	}
 	if !o.Owns(l.Labels) {
-		log.G(ctx).WithFields(log.Fields{"id": o.Container, "lease": l.ID, "created": l.Labels[LabelCreated], "want": o.Created}).
-			Warn("snapview: lease belongs to another incarnation of the container; left alone")
-		return false, nil
+		return fmt.Errorf("lease %s (created %s, not %s): %w", l.ID, l.Labels[LabelCreated], o.Created, ErrNotOwner)
 	}
-	return true, Remove(ctx, m, o.Container, syncGC)
+	return Remove(ctx, m, o.Container, syncGC)
 }
 
 // Remove deletes containerID's lease without checking its owner, for a

@@ -47,12 +47,19 @@ type View struct {
 	// the records (state file, snapview's directory) must outlive this
 	// teardown for a later one to find the rest.
 	partial bool
+	// superseded: teardown found the lease or the view held by a newer
+	// incarnation of the container and left it alone.
+	superseded bool
 	// timings of the setup steps, for the log.
 	timings log.Fields
 	// spec is config.json as Setup read it; patched says Setup changed it.
 	spec    *bundle.Config
 	patched bool
 }
+
+// Superseded reports whether the last teardown left the lease or the view
+// alone because a newer incarnation of the container holds it.
+func (v *View) Superseded() bool { return v.superseded }
 
 // Timings returns how long each setup step took, as <step>_us log fields.
 func (v *View) Timings() log.Fields { return v.timings }

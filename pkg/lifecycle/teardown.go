@@ -38,6 +38,11 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) error {
 	sw := newStopwatch()
 	var errs []error
 	fail := func(step string, err error) {
+		if errors.Is(err, lease.ErrNotOwner) {
+			logger.WithError(err).WithField("step", step).Warn("snapview: a newer incarnation of the container holds it; left alone")
+			v.superseded = true
+			return
+		}
 		if err != nil {
 			logger.WithError(err).WithField("step", step).Error("snapview: teardown step failed")
 			errs = append(errs, fmt.Errorf("%s: %w", step, err))
@@ -72,7 +77,7 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) error {
 				err = view.RemoveOwned(cctx, sn, owner)
 			}
 		}
-		viewRemoved = err == nil
+		viewRemoved = err == nil || errors.Is(err, lease.ErrNotOwner)
 		fail("remove view", err)
 		sw.lap("remove")
 	}
@@ -85,7 +90,7 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) error {
 			if v.owned {
 				err = lease.Remove(cctx, lm, st.ContainerID, syncGC)
 			} else {
-				_, err = lease.Delete(cctx, lm, owner, syncGC)
+				err = lease.Delete(cctx, lm, owner, syncGC)
 			}
 		}
 		fail("delete lease", err)

@@ -106,12 +106,19 @@ func Namespace(ctx context.Context, b lifecycle.Backend, ns string, opts Options
 				errs = append(errs, err)
 				continue
 			}
+			if v.Superseded() {
+				continue // a container of the same id was created meanwhile: not an orphan
+			}
 			log.G(ctx).WithFields(log.Fields{"id": id, "lease": l.ID, "views": o.Views, "target": o.Mountpoint}).Warn("snapview: orphaned view removed")
 		}
 		orphans = append(orphans, o)
 	}
 	if opts.BundleRoot != "" {
-		left, err := leftoverMounts(ctx, b, opts)
+		seen := map[string]bool{}
+		for _, o := range orphans {
+			seen[o.Mountpoint] = true
+		}
+		left, err := leftoverMounts(ctx, b, opts, seen)
 		orphans = append(orphans, left...)
 		errs = append(errs, err)
 	}
@@ -123,7 +130,7 @@ func Namespace(ctx context.Context, b lifecycle.Backend, ns string, opts Options
 // it (it could not, with the view still mounted there), or in the bundle of a
 // container containerd does not know. A .<id> bundle left with nothing
 // mounted under it is then removed, as containerd would have done.
-func leftoverMounts(ctx context.Context, b lifecycle.Backend, opts Options) ([]Orphan, error) {
+func leftoverMounts(ctx context.Context, b lifecycle.Backend, opts Options, seen map[string]bool) ([]Orphan, error) {
 	root := filepath.Clean(opts.BundleRoot)
 	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(root))
 	if err != nil {
@@ -135,7 +142,7 @@ func leftoverMounts(ctx context.Context, b lifecycle.Backend, opts Options) ([]O
 	)
 	for _, mi := range infos {
 		rel, err := filepath.Rel(root, mi.Mountpoint)
-		if err != nil {
+		if err != nil || seen[mi.Mountpoint] {
 			continue
 		}
 		name, rest, ok := strings.Cut(rel, string(filepath.Separator))

@@ -94,8 +94,9 @@ func Remove(ctx context.Context, sn snapshots.Snapshotter, containerID string) e
 }
 
 // RemoveOwned removes o's view only if its labels still say it is exactly
-// o's: a view of a newer incarnation of the container is left alone. A view
-// already gone is success.
+// o's: a view of another owner (a newer incarnation of the container) is
+// left alone and reported with lease.ErrNotOwner. A view already gone is
+// success.
 func RemoveOwned(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner) error {
 	key := Key(o.Container)
 	info, err := sn.Stat(ctx, key)
@@ -106,9 +107,7 @@ func RemoveOwned(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner) e
 		return fmt.Errorf("stat view %s: %w", key, err)
 	}
 	if !o.Owns(info.Labels) {
-		log.G(ctx).WithFields(log.Fields{"id": o.Container, "key": key, "created": info.Labels[lease.LabelCreated], "want": o.Created}).
-			Warn("snapview: view belongs to another incarnation of the container; left alone")
-		return nil
+		return fmt.Errorf("view %s (created %s, not %s): %w", key, info.Labels[lease.LabelCreated], o.Created, lease.ErrNotOwner)
 	}
 	return Remove(ctx, sn, o.Container)
 }

@@ -105,11 +105,11 @@ func TestCreateUnderLease(t *testing.T) {
 	})
 
 	t.Run("an earlier incarnation's owner removes nothing of the newer one", func(t *testing.T) {
-		if err := RemoveOwned(ctx, sn, first); err != nil {
-			t.Fatal(err)
+		if err := RemoveOwned(ctx, sn, first); !errors.Is(err, lease.ErrNotOwner) {
+			t.Fatalf("remove with the old owner: %v, want ErrNotOwner", err)
 		}
-		if deleted, err := lease.Delete(ctx, lm, first, true); err != nil || deleted {
-			t.Fatalf("delete with the old owner: %v %v", deleted, err)
+		if err := lease.Delete(ctx, lm, first, true); !errors.Is(err, lease.ErrNotOwner) {
+			t.Fatalf("delete with the old owner: %v, want ErrNotOwner", err)
 		}
 		if _, err := sn.Stat(ctx, Key("c1")); err != nil {
 			t.Fatalf("the newer view was removed: %v", err)
@@ -137,8 +137,8 @@ func TestCreateUnderLease(t *testing.T) {
 		if _, err := Create(ctx, sn, c3, parent, l3.ID); !errdefs.IsAlreadyExists(err) {
 			t.Fatalf("foreign view: %v", err)
 		}
-		if err := RemoveOwned(ctx, sn, c3); err != nil {
-			t.Fatal(err)
+		if err := RemoveOwned(ctx, sn, c3); !errors.Is(err, lease.ErrNotOwner) {
+			t.Fatalf("remove of a foreign view: %v, want ErrNotOwner", err)
 		}
 		if _, err := sn.Stat(ctx, Key("c3")); err != nil {
 			t.Fatalf("the foreign view was touched: %v", err)
@@ -150,7 +150,7 @@ func TestCreateUnderLease(t *testing.T) {
 			if err := RemoveOwned(ctx, sn, later); err != nil {
 				t.Fatalf("remove %d: %v", i, err)
 			}
-			if _, err := lease.Delete(ctx, lm, later, false); err != nil {
+			if err := lease.Delete(ctx, lm, later, false); err != nil {
 				t.Fatalf("release %d: %v", i, err)
 			}
 		}

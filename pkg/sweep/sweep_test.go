@@ -1,0 +1,178 @@
+package sweep_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+
+	"github.com/snapview/snapview/pkg/bundle"
+	"github.com/snapview/snapview/pkg/lease"
+	"github.com/snapview/snapview/pkg/lifecycle"
+	"github.com/snapview/snapview/pkg/lifecycle/lifecycletest"
+	"github.com/snapview/snapview/pkg/sweep"
+	"github.com/snapview/snapview/pkg/view"
+)
+
+// orphan sets up the view of container id and then deletes the container
+// record, as if every cleanup path had failed; it returns the bundle root.
+func orphan(t *testing.T, e *lifecycletest.Env, id string) string {
+	t.Helper()
+	l := lifecycle.New(e.Backend)
+	r := e.Container(t, id, nil)
+	p, err := l.Decide(e.Ctx, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Setup(e.Ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Containers.Delete(e.Ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Dir(r.Bundle)
+}
+
+func leaseExists(t *testing.T, e *lifecycletest.Env, id string) bool {
+	t.Helper()
+	_, err := lease.Get(e.Ctx, e.Leases, id)
+	if err != nil && !errdefs.IsNotFound(err) {
+		t.Fatal(err)
+	}
+	return err == nil
+}
+
+func TestSweep(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	root := orphan(t, e, "ghost")
+	live := e.Container(t, "alive", nil)
+	l := lifecycle.New(e.Backend)
+	p, err := l.Decide(e.Ctx, live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := l.Setup(e.Ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Teardown(e.Ctx, v)
+
+	dry, err := sweep.Namespace(e.Ctx, e.Backend, lifecycletest.NS, sweep.Options{BundleRoot: root, DryRun: true})
+	if err != nil || len(dry) != 1 || dry[0].ContainerID != "ghost" || !leaseExists(t, e, "ghost") {
+		t.Fatalf("dry run: %+v %v", dry, err)
+	}
+	got, err := sweep.Namespace(e.Ctx, e.Backend, lifecycletest.NS, sweep.Options{BundleRoot: root})
+	if err != nil || len(got) != 1 {
+		t.Fatalf("sweep: %+v %v", got, err)
+	}
+	want := sweep.Orphan{ContainerID: "ghost", Lease: lease.ID("ghost"), Views: []string{"native/" + view.Key("ghost")}, Mountpoint: bundle.Mountpoint(filepath.Join(root, "ghost"))}
+	if got[0].ContainerID != want.ContainerID || got[0].Lease != want.Lease || len(got[0].Views) != 1 || got[0].Views[0] != want.Views[0] || got[0].Mountpoint != want.Mountpoint {
+		t.Fatalf("orphan %+v, want %+v", got[0], want)
+	}
+	if leaseExists(t, e, "ghost") {
+		t.Error("the orphan's lease survived")
+	}
+	if _, err := e.Snapshotter.Stat(e.Ctx, view.Key("ghost")); !errdefs.IsNotFound(err) {
+		t.Errorf("the orphan's view survived: %v", err)
+	}
+	if m, _ := mountinfo.Mounted(want.Mountpoint); m {
+		t.Error("the orphan's view is still mounted")
+	}
+	if bundle.Started(filepath.Join(root, "ghost")) {
+		t.Error("the orphan's records survived")
+	}
+	if !leaseExists(t, e, "alive") {
+		t.Error("the live container's lease was swept")
+	}
+}
+
+// TestSweepLeavesANewIncarnation recreates a container of the orphan's id
+// between the sweep's listing and its removal: the new lease and view stay.
+func TestSweepLeavesANewIncarnation(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	root := orphan(t, e, "reborn")
+	e.Backend.OnContainer = func(id string) {
+		if id != "reborn" {
+			return
+		}
+		e.Backend.OnContainer = nil
+		// What a new Create of the same id does: replace lease and view.
+		o := lease.NewOwner("reborn", time.Now().Add(time.Second))
+		if _, err := lease.Acquire(e.Ctx, e.Leases, o); err != nil {
+			t.Error(err)
+		}
+		if _, err := view.Create(e.Ctx, e.Snapshotter, o, e.Parent, lease.ID("reborn")); err != nil {
+			t.Error(err)
+		}
+	}
+	got, err := sweep.Namespace(e.Ctx, e.Backend, lifecycletest.NS, sweep.Options{BundleRoot: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range got {
+		if o.Lease != "" {
+			t.Errorf("reported as removed: %+v", o)
+		}
+	}
+	if !leaseExists(t, e, "reborn") {
+		t.Error("the new incarnation's lease was removed")
+	}
+	if _, err := e.Snapshotter.Stat(e.Ctx, view.Key("reborn")); err != nil {
+		t.Errorf("the new incarnation's view was removed: %v", err)
+	}
+}
+
+// TestSweepReportsOnlyWhatItRemoved makes containerd fail after the sweep
+// listed the orphans: nothing is reported as removed, and the error says why.
+func TestSweepReportsOnlyWhatItRemoved(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	orphan(t, e, "stuck")
+	e.Backend.OnContainer = func(string) { e.Backend.Down = true }
+	got, err := sweep.Namespace(e.Ctx, e.Backend, lifecycletest.NS, sweep.Options{})
+	e.Backend.Down = false
+	e.Backend.OnContainer = nil
+	if !errors.Is(err, lifecycletest.ErrDown) || len(got) != 0 {
+		t.Fatalf("got %+v %v, want nothing reported and containerd's error", got, err)
+	}
+	if !leaseExists(t, e, "stuck") {
+		t.Fatal("the lease is gone after all")
+	}
+}
+
+// TestSweepDeletedBundles finds a view still mounted in a bundle containerd
+// renamed to .<id> to delete it, unmounts it and finishes the deletion;
+// a live container's mount in its own bundle is left alone.
+func TestSweepDeletedBundles(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	live := e.Container(t, "alive", nil)
+	root := filepath.Dir(live.Bundle)
+	mountTmpfs := func(dir string) {
+		t.Helper()
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount("tmpfs", dir, "tmpfs", 0, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gone := filepath.Join(root, ".gone")
+	mountTmpfs(bundle.Mountpoint(gone))
+	mountTmpfs(bundle.Mountpoint(live.Bundle))
+	defer unix.Unmount(bundle.Mountpoint(live.Bundle), unix.MNT_DETACH)
+
+	got, err := sweep.Namespace(e.Ctx, e.Backend, lifecycletest.NS, sweep.Options{BundleRoot: root})
+	if err != nil || len(got) != 1 || got[0].ContainerID != "gone" || got[0].Mountpoint != bundle.Mountpoint(gone) {
+		t.Fatalf("got %+v %v", got, err)
+	}
+	if _, err := os.Stat(gone); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the deleted bundle is still there: %v", err)
+	}
+	if m, _ := mountinfo.Mounted(bundle.Mountpoint(live.Bundle)); !m {
+		t.Error("the live container's mount was removed")
+	}
+}
