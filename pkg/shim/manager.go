@@ -24,13 +24,16 @@ const RuntimeName = "io.containerd.snapview.v2"
 // with runtime options normalised for Start and Info and Stop extended to
 // clean up after a shim that died.
 func NewManager() shim.Manager {
-	return &shimManager{Manager: manager.NewShimManager(RuntimeName)}
+	return &shimManager{Manager: manager.NewShimManager(RuntimeName), stopView: stopView}
 }
 
 // shimManager wraps runc's shim manager. Name is runc's, forwarded through the
 // embedded interface on purpose; Start, Stop and Info are changed here.
 type shimManager struct {
 	shim.Manager
+	// stopView tears down a view in the `delete` action (stopView; tests
+	// replace it).
+	stopView func(ctx context.Context, bundlePath, id string) error
 }
 
 // Start launches (or joins) the shim process. runc's manager reads the runtime
@@ -84,7 +87,7 @@ func (m *shimManager) Stop(ctx context.Context, id string) (shim.StopStatus, err
 		log.G(ctx).WithError(berr).WithField("id", id).Error("snapview: cannot find the bundle; the view is left to the sweep")
 		return ss, err
 	}
-	if verr := stopView(ctx, bundlePath, id); verr != nil {
+	if verr := m.stopView(ctx, bundlePath, id); verr != nil {
 		log.G(ctx).WithError(verr).WithField("id", id).Error("snapview: dead-shim view cleanup incomplete")
 	}
 	return ss, err

@@ -216,6 +216,9 @@ type Backend struct {
 	Down bool
 	// OnContainer, when set, runs before each Container lookup.
 	OnContainer func(id string)
+	// OnCall, when set, runs before every call, with the call's name
+	// (Container, Snapshotter, Leases, Mounts); a test can hold a call there.
+	OnCall func(name string)
 
 	mu    sync.Mutex
 	calls int
@@ -231,7 +234,10 @@ func (b *Backend) Calls() int {
 	return b.calls
 }
 
-func (b *Backend) call() error {
+func (b *Backend) call(name string) error {
+	if b.OnCall != nil {
+		b.OnCall(name)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.calls++
@@ -245,7 +251,7 @@ func (b *Backend) Container(ctx context.Context, id string) (string, string, err
 	if b.OnContainer != nil {
 		b.OnContainer(id)
 	}
-	if err := b.call(); err != nil {
+	if err := b.call("Container"); err != nil {
 		return "", "", err
 	}
 	c, err := b.env.Containers.Get(ctx, id)
@@ -256,21 +262,21 @@ func (b *Backend) Container(ctx context.Context, id string) (string, string, err
 }
 
 func (b *Backend) Snapshotter(name string) (snapshots.Snapshotter, error) {
-	if err := b.call(); err != nil {
+	if err := b.call("Snapshotter"); err != nil {
 		return nil, err
 	}
 	return &lateSnapshotter{Snapshotter: b.env.DB.Snapshotter(name), b: b}, nil
 }
 
 func (b *Backend) Leases() (leases.Manager, error) {
-	if err := b.call(); err != nil {
+	if err := b.call("Leases"); err != nil {
 		return nil, err
 	}
 	return &lateLeases{Manager: b.env.Leases, b: b}, nil
 }
 
 func (b *Backend) Mounts() (mount.Manager, error) {
-	if err := b.call(); err != nil {
+	if err := b.call("Mounts"); err != nil {
 		return nil, err
 	}
 	return noMountManager{}, nil
