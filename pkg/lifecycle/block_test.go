@@ -14,11 +14,11 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/snapview/snapview/pkg/annotations"
-	"github.com/snapview/snapview/pkg/lifecycle"
-	"github.com/snapview/snapview/pkg/lifecycle/lifecycletest"
 	"github.com/snapview/snapview/pkg/blockdev"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/config"
+	"github.com/snapview/snapview/pkg/lifecycle"
+	"github.com/snapview/snapview/pkg/lifecycle/lifecycletest"
 	"github.com/snapview/snapview/pkg/rootfs"
 )
 

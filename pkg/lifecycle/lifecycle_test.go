@@ -15,10 +15,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/snapview/snapview/pkg/annotations"
-	"github.com/snapview/snapview/pkg/lifecycle"
-	"github.com/snapview/snapview/pkg/lifecycle/lifecycletest"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/lease"
+	"github.com/snapview/snapview/pkg/lifecycle"
+	"github.com/snapview/snapview/pkg/lifecycle/lifecycletest"
 	"github.com/snapview/snapview/pkg/view"
 )
 

@@ -31,8 +31,8 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/snapview/snapview/pkg/config"
-	"github.com/snapview/snapview/pkg/lifecycle"
 	"github.com/snapview/snapview/pkg/lease"
+	"github.com/snapview/snapview/pkg/lifecycle"
 	"github.com/snapview/snapview/pkg/rootfs"
 	"github.com/snapview/snapview/pkg/view"
 )
