@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/image-spec/identity"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
@@ -56,7 +57,12 @@ func makeOrphan(ctx context.Context, t *testing.T, d *harness.Daemon, id string,
 		}
 	}
 	t.Cleanup(func() {
-		// Only if the test failed before the sweep: leave nothing either way.
+		// Only if the test failed: then remove the orphan, so that later
+		// tests start clean. A passing test leaves the leak check (which
+		// runs after this) to find whatever the sweep did not remove.
+		if !t.Failed() {
+			return
+		}
 		_ = mount.UnmountAll(mp, 0)
 		_ = os.RemoveAll(bundleDir(d, id))
 		cctx := harness.Context(context.Background(), ns)
@@ -64,6 +70,22 @@ func makeOrphan(ctx context.Context, t *testing.T, d *harness.Daemon, id string,
 		_ = c.LeasesService().Delete(cctx, l, leases.SynchronousDelete)
 	})
 	return mp
+}
+
+// checkOrphanGone checks that the orphan of id is gone: lease, view, mount.
+func checkOrphanGone(ctx context.Context, t *testing.T, d *harness.Daemon, id, mp string) {
+	t.Helper()
+	if leaseExists(ctx, t, d, id) {
+		t.Errorf("the orphan's lease survived the sweep")
+	}
+	if _, err := d.Client().SnapshotService("overlayfs").Stat(ctx, "snapview/"+id); err == nil {
+		t.Error("the orphan's view survived the sweep")
+	}
+	if mp != "" {
+		if m, _ := mountinfo.Mounted(mp); m {
+			t.Errorf("the orphan's view is still mounted at %s", mp)
+		}
+	}
 }
 
 func leaseExists(ctx context.Context, t *testing.T, d *harness.Daemon, id string) bool {
@@ -124,7 +146,7 @@ func TestSnapviewctlGC(t *testing.T) {
 	if err := alive.Delete(ctx); err != nil {
 		t.Fatal(err)
 	}
-	// The leak check then finds no ghost lease, view or mount.
+	checkOrphanGone(ctx, t, d, "ghost", mp)
 }
 
 // TestSweepOnShimStart checks that a starting shim sweeps its namespace.
@@ -143,9 +165,7 @@ func TestSweepOnShimStart(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	if _, err := d.Client().SnapshotService("overlayfs").Stat(ctx, "snapview/ghost-2"); err == nil {
-		t.Error("the orphan's view survived the sweep")
-	}
+	checkOrphanGone(ctx, t, d, "ghost-2", "")
 	if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
 		t.Fatal(err)
 	}

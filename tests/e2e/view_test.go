@@ -337,3 +337,60 @@ func (r *running) killShimAndDelete(ctx context.Context, t *testing.T, d *harnes
 		t.Fatalf("task delete after the shim died: %v", err)
 	}
 }
+
+// TestPodChurn deletes one container of a pod while the next is created in
+// the same shim process, in a loop. A container without a view keeps the
+// shim serving, as a pause container does, so containerd's Shutdown after
+// each task delete reaches a shim that has other work in flight: neither
+// the Create nor the teardown may lose the shim's connection to containerd,
+// and every view must be set up and removed completely.
+func TestPodChurn(t *testing.T) {
+	d := suite.daemon
+	ctx := setup(t, d)
+	pod := map[string]string{"io.kubernetes.cri.sandbox-id": "pod-churn"}
+	keeperAnn := map[string]string{"io.kubernetes.cri.sandbox-id": "pod-churn", "io.snapview.mode": "off"}
+	if _, err := start(ctx, t, d, "churn-keeper", runOpts{runtime: snapviewRT, annotations: keeperAnn, args: []string{"sleep", "300"}}); err != nil {
+		t.Fatal(err)
+	}
+	prev, err := start(ctx, t, d, "churn-0", runOpts{runtime: snapviewRT, annotations: pod, args: []string{"sleep", "300"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const rounds = 12
+	for i := 1; i <= rounds; i++ {
+		id := fmt.Sprintf("churn-%d", i)
+		var next *running
+		errs := make(chan error, 2)
+		go func() {
+			_, err := prev.task.Delete(ctx, client.WithProcessKill)
+			errs <- err
+		}()
+		go func() {
+			var err error
+			next, err = start(ctx, t, d, id, runOpts{runtime: snapviewRT, annotations: pod, args: []string{"sleep", "300"}})
+			errs <- err
+		}()
+		for range 2 {
+			if err := <-errs; err != nil {
+				t.Fatalf("round %d: %v", i, err)
+			}
+		}
+		prevID := prev.ctr.ID()
+		if _, err := os.Stat(filepath.Join(bundleDir(d, id), "snapview.json")); err != nil {
+			t.Fatalf("round %d: %s has no view: %v", i, id, err)
+		}
+		if _, err := d.Client().SnapshotService("overlayfs").Stat(ctx, "snapview/"+prevID); err == nil {
+			t.Fatalf("round %d: the view of %s survived its delete", i, prevID)
+		}
+		if err := prev.ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil {
+			t.Fatal(err)
+		}
+		prev = next
+	}
+	if shims := harness.ShimPids(d.Address, ""); len(shims) != 1 {
+		t.Fatalf("want one shim process for the pod, got %v", shims)
+	}
+	if n := strings.Count(d.Log(), "client connection is closing"); n > 0 {
+		t.Fatalf("the shim lost its containerd connection %d times", n)
+	}
+}
