@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
+	"path/filepath"
 	"os/exec"
 	"reflect"
 	"sort"
@@ -93,6 +95,35 @@ var parityScenarios = []scenario{
 		}
 		killed, err := k.wait(t)
 		return observation{"sigterm": term, "sigkill": killed}, err
+	}},
+	{"readonly-view-rootfs", func(ctx context.Context, t *testing.T, d *harness.Daemon, ev *events, id, rt string) (observation, error) {
+		// The rootfs is itself a read-only view of the image: runc must
+		// not be asked to create anything in it.
+		r, err := start(ctx, t, d, id, runOpts{runtime: rt, viewSnapshot: true, args: []string{"sh", "-c", "ls -a /; touch /x 2>/dev/null || echo read-only"}})
+		if err != nil {
+			return nil, err
+		}
+		code, err := r.wait(t)
+		if err != nil {
+			return nil, err
+		}
+		r.task.IO().Wait()
+		return observation{"exit": code, "stdout": r.stdout.String()}, nil
+	}},
+	{"rootfs-unchanged", func(ctx context.Context, t *testing.T, d *harness.Daemon, ev *events, id, rt string) (observation, error) {
+		// What the container sees at / and what its run leaves in its own
+		// snapshot (the rootfs diff a commit would take) are runc's.
+		r, err := start(ctx, t, d, id, runOpts{runtime: rt, args: []string{"sh", "-c", "ls -a /; echo data > /tmp/written"}})
+		if err != nil {
+			return nil, err
+		}
+		code, err := r.wait(t)
+		if err != nil {
+			return nil, err
+		}
+		r.task.IO().Wait()
+		upper, err := upperEntries(ctx, d, r.ctr)
+		return observation{"exit": code, "stdout": r.stdout.String(), "upper": upper}, err
 	}},
 	{"pause-resume", func(ctx context.Context, t *testing.T, d *harness.Daemon, ev *events, id, rt string) (observation, error) {
 		r, err := start(ctx, t, d, id, runOpts{runtime: rt, args: []string{"sleep", "300"}})
@@ -316,6 +347,41 @@ func lifecycle(topics []string) []string {
 		}
 	}
 	return sorted(out)
+}
+
+// upperEntries lists, relative and sorted, what the container wrote into
+// the upper directory of its overlayfs snapshot.
+func upperEntries(ctx context.Context, d *harness.Daemon, ctr client.Container) ([]string, error) {
+	info, err := ctr.Info(ctx)
+	if err != nil {
+		return nil, err
+	}
+	mounts, err := d.Client().SnapshotService(info.Snapshotter).Mounts(ctx, info.SnapshotKey)
+	if err != nil {
+		return nil, err
+	}
+	upper := ""
+	for _, m := range mounts {
+		for _, o := range m.Options {
+			if v, ok := strings.CutPrefix(o, "upperdir="); ok {
+				upper = v
+			}
+		}
+	}
+	if upper == "" {
+		return nil, fmt.Errorf("no upperdir in %+v", mounts)
+	}
+	var entries []string
+	err = filepath.WalkDir(upper, func(p string, _ fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if rel, _ := filepath.Rel(upper, p); rel != "." {
+			entries = append(entries, rel)
+		}
+		return nil
+	})
+	return sorted(entries), err
 }
 
 func sorted(s []string) []string {

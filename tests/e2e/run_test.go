@@ -32,6 +32,9 @@ type runOpts struct {
 	stdin       io.Reader
 	specOpts    []oci.SpecOpts
 	noStart     bool
+	// viewSnapshot gives the container a read-only rootfs: a View of the
+	// image (client.WithNewSnapshotView) instead of a writable snapshot.
+	viewSnapshot bool
 }
 
 // safeBuffer is a bytes.Buffer safe for the IO copy goroutines and the test.
@@ -80,10 +83,14 @@ func newContainer(ctx context.Context, t *testing.T, d *harness.Daemon, id strin
 		specOpts = append(specOpts, oci.WithTTY)
 	}
 	specOpts = append(specOpts, o.specOpts...)
+	snapshot := client.WithNewSnapshot(id+"-snapshot", img)
+	if o.viewSnapshot {
+		snapshot = client.WithNewSnapshotView(id+"-snapshot", img)
+	}
 	ctr, err := c.NewContainer(ctx, id,
 		client.WithImage(img),
 		client.WithSnapshotter(o.snapshotter),
-		client.WithNewSnapshot(id+"-snapshot", img),
+		snapshot,
 		client.WithRuntime(o.runtime, o.runtimeOpts),
 		client.WithNewSpec(specOpts...),
 	)

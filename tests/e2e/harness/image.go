@@ -88,6 +88,7 @@ func BuildImage(dir string, spec ImageSpec) (*Image, error) {
 	base := []layerFile{
 		dirEntry("bin", 0o755), dirEntry("dev", 0o755), dirEntry("etc", 0o755), dirEntry("proc", 0o555),
 		dirEntry("sys", 0o555), dirEntry("tmp", 0o1777), dirEntry("root", 0o700), dirEntry("var", 0o755),
+		dirEntry("run", 0o755),
 		file("bin/busybox", 0o755, bb),
 		file("etc/passwd", 0o644, []byte("root:x:0:0:root:/root:/bin/sh\n")),
 		file("etc/group", 0o644, []byte("root:x:0:\n")),
