@@ -7,11 +7,13 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
+	"github.com/moby/sys/mountinfo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
@@ -168,37 +170,39 @@ func TestBootHostile(t *testing.T) {
 		many[fmt.Sprintf("io.snapview.boot.a%02d", i)] = harness.KernelPath
 	}
 	for _, tc := range []struct {
-		name string
-		ann  map[string]string
-		want []string
+		name         string
+		ann          map[string]string
+		want         []string
+		viewSnapshot bool
 	}{
-		{"absolute symlink escape", map[string]string{"io.snapview.boot.k": "/boot/abs-escape"}, []string{"io.snapview.boot.k", "/boot/abs-escape", "no such file in the image"}},
-		{"relative symlink escape", map[string]string{"io.snapview.boot.k": "/boot/rel-escape"}, []string{"io.snapview.boot.k", "no such file in the image"}},
-		{"proc self root symlink", map[string]string{"io.snapview.boot.k": "/boot/proc-escape"}, []string{"io.snapview.boot.k", "no such file in the image"}},
-		{"symlink loop", map[string]string{"io.snapview.boot.k": "/boot/loop"}, []string{"io.snapview.boot.k", "/boot/loop"}},
-		{"directory", map[string]string{"io.snapview.boot.k": "/boot"}, []string{"io.snapview.boot.k", "is a directory"}},
-		{"fifo", map[string]string{"io.snapview.boot.k": "/boot/fifo"}, []string{"io.snapview.boot.k", "is a fifo"}},
-		{"device", map[string]string{"io.snapview.boot.k": "/boot/null"}, []string{"io.snapview.boot.k", "is a character device"}},
-		{"missing file", map[string]string{"io.snapview.boot.k": "/boot/nope"}, []string{"io.snapview.boot.k", "/boot/nope", "no such file"}},
-		{"relative path", map[string]string{"io.snapview.boot.k": "boot/vmlinux"}, []string{"io.snapview.boot.k", "absolute"}},
-		{"dot-dot in path", map[string]string{"io.snapview.boot.k": "/boot/../etc/passwd"}, []string{"io.snapview.boot.k", `".."`}},
-		{"upper-case name", map[string]string{"io.snapview.boot.Kernel": harness.KernelPath}, []string{"io.snapview.boot.Kernel", "must match"}},
-		{"over-long name", map[string]string{"io.snapview.boot." + strings.Repeat("k", 64): harness.KernelPath}, []string{"io.snapview.boot.kkkk", "must match"}},
-		{"17 artifacts", many, []string{"17 boot artifacts", "at most 16"}},
-		{"unknown mode", map[string]string{"io.snapview.mode": "fast"}, []string{"io.snapview.mode", `"fast"`}},
-		{"relative boot-dir", map[string]string{"io.snapview.boot-dir": "boot", "io.snapview.boot.k": harness.KernelPath}, []string{"io.snapview.boot-dir", "absolute"}},
-		{"relative view-target", map[string]string{"io.snapview.view-target": "image"}, []string{"io.snapview.view-target", "absolute"}},
-		{"boot-dir under /proc", map[string]string{"io.snapview.boot-dir": "/proc/boot", "io.snapview.boot.k": harness.KernelPath}, []string{"io.snapview.boot-dir", "under /proc"}},
-		{"view-target under /sys", map[string]string{"io.snapview.view-target": "/sys/image"}, []string{"io.snapview.view-target", "under /sys"}},
-		{"boot-dir under /dev", map[string]string{"io.snapview.boot-dir": "/dev/boot", "io.snapview.boot.k": harness.KernelPath}, []string{"io.snapview.boot-dir", "under /dev"}},
-		{"boot with mode off", map[string]string{"io.snapview.mode": "off", "io.snapview.boot.k": harness.KernelPath}, []string{"io.snapview.boot.k", "mode is off"}},
-		{"view-target over the params file", map[string]string{"io.snapview.view-target": "/.snapview"}, []string{"overlap", "/.snapview"}},
-		{"unknown annotation", map[string]string{"io.snapview.bootdir": "/boot"}, []string{"unknown annotation io.snapview.bootdir"}},
+		{"absolute symlink escape", map[string]string{"io.snapview.boot.k": "/boot/abs-escape"}, []string{"io.snapview.boot.k", "/boot/abs-escape", "no such file in the image"}, false},
+		{"relative symlink escape", map[string]string{"io.snapview.boot.k": "/boot/rel-escape"}, []string{"io.snapview.boot.k", "no such file in the image"}, false},
+		{"proc self root symlink", map[string]string{"io.snapview.boot.k": "/boot/proc-escape"}, []string{"io.snapview.boot.k", "no such file in the image"}, false},
+		{"symlink loop", map[string]string{"io.snapview.boot.k": "/boot/loop"}, []string{"io.snapview.boot.k", "/boot/loop"}, false},
+		{"directory", map[string]string{"io.snapview.boot.k": "/boot"}, []string{"io.snapview.boot.k", "is a directory"}, false},
+		{"fifo", map[string]string{"io.snapview.boot.k": "/boot/fifo"}, []string{"io.snapview.boot.k", "is a fifo"}, false},
+		{"device", map[string]string{"io.snapview.boot.k": "/boot/null"}, []string{"io.snapview.boot.k", "is a character device"}, false},
+		{"missing file", map[string]string{"io.snapview.boot.k": "/boot/nope"}, []string{"io.snapview.boot.k", "/boot/nope", "no such file"}, false},
+		{"relative path", map[string]string{"io.snapview.boot.k": "boot/vmlinux"}, []string{"io.snapview.boot.k", "absolute"}, false},
+		{"dot-dot in path", map[string]string{"io.snapview.boot.k": "/boot/../etc/passwd"}, []string{"io.snapview.boot.k", `".."`}, false},
+		{"upper-case name", map[string]string{"io.snapview.boot.Kernel": harness.KernelPath}, []string{"io.snapview.boot.Kernel", "must match"}, false},
+		{"over-long name", map[string]string{"io.snapview.boot." + strings.Repeat("k", 64): harness.KernelPath}, []string{"io.snapview.boot.kkkk", "must match"}, false},
+		{"17 artifacts", many, []string{"17 boot artifacts", "at most 16"}, false},
+		{"unknown mode", map[string]string{"io.snapview.mode": "fast"}, []string{"io.snapview.mode", `"fast"`}, false},
+		{"relative boot-dir", map[string]string{"io.snapview.boot-dir": "boot", "io.snapview.boot.k": harness.KernelPath}, []string{"io.snapview.boot-dir", "absolute"}, false},
+		{"relative view-target", map[string]string{"io.snapview.view-target": "image"}, []string{"io.snapview.view-target", "absolute"}, false},
+		{"boot-dir under /proc", map[string]string{"io.snapview.boot-dir": "/proc/boot", "io.snapview.boot.k": harness.KernelPath}, []string{"io.snapview.boot-dir", "under /proc"}, false},
+		{"view-target under /sys", map[string]string{"io.snapview.view-target": "/sys/image"}, []string{"io.snapview.view-target", "under /sys"}, false},
+		{"boot-dir under /dev", map[string]string{"io.snapview.boot-dir": "/dev/boot", "io.snapview.boot.k": harness.KernelPath}, []string{"io.snapview.boot-dir", "under /dev"}, false},
+		{"boot with mode off", map[string]string{"io.snapview.mode": "off", "io.snapview.boot.k": harness.KernelPath}, []string{"io.snapview.boot.k", "mode is off"}, false},
+		{"view-target over the params file", map[string]string{"io.snapview.view-target": "/.snapview"}, []string{"overlap", "/.snapview"}, false},
+		{"unknown annotation", map[string]string{"io.snapview.bootdir": "/boot"}, []string{"unknown annotation io.snapview.bootdir"}, false},
+		{"bind on a read-only rootfs", map[string]string{"io.snapview.boot.k": harness.KernelPath}, []string{"rootfs is read-only", "/.snapview/boot/k"}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := setup(t, d)
 			id := "hostile-" + strings.NewReplacer(" ", "-", "/", "").Replace(tc.name)
-			_, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, annotations: tc.ann, args: []string{"true"}})
+			_, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, annotations: tc.ann, args: []string{"true"}, viewSnapshot: tc.viewSnapshot})
 			if err == nil {
 				t.Fatal("create succeeded")
 			}
@@ -329,5 +333,62 @@ func TestCorruptState(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// TestPlantedState rewrites a running container's snapview.json to name
+// another running container (its id, lease, view and mountpoint), kills the
+// shim and deletes the task: the dead-shim path must tear down the right
+// view and leave the other container's alone.
+func TestPlantedState(t *testing.T) {
+	d := suite.daemon
+	ctx := setup(t, d)
+	victim, err := start(ctx, t, d, "planted-victim", runOpts{runtime: snapviewRT, args: []string{"sleep", "300"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := start(ctx, t, d, "planted", runOpts{runtime: snapviewRT, args: []string{"sleep", "300"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(bundleDir(d, "planted"), "snapview.json")
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st map[string]any
+	if err := json.Unmarshal(raw, &st); err != nil {
+		t.Fatal(err)
+	}
+	st["container_id"], st["lease"], st["view_key"] = "planted-victim", "snapview/planted-victim", "snapview/planted-victim"
+	st["mountpoint"] = filepath.Join(bundleDir(d, "planted-victim"), "snapview", "view")
+	if raw, err = json.Marshal(st); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r.killShimAndDelete(ctx, t, d, "planted")
+	if err := r.ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil {
+		t.Fatal(err)
+	}
+	// containerd runs the dead-shim `delete` action when it sees the
+	// shim's connection close, concurrently with the task delete.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if _, err := d.Client().SnapshotService("overlayfs").Stat(ctx, "snapview/planted"); err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the container's own view survived")
+		}
+	}
+	if _, err := d.Client().SnapshotService("overlayfs").Stat(ctx, "snapview/planted-victim"); err != nil {
+		t.Fatalf("the other container's view was removed: %v", err)
+	}
+	if m, err := mountinfo.Mounted(filepath.Join(bundleDir(d, "planted-victim"), "snapview", "view")); err != nil || !m {
+		t.Fatalf("the other container's view was unmounted: %v", err)
+	}
+	if _, err := victim.task.Delete(ctx, client.WithProcessKill); err != nil {
+		t.Fatal(err)
 	}
 }
