@@ -32,7 +32,7 @@ E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) \
 E2E_FLAGS ?= -count=1 -timeout 40m
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
 
-.PHONY: all build deps test unit e2e demo bench fuzz install lint clean
+.PHONY: all build deps test unit e2e demo bench parity fuzz install lint clean
 
 all: build
 
@@ -67,6 +67,11 @@ demo: build deps
 
 bench: build deps
 	@$(E2E_ENV) $(GO) run ./tests/bench $(BENCH_FLAGS)
+
+# containerd's own client integration suite on runc and on snapview, both
+# daemons; PARITY_FLAGS=-run REGEX narrows it.
+parity: build deps
+	@$(E2E_ENV) $(GO) run ./tests/parity -cache $(CACHE)/parity $(PARITY_FLAGS)
 
 # Each fuzz target runs for FUZZTIME; `make test` runs their seed corpora.
 FUZZTIME ?= 60s

@@ -1,0 +1,426 @@
+// Command parity is `make parity`: containerd's own client integration suite
+// (integration/client of the containerd module, compiled unchanged at each
+// daemon's own tag) runs against io.containerd.runc.v2 and then
+// io.containerd.snapview.v2 (TEST_RUNTIME), on the newest and on the oldest
+// supported containerd. The suite pulls its images; here they are built from
+// Debian's static busybox and served under the suite's own image names by a
+// registry behind an HTTPS proxy on loopback (see proxy.go). Any test that passes with runc and fails with
+// snapview fails the run; such a test is run again alone, on both runtimes,
+// before it counts, so that a flake of the machine is not taken for a
+// difference. After each snapview run nothing of the shim may be left on the
+// host (mounts and loop devices under the suite's directories, shim
+// processes).
+//
+// The suite starts its own containerd with fixed directories
+// (/var/lib/containerd-test, /run/containerd-test) and removes them
+// afterwards, so runs are sequential.
+package main
+
+import (
+	"archive/tar"
+	"bufio"
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/moby/sys/mountinfo"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/snapview/snapview/tests/e2e/harness"
+)
+
+const (
+	runcRT     = "io.containerd.runc.v2"
+	snapviewRT = "io.containerd.snapview.v2"
+	// The suite's fixed directories (integration/client/client_unix.go).
+	suiteRoot  = "/var/lib/containerd-test"
+	suiteState = "/run/containerd-test"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "parity:", err)
+		os.Exit(1)
+	}
+}
+
+type options struct {
+	run      string
+	cache    string
+	timeout  time.Duration
+	daemons  string
+	attempts int
+}
+
+func run() error {
+	var o options
+	flag.StringVar(&o.run, "run", "", "run only the suite's tests matching this regular expression (go test -run)")
+	flag.StringVar(&o.cache, "cache", ".cache/parity", "where the compiled suites and the logs go")
+	flag.DurationVar(&o.timeout, "timeout", 40*time.Minute, "time limit of one run of the suite")
+	flag.StringVar(&o.daemons, "daemons", "newest,compat", "which containerd builds to run on")
+	flag.IntVar(&o.attempts, "attempts", 2, "times a differing test is run again alone before it counts")
+	flag.Parse()
+	if os.Getuid() != 0 {
+		return fmt.Errorf("containerd's client suite needs root: run 'sudo make parity'")
+	}
+	if err := os.MkdirAll(o.cache, 0o755); err != nil {
+		return err
+	}
+	cache, err := filepath.Abs(o.cache)
+	if err != nil {
+		return err
+	}
+	o.cache = cache
+
+	imgs, err := suiteImages()
+	if err != nil {
+		return err
+	}
+	reg, err := startRegistry(imgs)
+	if err != nil {
+		return err
+	}
+	defer reg.close()
+	px, err := startProxy(reg, o.cache)
+	if err != nil {
+		return err
+	}
+	defer px.close()
+
+	var failed []string
+	for _, which := range strings.Split(o.daemons, ",") {
+		tools, err := harness.ToolsFromEnv(which == "compat")
+		if err != nil {
+			return err
+		}
+		version, err := containerdVersion(tools.Containerd)
+		if err != nil {
+			return err
+		}
+		bin, err := compileSuite(version, o.cache)
+		if err != nil {
+			return err
+		}
+		s := &suite{opts: o, version: version, bin: bin, env: px.env(), tools: tools}
+		diff, err := s.compare()
+		if err != nil {
+			return fmt.Errorf("containerd %s: %w", version, err)
+		}
+		for _, d := range diff {
+			failed = append(failed, version+" "+d)
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("%d test(s) pass with runc and fail with snapview:\n  %s", len(failed), strings.Join(failed, "\n  "))
+	}
+	fmt.Println("\nparity: no test of containerd's client suite passes with runc and fails with snapview")
+	return nil
+}
+
+// suiteImages builds the images the suite pulls: busybox (also pulled by
+// digest), volume-copy-up and volume-ownership, the same content as
+// containerd's own test images in the parts the tests look at.
+func suiteImages() (map[string]*harness.OCIImage, error) {
+	out, err := exec.Command(harness.BusyboxPath, "--list").Output()
+	if err != nil {
+		return nil, fmt.Errorf("list busybox applets: %w", err)
+	}
+	applets := strings.Fields(string(out))
+	base := func() (*harness.Layer, error) { return harness.BusyboxLayer(applets) }
+	cfg := ocispec.ImageConfig{Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}, Cmd: []string{"sh"}}
+	imgs := map[string]*harness.OCIImage{}
+
+	b, err := base()
+	if err != nil {
+		return nil, err
+	}
+	if imgs["containerd/busybox:1.36"], err = harness.Compose("containerd/busybox:1.36", cfg, b); err != nil {
+		return nil, err
+	}
+
+	copyUp := harness.NewLayer().
+		Dir("test_dir", 0o755).File("test_dir/test_file", 0o644, []byte("test_content\n")).
+		Dir("C:", 0o755).Dir("C:/weird_test_dir", 0o755).File("C:/weird_test_dir/weird_test_file", 0o644, []byte("test_content\n")).
+		Dir(":colon_prefixed", 0o755).File(":colon_prefixed/colon_prefixed_file", 0o644, []byte("test_content\n"))
+	vcfg := cfg
+	vcfg.Volumes = map[string]struct{}{"/test_dir": {}, "C:/weird_test_dir": {}, "/:colon_prefixed": {}}
+	if b, err = base(); err != nil {
+		return nil, err
+	}
+	if imgs["containerd/volume-copy-up:2.2"], err = harness.Compose("containerd/volume-copy-up:2.2", vcfg, b, copyUp); err != nil {
+		return nil, err
+	}
+
+	owned := harness.NewLayer()
+	owned.Entry(tarDir("test_dir", 65534, 65534))
+	ocfg := cfg
+	ocfg.Volumes = map[string]struct{}{"/test_dir": {}}
+	if b, err = base(); err != nil {
+		return nil, err
+	}
+	if imgs["containerd/volume-ownership:2.1"], err = harness.Compose("containerd/volume-ownership:2.1", ocfg, b, owned); err != nil {
+		return nil, err
+	}
+	return imgs, nil
+}
+
+func containerdVersion(bin string) (string, error) {
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil {
+		return "", fmt.Errorf("%s --version: %w", bin, err)
+	}
+	f := strings.Fields(string(out))
+	if len(f) < 3 {
+		return "", fmt.Errorf("%s --version: %q", bin, out)
+	}
+	v, _, _ := strings.Cut(f[2], "+")
+	if !strings.HasPrefix(v, "v") {
+		v = "v" + v
+	}
+	return v, nil
+}
+
+// compileSuite compiles integration/client of the containerd module at
+// version, from the Go module cache, once.
+func compileSuite(version, cache string) (string, error) {
+	bin := filepath.Join(cache, "client-"+version+".test")
+	if _, err := os.Stat(bin); err == nil {
+		return bin, nil
+	}
+	modcache, err := exec.Command("go", "env", "GOMODCACHE").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMODCACHE: %w", err)
+	}
+	dir := filepath.Join(strings.TrimSpace(string(modcache)), "github.com/containerd/containerd/v2@"+version)
+	if _, err := os.Stat(dir); err != nil {
+		dl := exec.Command("go", "mod", "download", "github.com/containerd/containerd/v2@"+version)
+		dl.Stdout, dl.Stderr = os.Stderr, os.Stderr
+		if err := dl.Run(); err != nil {
+			return "", fmt.Errorf("download containerd %s: %w", version, err)
+		}
+	}
+	fmt.Printf("==> compiling containerd %s's client integration suite (once)\n", version)
+	cmd := exec.Command("go", "test", "-c", "-o", bin, "./integration/client")
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("compile integration/client at %s: %w", version, err)
+	}
+	return bin, nil
+}
+
+type suite struct {
+	opts    options
+	version string
+	bin     string
+	env     []string
+	tools   harness.Tools
+}
+
+// results maps a test (or subtest) name to PASS, FAIL or SKIP.
+type results map[string]string
+
+var resultLine = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) \(`)
+
+// runSuite runs the suite (or the tests matching run) on runtime rt and
+// returns the results, with the output in a log file.
+func (s *suite) runSuite(rt, run, logName string) (results, error) {
+	logPath := filepath.Join(s.opts.cache, logName)
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer logFile.Close()
+	args := []string{"-test.v", "-test.root", "-test.timeout", s.opts.timeout.String(), "-no-criu"}
+	if run != "" {
+		args = append(args, "-test.run", run)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.opts.timeout+time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, s.bin, args...)
+	cmd.Dir = s.opts.cache
+	path := strings.Join([]string{filepath.Dir(s.tools.Containerd), filepath.Dir(s.tools.Shim), filepath.Dir(s.tools.Runc), os.Getenv("PATH")}, ":")
+	cmd.Env = append(append(os.Environ(), "PATH="+path, "TEST_RUNTIME="+rt), s.env...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stderr = logFile
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	res := results{}
+	sc := bufio.NewScanner(io.TeeReader(out, logFile))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		if m := resultLine.FindStringSubmatch(sc.Text()); m != nil {
+			res[m[2]] = m[1]
+		}
+	}
+	// The suite's own verdict is not ours: its failures are compared.
+	_ = cmd.Wait()
+	if len(res) == 0 {
+		return nil, fmt.Errorf("no test results from %s on %s (see %s)", s.bin, rt, logPath)
+	}
+	return res, nil
+}
+
+// compare runs the suite on both runtimes, retries what differs, prints a
+// summary and returns the tests that pass with runc and fail with snapview.
+func (s *suite) compare() ([]string, error) {
+	all := map[string]results{}
+	for _, rt := range []string{runcRT, snapviewRT} {
+		fmt.Printf("==> containerd %s: client suite on %s\n", s.version, rt)
+		start := time.Now()
+		res, err := s.runSuite(rt, s.opts.run, fmt.Sprintf("client-%s-%s.log", s.version, short(rt)))
+		if err != nil {
+			return nil, err
+		}
+		fmt.Printf("    %d tests and subtests in %s\n", len(res), time.Since(start).Round(time.Second))
+		all[rt] = res
+		if rt == snapviewRT {
+			if leaks := hostLeaks(s.tools.Shim); len(leaks) > 0 {
+				return nil, fmt.Errorf("left on the host after the snapview run:\n  %s", strings.Join(leaks, "\n  "))
+			}
+		}
+	}
+	diff := differences(all[runcRT], all[snapviewRT])
+	var confirmed []string
+	for _, name := range diff {
+		if s.stillDiffers(name) {
+			confirmed = append(confirmed, name)
+		} else {
+			fmt.Printf("    %s differed once but not when run again alone: counted as a flake\n", name)
+		}
+	}
+	s.summary(all, confirmed)
+	return confirmed, nil
+}
+
+// stillDiffers runs one test alone on both runtimes up to opts.attempts
+// times, and reports whether it passed with runc and failed with snapview
+// every time.
+func (s *suite) stillDiffers(name string) bool {
+	top, _, _ := strings.Cut(name, "/")
+	run := "^" + regexp.QuoteMeta(top) + "$"
+	for i := 0; i < s.opts.attempts; i++ {
+		r, err := s.runSuite(runcRT, run, fmt.Sprintf("retry-%s-%s-runc.log", s.version, top))
+		if err != nil {
+			return true
+		}
+		v, err := s.runSuite(snapviewRT, run, fmt.Sprintf("retry-%s-%s-snapview.log", s.version, top))
+		if err != nil {
+			return true
+		}
+		if !(r[name] == "PASS" && v[name] != "PASS") {
+			return false
+		}
+	}
+	return true
+}
+
+// differences lists the tests that passed with runc and did not pass with
+// snapview (failed, or never reported).
+func differences(runc, snapview results) []string {
+	var out []string
+	for name, r := range runc {
+		if r == "PASS" && snapview[name] != "PASS" && snapview[name] != "SKIP" {
+			out = append(out, name)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (s *suite) summary(all map[string]results, diff []string) {
+	count := func(res results, top bool, verdict string) int {
+		n := 0
+		for name, v := range res {
+			if strings.Contains(name, "/") != top && v == verdict {
+				n++
+			}
+		}
+		return n
+	}
+	fmt.Printf("\ncontainerd %s, client integration suite (%s)\n", s.version, s.bin)
+	fmt.Printf("  %-28s %10s %10s\n", "", "runc", "snapview")
+	for _, v := range []string{"PASS", "FAIL", "SKIP"} {
+		fmt.Printf("  %-28s %10d %10d\n", "top-level tests "+strings.ToLower(v), count(all[runcRT], true, v), count(all[snapviewRT], true, v))
+	}
+	for _, v := range []string{"PASS", "FAIL", "SKIP"} {
+		fmt.Printf("  %-28s %10d %10d\n", "subtests "+strings.ToLower(v), count(all[runcRT], false, v), count(all[snapviewRT], false, v))
+	}
+	var both []string
+	for name, v := range all[runcRT] {
+		if v == "FAIL" && all[snapviewRT][name] == "FAIL" && !strings.Contains(name, "/") {
+			both = append(both, name)
+		}
+	}
+	sort.Strings(both)
+	if len(both) > 0 {
+		fmt.Printf("  fail with both runtimes (not a difference): %s\n", strings.Join(both, ", "))
+	}
+	var better []string
+	for name, v := range all[snapviewRT] {
+		if v == "PASS" && all[runcRT][name] == "FAIL" {
+			better = append(better, name)
+		}
+	}
+	sort.Strings(better)
+	if len(better) > 0 {
+		fmt.Printf("  pass with snapview only (flakes of runc's run): %s\n", strings.Join(better, ", "))
+	}
+	if len(diff) == 0 {
+		fmt.Println("  passes with runc and fails with snapview: none")
+	} else {
+		fmt.Printf("  passes with runc and fails with snapview: %s\n", strings.Join(diff, ", "))
+	}
+}
+
+// hostLeaks lists what a run left on the host: mounts and loop devices
+// under the suite's directories, and shim processes of snapview.
+func hostLeaks(shim string) []string {
+	var leaks []string
+	for _, dir := range []string{suiteRoot, suiteState} {
+		ms, _ := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+		for _, m := range ms {
+			leaks = append(leaks, fmt.Sprintf("mount %s (%s)", m.Mountpoint, m.FSType))
+		}
+		for _, l := range harness.LoopDevices(dir) {
+			leaks = append(leaks, "loop device "+l)
+		}
+	}
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
+		if err == nil && exe == shim {
+			leaks = append(leaks, "shim process "+e.Name())
+		}
+	}
+	if len(leaks) > 0 {
+		// Leave the next run a clean host.
+		for _, dir := range []string{suiteRoot, suiteState} {
+			_ = mount.UnmountRecursive(dir, 0)
+		}
+	}
+	return leaks
+}
+
+func short(rt string) string {
+	s := strings.TrimPrefix(rt, "io.containerd.")
+	return strings.TrimSuffix(s, ".v2")
+}
+
+// tarDir is a directory entry owned by uid:gid.
+func tarDir(name string, uid, gid int) tar.Header {
+	return tar.Header{Typeflag: tar.TypeDir, Name: name + "/", Mode: 0o755, Uid: uid, Gid: gid}
+}
