@@ -15,6 +15,8 @@ CTL       := $(BIN)/snapviewctl
 CONTAINERD_VERSION        ?= v2.4.2
 CONTAINERD_COMPAT_VERSION ?= v2.2.9
 RUNC_VERSION              ?= v1.5.2
+GOLANGCI_LINT_VERSION     ?= v2.15.0
+GOLANGCI_LINT             := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)/golangci-lint
 
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
@@ -87,9 +89,14 @@ install: build
 	install -D -m 0755 $(SHIM) $(DESTDIR)$(PREFIX)/bin/containerd-shim-snapview-v2
 	install -D -m 0755 $(CTL) $(DESTDIR)$(PREFIX)/bin/snapviewctl
 
-lint:
-	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt:"; echo "$$out"; exit 1; fi
-	$(GO) vet ./...
+# golangci-lint v2 with .golangci.yml (gofmt, goimports, vet, staticcheck and
+# the linters listed there), installed once into .cache/tools.
+lint: $(GOLANGCI_LINT)
+	$(GOLANGCI_LINT) run ./...
+
+$(GOLANGCI_LINT):
+	@echo "[lint] installing golangci-lint $(GOLANGCI_LINT_VERSION) (first time only, about 3 minutes)"
+	GOBIN=$(dir $@) $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
 
 clean:
 	rm -rf $(BIN)

@@ -35,7 +35,7 @@ func run(args []string) error {
 	namespace := fs.String("namespace", "", "sweep only this namespace (default: all)")
 	state := fs.String("state", "/run/containerd", "containerd's state directory, where bundles (and leftover view mounts) are")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: snapviewctl [flags] gc [--dry-run]")
+		_, _ = fmt.Fprintln(fs.Output(), "usage: snapviewctl [flags] gc [--dry-run]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -54,7 +54,7 @@ func run(args []string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	b := backend.New(*address)
-	defer b.Close()
+	defer func() { _ = b.Close() }()
 	nss := []string{*namespace}
 	if *namespace == "" {
 		var err error

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"path"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -157,10 +158,8 @@ func checkPath(p string) error {
 	case !strings.HasPrefix(p, "/"):
 		return fmt.Errorf("path must be absolute")
 	}
-	for _, c := range strings.Split(p, "/") {
-		if c == ".." {
-			return fmt.Errorf(`path must not contain ".."`)
-		}
+	if slices.Contains(strings.Split(p, "/"), "..") {
+		return fmt.Errorf(`path must not contain ".."`)
 	}
 	if path.Clean(p) != p {
 		return fmt.Errorf("path must be clean (no //, /./ or trailing /)")

@@ -93,7 +93,7 @@ func TestParse(t *testing.T) {
 
 func TestParseLimit(t *testing.T) {
 	ann := map[string]string{}
-	for i := 0; i < MaxArtifacts; i++ {
+	for i := range MaxArtifacts {
 		ann[fmt.Sprintf("io.snapview.boot.a%d", i)] = "/k"
 	}
 	if _, err := Parse(ann, defBoot); err != nil {

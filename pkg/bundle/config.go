@@ -3,6 +3,7 @@ package bundle
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 
@@ -88,17 +89,11 @@ func ReadConfig(bundle string) (*Config, error) {
 // Restore puts the original back.
 func (c *Config) Apply(p ConfigPatch) error {
 	fields := make(map[string]json.RawMessage, len(c.fields)+2)
-	for k, v := range c.fields {
-		fields[k] = v
-	}
+	maps.Copy(fields, c.fields)
 	if len(p.Annotations) > 0 {
 		ann := make(map[string]string, len(c.Annotations)+len(p.Annotations))
-		for k, v := range c.Annotations {
-			ann[k] = v
-		}
-		for k, v := range p.Annotations {
-			ann[k] = v
-		}
+		maps.Copy(ann, c.Annotations)
+		maps.Copy(ann, p.Annotations)
 		raw, err := json.Marshal(ann)
 		if err != nil {
 			return err

@@ -29,9 +29,10 @@ import (
 // DefaultPath is the configuration file read when the runtime options name none.
 const DefaultPath = "/etc/containerd/snapview.toml"
 
-// PathEnv, when set in the shim's environment (inherited from containerd),
-// replaces DefaultPath. It lets a private containerd, such as the one
-// `make demo` starts, use its own file without touching /etc.
+// PathEnv names the environment variable that, when set in the shim's
+// environment (inherited from containerd), replaces DefaultPath. It lets a
+// private containerd, such as the one `make demo` starts, use its own file
+// without touching /etc.
 const PathEnv = "SNAPVIEW_CONFIG"
 
 // Modes of a container (annotation io.snapview.mode, default view.mode).
@@ -55,8 +56,8 @@ type Config struct {
 	NoPivotRoot   bool   `toml:"NoPivotRoot"`
 	NoNewKeyring  bool   `toml:"NoNewKeyring"`
 	ShimCgroup    string `toml:"ShimCgroup"`
-	IoUid         uint32 `toml:"IoUid"`
-	IoGid         uint32 `toml:"IoGid"`
+	IoUID         uint32 `toml:"IoUid"`
+	IoGID         uint32 `toml:"IoGid"`
 	CriuImagePath string `toml:"CriuImagePath"`
 	CriuWorkPath  string `toml:"CriuWorkPath"`
 
@@ -64,7 +65,7 @@ type Config struct {
 	// every key of the options table, is accepted. When ConfigPath is set the
 	// file it names is the configuration.
 	ConfigPath string `toml:"ConfigPath"`
-	TypeUrl    string `toml:"TypeUrl"`
+	TypeURL    string `toml:"TypeUrl"`
 
 	View  View  `toml:"view"`
 	Block Block `toml:"block"`
@@ -212,7 +213,7 @@ func absClean(key, value, source string) error {
 // when it sets none, which is what the inner runc task service is handed.
 func (c *Config) RuncOptions() *runcoptions.Options {
 	if c.BinaryName == "" && c.Root == "" && !c.SystemdCgroup && !c.NoPivotRoot && !c.NoNewKeyring &&
-		c.ShimCgroup == "" && c.IoUid == 0 && c.IoGid == 0 && c.CriuImagePath == "" && c.CriuWorkPath == "" {
+		c.ShimCgroup == "" && c.IoUID == 0 && c.IoGID == 0 && c.CriuImagePath == "" && c.CriuWorkPath == "" {
 		return nil
 	}
 	return &runcoptions.Options{
@@ -222,8 +223,8 @@ func (c *Config) RuncOptions() *runcoptions.Options {
 		NoPivotRoot:   c.NoPivotRoot,
 		NoNewKeyring:  c.NoNewKeyring,
 		ShimCgroup:    c.ShimCgroup,
-		IoUid:         c.IoUid,
-		IoGid:         c.IoGid,
+		IoUid:         c.IoUID,
+		IoGid:         c.IoGID,
 		CriuImagePath: c.CriuImagePath,
 		CriuWorkPath:  c.CriuWorkPath,
 	}
@@ -237,8 +238,8 @@ func (c *Config) setRunc(o *runcoptions.Options) {
 	c.NoPivotRoot = o.NoPivotRoot
 	c.NoNewKeyring = o.NoNewKeyring
 	c.ShimCgroup = o.ShimCgroup
-	c.IoUid = o.IoUid
-	c.IoGid = o.IoGid
+	c.IoUID = o.IoUid
+	c.IoGID = o.IoGid
 	c.CriuImagePath = o.CriuImagePath
 	c.CriuWorkPath = o.CriuWorkPath
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/manager"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/log"
 	"google.golang.org/protobuf/proto"
@@ -40,15 +41,28 @@ type shimManager struct {
 // options from stdin to place the shim in ShimCgroup, and understands only its
 // own options type, so stdin is replaced by the normalised runc options.
 //
-// Stdin that is not usable is passed on as nothing, which is what runc's
-// manager makes of it too: a configuration error is reported by Create, with
-// its source, and containerd 2.3 and later send their bootstrap message here
-// instead of the options. Start must not log: containerd reads its combined
-// output as the bootstrap answer.
+// containerd 2.3 and later send a bootstrap message instead, with the
+// options inside it (see bootstrap.go): they are taken from there. Stdin
+// that is not usable is passed on as nothing, which is what runc's manager
+// makes of it too: a configuration error is reported by Create, with its
+// source. Start must not log: containerd reads its combined output as the
+// bootstrap answer.
 func (m *shimManager) Start(ctx context.Context, id string, opts shim.StartOpts) (shim.BootstrapParams, error) {
 	data, err := io.ReadAll(os.Stdin)
 	if err != nil {
 		return shim.BootstrapParams{}, fmt.Errorf("snapview: read runtime options from stdin: %w", err)
+	}
+	ns, _ := namespaces.Namespace(ctx)
+	if exts, ok := parseBootstrap(data, id, ns); ok {
+		data = nil
+		for _, a := range exts {
+			if b, err := proto.Marshal(a); err == nil && a.GetTypeUrl() != "" {
+				if _, err := config.ReadOptions(b); err == nil {
+					data = b
+					break
+				}
+			}
+		}
 	}
 	runc, err := runcOptionsBytes(data)
 	if err != nil {

@@ -10,9 +10,13 @@ import (
 
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/api/types"
+	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	ptypes "github.com/containerd/containerd/v2/pkg/protobuf/types"
 	"github.com/containerd/containerd/v2/pkg/shim"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/lifecycle"
@@ -171,5 +175,42 @@ func TestStopBudgetFromEntry(t *testing.T) {
 	// runc's part took 300ms; the deadline must not move by as much.
 	if slack := 50 * time.Millisecond; deadline.IsZero() || deadline.After(entered.Add(stopBudget+slack)) {
 		t.Fatalf("view cleanup deadline %v after entry, want at most %v", deadline.Sub(entered), stopBudget+slack)
+	}
+}
+
+// TestBootstrapOptions checks that the runtime options inside a containerd
+// 2.3+ bootstrap message are found, and that old-protocol options, or a
+// message for another shim, are not taken for one.
+func TestBootstrapOptions(t *testing.T) {
+	opts, err := anypb.New(&runcoptions.Options{ShimCgroup: "/snapview-test", BinaryName: "runc"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ext := protowire.AppendTag(nil, extensionValue, protowire.BytesType)
+	raw, _ := proto.Marshal(opts)
+	ext = protowire.AppendBytes(ext, raw)
+	msg := func(id, ns string) []byte {
+		var b []byte
+		b = protowire.AppendTag(b, bootstrapInstanceID, protowire.BytesType)
+		b = protowire.AppendString(b, id)
+		b = protowire.AppendTag(b, bootstrapNamespace, protowire.BytesType)
+		b = protowire.AppendString(b, ns)
+		b = protowire.AppendTag(b, 4, protowire.BytesType) // containerd_version, unknown to us
+		b = protowire.AppendString(b, "2.4.2")
+		b = protowire.AppendTag(b, bootstrapExtensions, protowire.BytesType)
+		return protowire.AppendBytes(b, ext)
+	}
+	exts, ok := parseBootstrap(msg("c1", "default"), "c1", "default")
+	if !ok || len(exts) != 1 || !proto.Equal(exts[0], opts) {
+		t.Fatalf("bootstrap message: %v %v", exts, ok)
+	}
+	if _, ok := parseBootstrap(msg("c2", "default"), "c1", "default"); ok {
+		t.Fatal("a message for another shim was taken")
+	}
+	if _, ok := parseBootstrap(raw, "c1", "default"); ok {
+		t.Fatal("old-protocol options were taken for a bootstrap message")
+	}
+	if _, ok := parseBootstrap([]byte{0xff, 0xff}, "c1", "default"); ok {
+		t.Fatal("garbage was taken for a bootstrap message")
 	}
 }

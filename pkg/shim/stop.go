@@ -40,7 +40,7 @@ func stopView(ctx context.Context, bundlePath, id string) error {
 		return err
 	}
 	b := backend.New(grpcAddress())
-	defer b.Close()
+	defer func() { _ = b.Close() }()
 	return lifecycle.New(b).TeardownBundle(namespaces.WithNamespace(ctx, ns), ns, id, bundlePath)
 }
 

@@ -149,7 +149,7 @@ func ReadOnly(mounts []mount.Mount) []mount.Mount {
 	return out
 }
 
-// Mount mounts mounts read-only on target, creating it, and returns the loop
+// Mount mounts the view's mounts read-only on target, creating it, and returns the loop
 // devices the mount attached (for blockfile and erofs layers). On error
 // nothing stays mounted.
 func Mount(mounts []mount.Mount, target string) ([]string, error) {

@@ -146,7 +146,7 @@ func TestCreateUnderLease(t *testing.T) {
 	})
 
 	t.Run("teardown is idempotent and GC takes nothing else", func(t *testing.T) {
-		for i := 0; i < 2; i++ {
+		for i := range 2 {
 			if err := RemoveOwned(ctx, sn, later); err != nil {
 				t.Fatalf("remove %d: %v", i, err)
 			}

@@ -141,7 +141,7 @@ func run() error {
 	)
 
 	rss := map[string][]time.Duration{}
-	for i := 0; i < 5; i++ {
+	for i := range 5 {
 		for _, rt := range order(i) {
 			kb, err := b.shimRSS(ctx, rt, fmt.Sprintf("rss-%s-%d", short(rt), i))
 			if err != nil {
@@ -157,7 +157,7 @@ func run() error {
 	)
 
 	wall := map[string][]time.Duration{}
-	for i := 0; i < 2; i++ {
+	for i := range 2 {
 		for _, rt := range order(i) {
 			w, err := b.parallelRuns(ctx, rt, fmt.Sprintf("par%d", i))
 			if err != nil {
@@ -258,7 +258,7 @@ func (b *bench) shimRSS(ctx context.Context, rt, id string) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	for _, l := range strings.Split(string(status), "\n") {
+	for l := range strings.SplitSeq(string(status), "\n") {
 		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
 			return strconv.ParseInt(f[1], 10, 64)
 		}
@@ -272,13 +272,11 @@ func (b *bench) parallelRuns(ctx context.Context, rt, tag string) (time.Duration
 	errs := make(chan error, *parallel)
 	t0 := time.Now()
 	for i := 0; i < *parallel; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			if _, err := b.once(ctx, rt, small, fmt.Sprintf("%s-%s-%d", tag, short(rt), i)); err != nil {
 				errs <- err
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	close(errs)

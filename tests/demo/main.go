@@ -139,7 +139,7 @@ func run() (retErr error) {
 			return fmt.Errorf("container did not start: %q", out.String())
 		}
 	}
-	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+	for l := range strings.SplitSeq(strings.TrimSpace(out.String()), "\n") {
 		fmt.Println("    | " + l)
 	}
 

@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -166,7 +168,7 @@ func checkBindsInConfig(t *testing.T, path string) {
 func TestBootHostile(t *testing.T) {
 	d := suite.daemon
 	many := map[string]string{}
-	for i := 0; i < 17; i++ {
+	for i := range 17 {
 		many[fmt.Sprintf("io.snapview.boot.a%02d", i)] = harness.KernelPath
 	}
 	for _, tc := range []struct {
@@ -215,7 +217,7 @@ func TestBootHostile(t *testing.T) {
 					t.Errorf("error %q does not contain %q", msg, w)
 				}
 			}
-			if _, err := os.Stat(bundleDir(d, id)); !os.IsNotExist(err) {
+			if _, err := os.Stat(bundleDir(d, id)); !errors.Is(err, fs.ErrNotExist) {
 				t.Errorf("bundle left behind: %v", err)
 			}
 		})
@@ -297,7 +299,7 @@ func TestSandboxIgnoresAnnotations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.Stat(filepath.Join(bundleDir(d, id), "snapview.json")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(bundleDir(d, id), "snapview.json")); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("sandbox container got a view: %v", err)
 	}
 	if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {

@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -97,7 +99,7 @@ func criPod(t *testing.T, d *harness.Daemon, rs runtime.RuntimeServiceClient, ha
 	if _, err := os.Stat(filepath.Join(sandboxBundle, "config.json")); err != nil {
 		t.Fatalf("sandbox bundle: %v", err)
 	}
-	if _, err := os.Stat(filepath.Join(sandboxBundle, "snapview.json")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(sandboxBundle, "snapview.json")); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("the sandbox container got a view: %v", err)
 	}
 

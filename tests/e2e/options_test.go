@@ -47,7 +47,7 @@ func invokedFor(t *testing.T, logFile, id string) bool {
 	if err != nil {
 		return false
 	}
-	for _, l := range strings.Split(string(b), "\n") {
+	for l := range strings.SplitSeq(string(b), "\n") {
 		if strings.Contains(l, " create ") && strings.HasSuffix(l, " "+id) {
 			return true
 		}

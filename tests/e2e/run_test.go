@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -261,10 +262,8 @@ func (e *events) waitFor(id, topic string) ([]string, error) {
 		e.mu.Lock()
 		got := append([]string(nil), e.topics[id]...)
 		e.mu.Unlock()
-		for _, tp := range got {
-			if tp == topic {
-				return e.settle(id), nil
-			}
+		if slices.Contains(got, topic) {
+			return e.settle(id), nil
 		}
 		if time.Now().After(deadline) {
 			return got, fmt.Errorf("no %s event for %s (got %v)", topic, id, got)

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,9 +40,7 @@ func makeOrphan(ctx context.Context, t *testing.T, d *harness.Daemon, id string,
 		t.Fatal(err)
 	}
 	viewLabels := map[string]string{"containerd.io/gc.bref.container": id}
-	for k, v := range labels {
-		viewLabels[k] = v
-	}
+	maps.Copy(viewLabels, labels)
 	mounts, err := c.SnapshotService("overlayfs").View(leases.WithLease(ctx, l.ID), "snapview/"+id,
 		identity.ChainID(diffIDs).String(), snapshots.WithLabels(viewLabels))
 	if err != nil {

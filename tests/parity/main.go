@@ -97,7 +97,7 @@ func run() error {
 	defer px.close()
 
 	var failed []string
-	for _, which := range strings.Split(o.daemons, ",") {
+	for which := range strings.SplitSeq(o.daemons, ",") {
 		tools, err := harness.ToolsFromEnv(which == "compat")
 		if err != nil {
 			return err
@@ -108,6 +108,11 @@ func run() error {
 		}
 		bin, err := compileSuite(version, o.cache)
 		if err != nil {
+			return err
+		}
+		// The run uses a copy of the shim: rebuilding it meanwhile must not
+		// change the shim under test halfway.
+		if tools.Shim, err = copyShim(tools.Shim, o.cache); err != nil {
 			return err
 		}
 		s := &suite{opts: o, version: version, bin: bin, env: px.env(), tools: tools}
@@ -126,8 +131,9 @@ func run() error {
 	return nil
 }
 
-// suiteImages builds the images the suite pulls: busybox (also pulled by
-// digest), volume-copy-up and volume-ownership, the same content as
+// suiteImages builds the images the suite pulls, named as the suite names
+// them (the registry host aside): busybox (also pulled by digest),
+// volume-copy-up, volume-ownership and pause, with the content of
 // containerd's own test images in the parts the tests look at.
 func suiteImages() (map[string]*harness.OCIImage, error) {
 	out, err := exec.Command(harness.BusyboxPath, "--list").Output()
@@ -135,15 +141,18 @@ func suiteImages() (map[string]*harness.OCIImage, error) {
 		return nil, fmt.Errorf("list busybox applets: %w", err)
 	}
 	applets := strings.Fields(string(out))
-	base := func() (*harness.Layer, error) { return harness.BusyboxLayer(applets) }
 	cfg := ocispec.ImageConfig{Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}, Cmd: []string{"sh"}}
 	imgs := map[string]*harness.OCIImage{}
-
-	b, err := base()
-	if err != nil {
-		return nil, err
+	add := func(name string, cfg ocispec.ImageConfig, extra ...*harness.Layer) error {
+		base, err := harness.BusyboxLayer(applets)
+		if err != nil {
+			return err
+		}
+		img, err := harness.Compose(name, cfg, append([]*harness.Layer{base, busyboxLike()}, extra...)...)
+		imgs[name] = img
+		return err
 	}
-	if imgs["containerd/busybox:1.36"], err = harness.Compose("containerd/busybox:1.36", cfg, b); err != nil {
+	if err := add("containerd/busybox:1.36", cfg); err != nil {
 		return nil, err
 	}
 
@@ -153,24 +162,79 @@ func suiteImages() (map[string]*harness.OCIImage, error) {
 		Dir(":colon_prefixed", 0o755).File(":colon_prefixed/colon_prefixed_file", 0o644, []byte("test_content\n"))
 	vcfg := cfg
 	vcfg.Volumes = map[string]struct{}{"/test_dir": {}, "C:/weird_test_dir": {}, "/:colon_prefixed": {}}
-	if b, err = base(); err != nil {
-		return nil, err
-	}
-	if imgs["containerd/volume-copy-up:2.2"], err = harness.Compose("containerd/volume-copy-up:2.2", vcfg, b, copyUp); err != nil {
+	if err := add("containerd/volume-copy-up:2.2", vcfg, copyUp); err != nil {
 		return nil, err
 	}
 
-	owned := harness.NewLayer()
-	owned.Entry(tarDir("test_dir", 65534, 65534))
+	// An Ubuntu image in containerd's suite: /test_dir owned by nobody,
+	// bash, and a setuid /usr/bin/passwd for the user-namespace tests.
+	owned := harness.NewLayer().
+		Entry(tarDir("test_dir", 65534, 65534)).
+		Dir("usr", 0o755).Dir("usr/bin", 0o755).
+		Entry(tar.Header{Typeflag: tar.TypeReg, Name: "usr/bin/passwd", Mode: 0o4755})
 	ocfg := cfg
 	ocfg.Volumes = map[string]struct{}{"/test_dir": {}}
-	if b, err = base(); err != nil {
+	if err := add("containerd/volume-ownership:2.1", ocfg, owned); err != nil {
 		return nil, err
 	}
-	if imgs["containerd/volume-ownership:2.1"], err = harness.Compose("containerd/volume-ownership:2.1", ocfg, b, owned); err != nil {
-		return nil, err
+
+	pause := ocispec.ImageConfig{Entrypoint: []string{"/pause"}}
+	for _, tag := range []string{"pause:3.10.2", "pause:3.6"} {
+		if err := add(tag, pause, harness.NewLayer().File("pause", 0o755, []byte("#!/bin/sh\ntrap 'exit 0' TERM INT\nwhile :; do sleep 3600 & wait $!; done\n"))); err != nil {
+			return nil, err
+		}
 	}
 	return imgs, nil
+}
+
+// busyboxLike makes the busybox base look like the upstream busybox image
+// where the suite looks: its users (www-data is uid 33), bash, and an nc
+// that a SIGTERM ends, as upstream's does even as a namespace's init
+// (TestBindLowPortNonOpt; Debian's nc installs no handler, so there the
+// signal is ignored and the test hangs).
+func busyboxLike() *harness.Layer {
+	passwd := `root:x:0:0:root:/root:/bin/sh
+daemon:x:1:1:daemon:/usr/sbin:/bin/false
+bin:x:2:2:bin:/bin:/bin/false
+sys:x:3:3:sys:/dev:/bin/false
+sync:x:4:100:sync:/bin:/bin/sync
+mail:x:8:8:mail:/var/spool/mail:/bin/false
+www-data:x:33:33:www-data:/var/www:/bin/false
+operator:x:37:37:Operator:/var:/bin/false
+nobody:x:65534:65534:nobody:/home:/bin/false
+`
+	group := `root:x:0:
+daemon:x:1:
+bin:x:2:
+sys:x:3:
+mail:x:8:
+www-data:x:33:
+users:x:100:
+nogroup:x:65534:
+`
+	return harness.NewLayer().
+		Dir("etc", 0o755).
+		File("etc/passwd", 0o644, []byte(passwd)).
+		File("etc/group", 0o644, []byte(group)).
+		Dir("bin", 0o755).
+		File("bin/bash", 0o755, []byte("#!/bin/sh\nexec /bin/sh \"$@\"\n")).
+		File("bin/nc", 0o755, []byte("#!/bin/sh\ntrap 'kill $pid 2>/dev/null; exit 143' TERM\n/bin/busybox nc \"$@\" &\npid=$!\nwait $pid\n"))
+}
+
+func copyShim(shim, cache string) (string, error) {
+	data, err := os.ReadFile(shim)
+	if err != nil {
+		return "", err
+	}
+	dst := filepath.Join(cache, "bin", filepath.Base(shim))
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return "", err
+	}
+	tmp := dst + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o755); err != nil {
+		return "", err
+	}
+	return dst, os.Rename(tmp, dst)
 }
 
 func containerdVersion(bin string) (string, error) {
@@ -321,7 +385,7 @@ func (s *suite) stillDiffers(name string) bool {
 		if err != nil {
 			return true
 		}
-		if !(r[name] == "PASS" && v[name] != "PASS") {
+		if r[name] != "PASS" || v[name] == "PASS" {
 			return false
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
@@ -18,17 +19,26 @@ import (
 type registry struct {
 	addr string
 	// tags maps "repo:tag" (the repository without the registry host) to
-	// an image.
-	tags map[string]*harness.OCIImage
-	srv  *http.Server
+	// an image, served by tag as an image index.
+	tags  map[string]*harness.OCIImage
+	index map[string]ocispec.Descriptor
+	srv   *http.Server
 }
 
 func startRegistry(images map[string]*harness.OCIImage) (*registry, error) {
+	r := &registry{tags: images, index: map[string]ocispec.Descriptor{}}
+	for name, img := range images {
+		d, err := img.Index()
+		if err != nil {
+			return nil, err
+		}
+		r.index[name] = d
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
-	r := &registry{addr: ln.Addr().String(), tags: images}
+	r.addr = ln.Addr().String()
 	r.srv = &http.Server{Handler: r}
 	go func() { _ = r.srv.Serve(ln) }()
 	return r, nil
@@ -67,8 +77,9 @@ func (r *registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 			http.NotFound(w, req)
 			return
 		}
-		data, _ = img.Blob(img.Manifest.Digest)
-		mediaType = img.Manifest.MediaType
+		idx := r.index[repo+":"+ref]
+		data, _ = img.Blob(idx.Digest)
+		mediaType = idx.MediaType
 	default:
 		d, err := digest.Parse(ref)
 		if err != nil {
@@ -83,6 +94,9 @@ func (r *registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 				data = b
 				if kind == "manifests" {
 					mediaType = img.Manifest.MediaType
+					if d == r.index[name].Digest {
+						mediaType = r.index[name].MediaType
+					}
 				}
 			}
 		}

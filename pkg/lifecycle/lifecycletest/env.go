@@ -61,6 +61,10 @@ const (
 // NS is the namespace of the tests.
 const NS = "test"
 
+// NewEnv returns a fresh metadata store with one committed image layer,
+// holding the files KernelPath and /etc/passwd and the symlink
+// /boot/escape (to /etc/shadow). It needs root, since the lifecycle mounts
+// views, and skips the test without it.
 func NewEnv(t *testing.T) *Env {
 	t.Helper()
 	if os.Getuid() != 0 {
@@ -74,7 +78,7 @@ func NewEnv(t *testing.T) *Env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { bdb.Close() })
+	t.Cleanup(func() { _ = bdb.Close() })
 	cs, err := local.NewStore(filepath.Join(dir, "content"))
 	if err != nil {
 		t.Fatal(err)
@@ -247,6 +251,7 @@ func (b *Backend) call(name string) error {
 	return nil
 }
 
+// Container implements lifecycle.Backend.
 func (b *Backend) Container(ctx context.Context, id string) (string, string, error) {
 	if b.OnContainer != nil {
 		b.OnContainer(id)
@@ -261,6 +266,7 @@ func (b *Backend) Container(ctx context.Context, id string) (string, string, err
 	return c.Snapshotter, c.SnapshotKey, nil
 }
 
+// Snapshotter implements lifecycle.Backend.
 func (b *Backend) Snapshotter(name string) (snapshots.Snapshotter, error) {
 	if err := b.call("Snapshotter"); err != nil {
 		return nil, err
@@ -268,6 +274,7 @@ func (b *Backend) Snapshotter(name string) (snapshots.Snapshotter, error) {
 	return &lateSnapshotter{Snapshotter: b.env.DB.Snapshotter(name), b: b}, nil
 }
 
+// Leases implements lifecycle.Backend.
 func (b *Backend) Leases() (leases.Manager, error) {
 	if err := b.call("Leases"); err != nil {
 		return nil, err
@@ -275,6 +282,7 @@ func (b *Backend) Leases() (leases.Manager, error) {
 	return &lateLeases{Manager: b.env.Leases, b: b}, nil
 }
 
+// Mounts implements lifecycle.Backend.
 func (b *Backend) Mounts() (mount.Manager, error) {
 	if err := b.call("Mounts"); err != nil {
 		return nil, err

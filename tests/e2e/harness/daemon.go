@@ -311,7 +311,7 @@ func (d *Daemon) waitServing(ctx context.Context, timeout time.Duration) error {
 		select {
 		case err := <-d.waitErr:
 			d.waitErr <- err
-			return fmt.Errorf("containerd exited before serving: %v\n%s", err, d.Log())
+			return fmt.Errorf("containerd exited before serving: %w\n%s", err, d.Log())
 		default:
 		}
 		if _, err := os.Stat(d.Address); err == nil {

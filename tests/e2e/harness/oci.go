@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"sort"
 	"time"
@@ -105,9 +106,7 @@ func Compose(ref string, cfg ocispec.ImageConfig, layers ...*Layer) (*OCIImage, 
 		}
 		descs = append(descs, desc)
 		diffIDs = append(diffIDs, diffID)
-		for p, sum := range l.files {
-			img.Files[p] = sum
-		}
+		maps.Copy(img.Files, l.files)
 	}
 	config := ocispec.Image{
 		Platform: ocispec.Platform{Architecture: "amd64", OS: "linux"},
@@ -139,6 +138,17 @@ func Compose(ref string, cfg ocispec.ImageConfig, layers ...*Layer) (*OCIImage, 
 		Manifests: []ocispec.Descriptor{named},
 	}
 	return img, nil
+}
+
+// Index returns the image index a registry serves for the image's tag: its
+// one manifest, for linux/amd64, as multi-platform images are published.
+func (img *OCIImage) Index() (ocispec.Descriptor, error) {
+	idx := ocispec.Index{
+		Versioned: specs.Versioned{SchemaVersion: 2},
+		MediaType: ocispec.MediaTypeImageIndex,
+		Manifests: []ocispec.Descriptor{img.Manifest},
+	}
+	return img.addJSON(ocispec.MediaTypeImageIndex, idx)
 }
 
 // Blob returns the blob (layer, config or manifest) of digest d.
