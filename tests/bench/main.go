@@ -48,20 +48,15 @@ func main() {
 }
 
 func run() error {
-	if os.Getuid() != 0 {
-		return fmt.Errorf("the benchmark needs root (run 'sudo make bench')")
-	}
-	tools, err := harness.ToolsFromEnv(*compat)
-	if err != nil {
-		return err
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
-	dir, err := os.MkdirTemp("", "snapview-bench-")
+	s, err := harness.NewSession(ctx, "the benchmark (run 'sudo make bench')", "snapview-bench-", *compat,
+		harness.WithSnapviewConfig(fmt.Sprintf("[view]\nmode = %q\n", *mode)), harness.WithLogLevel(*logLevel))
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
+	defer s.Close()
+	d, dir := s.Daemon, s.Dir
 
 	fmt.Println("building images (4 MiB and 256 MiB kernel artifacts)...")
 	imgSmall, err := harness.BuildImage(dir, harness.ImageSpec{Ref: small, KernelSize: 4 << 20})
@@ -72,12 +67,6 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	d, err := harness.StartDaemon(ctx, dir, tools,
-		harness.WithSnapviewConfig(fmt.Sprintf("[view]\nmode = %q\n", *mode)), harness.WithLogLevel(*logLevel))
-	if err != nil {
-		return err
-	}
-	defer d.Stop()
 	for _, img := range []*harness.Image{imgSmall, imgLarge} {
 		if _, err := d.Import(ctx, ns, img, "overlayfs"); err != nil {
 			return err

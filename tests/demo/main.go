@@ -14,7 +14,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
@@ -57,41 +56,35 @@ func step(format string, args ...any) {
 }
 
 func run() (retErr error) {
-	if os.Getuid() != 0 {
-		return fmt.Errorf("the demo needs root: it mounts filesystems and starts a private containerd (run 'sudo make demo')")
-	}
-	tools, err := harness.ToolsFromEnv(false)
-	if err != nil {
-		return err
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
-	dir, err := os.MkdirTemp("", "snapview-demo-")
+	step("starting a private containerd in a temporary directory (the system's containerd is not touched)")
+	// The demo's snapview configuration keeps runc's state in the private
+	// directory too, not in the system's /run/containerd/runc.
+	runcRoot, err := os.MkdirTemp("", "snapview-demo-runc-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
+	defer os.RemoveAll(runcRoot)
+	s, err := harness.NewSession(ctx, "the demo (run 'sudo make demo')", "snapview-demo-", false, harness.WithSnapviewConfig(fmt.Sprintf("Root = %q\n", runcRoot)))
+	if err != nil {
+		return err
+	}
+	d, dir := s.Daemon, s.Dir
+	defer func() {
+		step("stopping the private containerd and removing %s", dir)
+		if err := s.Close(); err != nil && retErr == nil {
+			retErr = err
+		}
+	}()
+	fmt.Printf("    under %s\n", dir)
 
 	step("building a demo image (static busybox + a guest kernel, initrd and config under /boot and /etc/snapview)")
 	img, err := harness.BuildImage(dir, harness.ImageSpec{Ref: ref, KernelSize: 4 << 20})
 	if err != nil {
 		return err
 	}
-
-	step("starting a private containerd under %s (the system's containerd is not touched)", dir)
-	// The demo's snapview configuration keeps runc's state in the private
-	// directory too, not in the system's /run/containerd/runc.
-	d, err := harness.StartDaemon(ctx, dir, tools, harness.WithSnapviewConfig(fmt.Sprintf("Root = %q\n", filepath.Join(dir, "runc"))))
-	if err != nil {
-		return err
-	}
-	defer func() {
-		step("stopping the private containerd and removing %s", dir)
-		if err := d.Stop(); err != nil && retErr == nil {
-			retErr = err
-		}
-	}()
 	fmt.Printf("    containerd %s, snapshotters %s, runtime %s\n", d.Version, strings.Join(d.Snapshotters, ", "), runtime)
 
 	step("importing %s", ref)
@@ -125,7 +118,7 @@ func run() (retErr error) {
 			retErr = err
 		}
 	}()
-	out := &syncBuffer{}
+	out := &harness.SafeBuffer{}
 	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), out, os.Stderr)))
 	if err != nil {
 		return err
@@ -220,24 +213,6 @@ func run() (retErr error) {
 	return nil
 }
 
-// syncBuffer collects the container's output for the demo.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // exec runs args in the task and returns its output.
 func exec(ctx context.Context, task client.Task, args ...string) (string, error) {
 	spec, err := task.Spec(ctx)
@@ -247,7 +222,7 @@ func exec(ctx context.Context, task client.Task, args ...string) (string, error)
 	ps := *spec.Process
 	ps.Args = args
 	ps.Terminal = false
-	out := &syncBuffer{}
+	out := &harness.SafeBuffer{}
 	p, err := task.Exec(ctx, "demo-exec", &ps, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), out, os.Stderr)))
 	if err != nil {
 		return "", err

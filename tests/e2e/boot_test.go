@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
@@ -57,43 +57,39 @@ func bootAnnotations() map[string]string {
 // after damaging its own copy, fails to write it, and reads params.json.
 func TestBootArtifacts(t *testing.T) {
 	d := suite.daemon
-	for _, sn := range d.Snapshotters {
-		t.Run(sn, func(t *testing.T) {
-			ctx := setup(t, d)
-			wrapper, logFile := runcWrapper(t)
-			id := "boot-" + sn
-			r, err := start(ctx, t, d, id, runOpts{
-				runtime: snapviewRT, runtimeOpts: &runcoptions.Options{BinaryName: wrapper},
-				snapshotter: sn, annotations: bootAnnotations(), args: []string{"sh", "-c", bootScript},
-			})
-			if err != nil {
-				t.Fatal(err)
+	eachSnapshotter(t, d, func(ctx context.Context, t *testing.T, sn string, spy runcSpy) {
+		id := "boot-" + sn
+		r, err := start(ctx, t, d, id, runOpts{
+			runtime: snapviewRT, runtimeOpts: spy.opts(),
+			snapshotter: sn, annotations: bootAnnotations(), args: []string{"sh", "-c", bootScript},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code, err := r.wait(t); err != nil || code != 0 {
+			t.Fatalf("exit %d %v: %s %s", code, err, r.stdout.String(), r.stderr.String())
+		}
+		r.task.IO().Wait()
+		out := r.stdout.String()
+		for name, p := range bootArtifacts {
+			want := suite.image.Files[p]
+			if name == "passwd" {
+				want = suite.image.Files["/etc/passwd"]
 			}
-			if code, err := r.wait(t); err != nil || code != 0 {
-				t.Fatalf("exit %d %v: %s %s", code, err, r.stdout.String(), r.stderr.String())
-			}
-			r.task.IO().Wait()
-			out := r.stdout.String()
-			for name, p := range bootArtifacts {
-				want := suite.image.Files[p]
-				if name == "passwd" {
-					want = suite.image.Files["/etc/passwd"]
-				}
-				for _, line := range []string{"sum " + name + " " + want, "write " + name + " refused", "rm " + name + " refused"} {
-					if !strings.Contains(out, line+"\n") {
-						t.Errorf("container output lacks %q:\n%s", line, out)
-					}
-				}
-			}
-			for _, line := range []string{"view " + suite.image.Files[harness.KernelPath], "view-write refused"} {
+			for _, line := range []string{"sum " + name + " " + want, "write " + name + " refused", "rm " + name + " refused"} {
 				if !strings.Contains(out, line+"\n") {
 					t.Errorf("container output lacks %q:\n%s", line, out)
 				}
 			}
-			checkParams(t, out)
-			checkBindsInConfig(t, filepath.Join(filepath.Dir(logFile), "config-"+id+".json"))
-		})
-	}
+		}
+		for _, line := range []string{"view " + suite.image.Files[harness.KernelPath], "view-write refused"} {
+			if !strings.Contains(out, line+"\n") {
+				t.Errorf("container output lacks %q:\n%s", line, out)
+			}
+		}
+		checkParams(t, out)
+		checkBindsInConfig(t, spy.config(id))
+	})
 }
 
 func checkParams(t *testing.T, out string) {

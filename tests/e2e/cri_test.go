@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -14,6 +16,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/moby/sys/mountinfo"
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
 
@@ -49,7 +52,7 @@ func TestCRI(t *testing.T) {
 		}
 	})
 	for _, img := range []*harness.Image{pause, suite.image} {
-		if _, err := d.Import(ctx, criNamespace, img, "overlayfs"); err != nil {
+		if _, err := d.Import(ctx, criNamespace, img, "overlayfs", "blockfile"); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -66,16 +69,22 @@ func TestCRI(t *testing.T) {
 			criPod(t, d, rs, handler)
 		})
 	}
+	t.Run("snapview-block", func(t *testing.T) {
+		setup(t, d)
+		criBlockPod(t, d, rs)
+	})
 }
 
-func criPod(t *testing.T, d *harness.Daemon, rs runtime.RuntimeServiceClient, handler string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
+// runPod runs a pod sandbox with handler and pod annotations ann, on the
+// host network (no CNI here), and removes it when the test ends. It
+// returns the pod's id, its config and its log directory.
+func runPod(ctx context.Context, t *testing.T, rs runtime.RuntimeServiceClient, handler string, ann map[string]string) (string, *runtime.PodSandboxConfig, string) {
+	t.Helper()
 	logDir := t.TempDir()
 	podConfig := &runtime.PodSandboxConfig{
 		Metadata:     &runtime.PodSandboxMetadata{Name: "pod-" + handler, Namespace: "default", Uid: "uid-" + handler},
 		LogDirectory: logDir,
-		Annotations:  map[string]string{"io.snapview.boot.kernel": harness.KernelPath},
+		Annotations:  ann,
 		Linux: &runtime.LinuxPodSandboxConfig{SecurityContext: &runtime.LinuxSandboxSecurityContext{
 			NamespaceOptions: &runtime.NamespaceOption{Network: runtime.NamespaceMode_NODE},
 		}},
@@ -95,6 +104,60 @@ func criPod(t *testing.T, d *harness.Daemon, rs runtime.RuntimeServiceClient, ha
 			t.Errorf("RemovePodSandbox: %v", err)
 		}
 	})
+	return podID, podConfig, logDir
+}
+
+// criBlockPod runs a pod through the block-mode handler (snapview on the
+// blockfile snapshotter) whose container asks for block mode: it reads the
+// ext4 superblock through /dev/snapview/rootfs and the bound kernel, while
+// no host mount is backed by its disk.
+func criBlockPod(t *testing.T, d *harness.Daemon, rs runtime.RuntimeServiceClient) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	podID, podConfig, logDir := runPod(ctx, t, rs, "snapview-block", nil)
+	ctr, err := rs.CreateContainer(ctx, containerRequest(podID, podConfig, "monitor", blockAnn, "sh", "-c", blockScript))
+	if err != nil {
+		t.Fatalf("CreateContainer: %v", err)
+	}
+	if _, err := rs.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: ctr.ContainerId}); err != nil {
+		t.Fatalf("StartContainer: %v", err)
+	}
+	out := waitLog(t, filepath.Join(logDir, "monitor.log"), "ready")
+	bundle := filepath.Join(d.State, "io.containerd.runtime.v2.task", criNamespace, ctr.ContainerId)
+	raw, err := os.ReadFile(filepath.Join(bundle, "snapview.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st blockState
+	if err := json.Unmarshal(raw, &st); err != nil || st.Mode != "block" {
+		t.Fatalf("state %s: %v", raw, err)
+	}
+	for _, want := range []string{
+		fmt.Sprintf("node block special file %x:%x", st.Block.Major, st.Block.Minor),
+		"magic 53ef", "kernel " + suite.image.Files[harness.KernelPath], `"kind":"block"`, "root writable",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("container log lacks %q:\n%s", want, out)
+		}
+	}
+	mounts, err := mountinfo.GetMounts(func(m *mountinfo.Info) (bool, bool) {
+		return m.Source != st.Block.Device && m.Source != st.Block.Rootfs.Source, false
+	})
+	if err != nil || len(mounts) > 0 {
+		t.Errorf("the pod's disk is mounted on the host: %v %v", mounts, err)
+	}
+	if _, err := rs.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: ctr.ContainerId, Timeout: 1}); err != nil {
+		t.Fatalf("StopContainer: %v", err)
+	}
+	if _, err := rs.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: ctr.ContainerId}); err != nil {
+		t.Fatalf("RemoveContainer: %v", err)
+	}
+}
+
+func criPod(t *testing.T, d *harness.Daemon, rs runtime.RuntimeServiceClient, handler string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	podID, podConfig, logDir := runPod(ctx, t, rs, handler, map[string]string{"io.snapview.boot.kernel": harness.KernelPath})
 	sandboxBundle := filepath.Join(d.State, "io.containerd.runtime.v2.task", criNamespace, podID)
 	if _, err := os.Stat(filepath.Join(sandboxBundle, "config.json")); err != nil {
 		t.Fatalf("sandbox bundle: %v", err)
@@ -103,34 +166,15 @@ func criPod(t *testing.T, d *harness.Daemon, rs runtime.RuntimeServiceClient, ha
 		t.Errorf("the sandbox container got a view: %v", err)
 	}
 
-	ctr, err := rs.CreateContainer(ctx, &runtime.CreateContainerRequest{
-		PodSandboxId: podID,
-		Config: &runtime.ContainerConfig{
-			Metadata: &runtime.ContainerMetadata{Name: "app"},
-			Image:    &runtime.ImageSpec{Image: testImageID},
-			Command:  []string{"sh", "-c", "echo \"kernel $(sha256sum < /.snapview/boot/kernel | cut -c1-64)\"; exec sleep 300"},
-			LogPath:  "app.log",
-		},
-		SandboxConfig: podConfig,
-	})
+	ctr, err := rs.CreateContainer(ctx, containerRequest(podID, podConfig, "app", nil,
+		"sh", "-c", "echo \"kernel $(sha256sum < /.snapview/boot/kernel | cut -c1-64)\"; exec sleep 300"))
 	if err != nil {
 		t.Fatalf("CreateContainer: %v", err)
 	}
 	if _, err := rs.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: ctr.ContainerId}); err != nil {
 		t.Fatalf("StartContainer: %v", err)
 	}
-	want := "kernel " + suite.image.Files[harness.KernelPath]
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		b, _ := os.ReadFile(filepath.Join(logDir, "app.log"))
-		if strings.Contains(string(b), want) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("container log lacks %q:\n%s", want, b)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitLog(t, filepath.Join(logDir, "app.log"), "kernel "+suite.image.Files[harness.KernelPath])
 	appBundle := filepath.Join(d.State, "io.containerd.runtime.v2.task", criNamespace, ctr.ContainerId)
 	if _, err := os.Stat(filepath.Join(appBundle, "snapview.json")); err != nil {
 		t.Errorf("the app container has no view: %v", err)
@@ -146,16 +190,7 @@ func criPod(t *testing.T, d *harness.Daemon, rs runtime.RuntimeServiceClient, ha
 	}
 
 	// A bad container annotation fails the start with snapview's error.
-	bad, err := rs.CreateContainer(ctx, &runtime.CreateContainerRequest{
-		PodSandboxId: podID,
-		Config: &runtime.ContainerConfig{
-			Metadata:    &runtime.ContainerMetadata{Name: "bad"},
-			Image:       &runtime.ImageSpec{Image: testImageID},
-			Command:     []string{"true"},
-			Annotations: map[string]string{"io.snapview.boot.escape": "/boot/abs-escape"},
-		},
-		SandboxConfig: podConfig,
-	})
+	bad, err := rs.CreateContainer(ctx, containerRequest(podID, podConfig, "bad", map[string]string{"io.snapview.boot.escape": "/boot/abs-escape"}, "true"))
 	if err != nil {
 		t.Fatalf("CreateContainer: %v", err)
 	}
@@ -165,5 +200,43 @@ func criPod(t *testing.T, d *harness.Daemon, rs runtime.RuntimeServiceClient, ha
 	}
 	if _, err := rs.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: bad.ContainerId}); err != nil {
 		t.Fatalf("RemoveContainer: %v", err)
+	}
+}
+
+// containerRequest is a CreateContainer request for a container of the test
+// image in pod podID, logging to <name>.log.
+func containerRequest(podID string, pod *runtime.PodSandboxConfig, name string, ann map[string]string, cmd ...string) *runtime.CreateContainerRequest {
+	return &runtime.CreateContainerRequest{
+		PodSandboxId: podID,
+		Config: &runtime.ContainerConfig{
+			Metadata:    &runtime.ContainerMetadata{Name: name},
+			Image:       &runtime.ImageSpec{Image: testImageID},
+			Command:     cmd,
+			Annotations: ann,
+			LogPath:     name + ".log",
+		},
+		SandboxConfig: pod,
+	}
+}
+
+// waitLog waits until the container log at path holds every one of want.
+func waitLog(t *testing.T, path string, want ...string) string {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		b, _ := os.ReadFile(path)
+		missing := ""
+		for _, w := range want {
+			if !strings.Contains(string(b), w) {
+				missing = w
+			}
+		}
+		if missing == "" {
+			return string(b)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("container log lacks %q:\n%s", missing, b)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

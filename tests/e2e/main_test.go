@@ -125,3 +125,14 @@ func tail(s string, lines int) string {
 	}
 	return strings.Join(l, "\n")
 }
+
+// eachSnapshotter runs f as a subtest of t for each snapshotter of daemon d,
+// set up as every test is (setup), with a runc spy for the container.
+func eachSnapshotter(t *testing.T, d *harness.Daemon, f func(ctx context.Context, t *testing.T, sn string, spy runcSpy)) {
+	for _, sn := range d.Snapshotters {
+		t.Run(sn, func(t *testing.T) {
+			ctx := setup(t, d)
+			f(ctx, t, sn, newRuncSpy(t))
+		})
+	}
+}

@@ -14,14 +14,28 @@ import (
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 )
 
-// runcWrapper writes an OCI runtime wrapper that logs each invocation, and
-// on `create` a copy of the bundle's config.json as runc is given it, then
-// execs runc. Used as BinaryName, it proves which options reached runc.
-func runcWrapper(t *testing.T) (bin, logFile string) {
+// runcSpy is an OCI runtime wrapper that logs each invocation, and on
+// `create` a copy of the bundle's config.json as runc is given it, then
+// execs runc. Used as BinaryName, it proves which options and which
+// config.json reached runc.
+type runcSpy struct {
+	bin     string // the wrapper, for BinaryName
+	logFile string // one line per invocation
+}
+
+// config returns where the spy copied container id's config.json.
+func (s runcSpy) config(id string) string {
+	return filepath.Join(filepath.Dir(s.logFile), "config-"+id+".json")
+}
+
+// opts returns runc options that make runc's shim use the spy.
+func (s runcSpy) opts() *runcoptions.Options { return &runcoptions.Options{BinaryName: s.bin} }
+
+func newRuncSpy(t *testing.T) runcSpy {
 	t.Helper()
 	dir := t.TempDir()
-	bin = filepath.Join(dir, "runc-wrapper")
-	logFile = filepath.Join(dir, "invocations.log")
+	bin := filepath.Join(dir, "runc-wrapper")
+	logFile := filepath.Join(dir, "invocations.log")
 	script := fmt.Sprintf(`#!/bin/sh
 echo "$*" >> %[1]s
 prev=
@@ -37,13 +51,13 @@ exec %[3]s "$@"
 	if err := os.WriteFile(bin, []byte(script), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	return bin, logFile
+	return runcSpy{bin: bin, logFile: logFile}
 }
 
-// invokedFor reports whether the wrapper ran `create` for container id.
-func invokedFor(t *testing.T, logFile, id string) bool {
+// created reports whether the wrapper ran `create` for container id.
+func (s runcSpy) created(t *testing.T, id string) bool {
 	t.Helper()
-	b, err := os.ReadFile(logFile)
+	b, err := os.ReadFile(s.logFile)
 	if err != nil {
 		return false
 	}
@@ -93,7 +107,8 @@ func TestRuntimeOptions(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := setup(t, d)
-			wrapper, logFile := runcWrapper(t)
+			spy := newRuncSpy(t)
+			wrapper := spy.bin
 			if tc.defaultBody != nil {
 				if err := os.WriteFile(defaultFile, []byte(tc.defaultBody(wrapper)), 0o600); err != nil {
 					t.Fatal(err)
@@ -108,7 +123,7 @@ func TestRuntimeOptions(t *testing.T) {
 			if code, err := r.wait(t); err != nil || code != 0 {
 				t.Fatalf("exit %d, %v", code, err)
 			}
-			if !invokedFor(t, logFile, id) {
+			if !spy.created(t, id) {
 				t.Fatalf("runc wrapper %s was not used for %s: the options did not reach runc", wrapper, id)
 			}
 		})
@@ -161,7 +176,8 @@ func TestCtrRuntimeConfigPath(t *testing.T) {
 	}
 	t.Run("good file", func(t *testing.T) {
 		ctx := setup(t, d)
-		wrapper, logFile := runcWrapper(t)
+		spy := newRuncSpy(t)
+		wrapper := spy.bin
 		cfg := filepath.Join(t.TempDir(), "snapview.toml")
 		if err := os.WriteFile(cfg, []byte(fmt.Sprintf("BinaryName = %q\n\n[view]\nmode = \"view\"\n", wrapper)), 0o600); err != nil {
 			t.Fatal(err)
@@ -175,7 +191,7 @@ func TestCtrRuntimeConfigPath(t *testing.T) {
 		if !strings.Contains(out, "from-ctr") {
 			t.Fatalf("unexpected output %q", out)
 		}
-		if !invokedFor(t, logFile, "ctr-config-path") {
+		if !spy.created(t, "ctr-config-path") {
 			t.Fatalf("the file's BinaryName was not used")
 		}
 	})

@@ -38,30 +38,12 @@ type runOpts struct {
 	viewSnapshot bool
 }
 
-// safeBuffer is a bytes.Buffer safe for the IO copy goroutines and the test.
-type safeBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *safeBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *safeBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // running is a container with its task.
 type running struct {
 	ctr    client.Container
 	task   client.Task
-	stdout *safeBuffer
-	stderr *safeBuffer
+	stdout *harness.SafeBuffer
+	stderr *harness.SafeBuffer
 	exit   <-chan client.ExitStatus
 }
 
@@ -110,7 +92,7 @@ func start(ctx context.Context, t *testing.T, d *harness.Daemon, id string, o ru
 	if err != nil {
 		return nil, err
 	}
-	r := &running{ctr: ctr, stdout: &safeBuffer{}, stderr: &safeBuffer{}}
+	r := &running{ctr: ctr, stdout: &harness.SafeBuffer{}, stderr: &harness.SafeBuffer{}}
 	stdin := o.stdin
 	if stdin == nil {
 		stdin = bytes.NewReader(nil)
@@ -174,7 +156,7 @@ func (r *running) exec(ctx context.Context, id string, args ...string) (uint32, 
 	pspec := *spec.Process
 	pspec.Args = args
 	pspec.Terminal = false
-	var stdout, stderr safeBuffer
+	var stdout, stderr harness.SafeBuffer
 	p, err := r.task.Exec(ctx, id, &pspec, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), &stdout, &stderr)))
 	if err != nil {
 		return 0, "", "", err

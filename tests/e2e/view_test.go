@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -192,41 +191,37 @@ func checkPristine(t *testing.T, mountpoint string) {
 // it runs; the leak check then checks that nothing is left after delete.
 func TestView(t *testing.T) {
 	d := suite.daemon
-	for _, sn := range d.Snapshotters {
-		t.Run(sn, func(t *testing.T) {
-			ctx := setup(t, d)
-			wrapper, logFile := runcWrapper(t)
-			id := "view-" + sn
-			r, err := start(ctx, t, d, id, runOpts{
-				runtime:     snapviewRT,
-				runtimeOpts: &runcoptions.Options{BinaryName: wrapper},
-				snapshotter: sn,
-				// The container changes its own copy of the image.
-				args: []string{"sh", "-c", "echo changed > " + harness.KernelPath + "; rm " + harness.ConfigPath + "; echo ready; sleep 300"},
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := r.waitOutput("ready"); err != nil {
-				t.Fatal(err)
-			}
-			if !invokedFor(t, logFile, id) {
-				t.Fatal("runc wrapper not used")
-			}
-			st := checkView(ctx, t, d, id, sn, filepath.Join(filepath.Dir(logFile), "config-"+id+".json"))
-			checkPristine(t, st.Mountpoint)
-			if err := os.WriteFile(filepath.Join(st.Mountpoint, "written-by-host"), []byte("x"), 0o644); !errors.Is(err, syscall.EROFS) {
-				t.Errorf("writing into the view: %v, want EROFS", err)
-			}
-			if err := os.Remove(filepath.Join(st.Mountpoint, harness.KernelPath)); err == nil {
-				t.Errorf("removing a file of the view succeeded")
-			}
-			// The container sees its own change, the view does not.
-			if code, out, _, err := r.exec(ctx, "cat", "cat", harness.KernelPath); err != nil || code != 0 || out != "changed\n" {
-				t.Errorf("container rootfs: %q %d %v", out, code, err)
-			}
+	eachSnapshotter(t, d, func(ctx context.Context, t *testing.T, sn string, spy runcSpy) {
+		id := "view-" + sn
+		r, err := start(ctx, t, d, id, runOpts{
+			runtime:     snapviewRT,
+			runtimeOpts: spy.opts(),
+			snapshotter: sn,
+			// The container changes its own copy of the image.
+			args: []string{"sh", "-c", "echo changed > " + harness.KernelPath + "; rm " + harness.ConfigPath + "; echo ready; sleep 300"},
 		})
-	}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.waitOutput("ready"); err != nil {
+			t.Fatal(err)
+		}
+		if !spy.created(t, id) {
+			t.Fatal("runc wrapper not used")
+		}
+		st := checkView(ctx, t, d, id, sn, spy.config(id))
+		checkPristine(t, st.Mountpoint)
+		if err := os.WriteFile(filepath.Join(st.Mountpoint, "written-by-host"), []byte("x"), 0o644); !errors.Is(err, syscall.EROFS) {
+			t.Errorf("writing into the view: %v, want EROFS", err)
+		}
+		if err := os.Remove(filepath.Join(st.Mountpoint, harness.KernelPath)); err == nil {
+			t.Errorf("removing a file of the view succeeded")
+		}
+		// The container sees its own change, the view does not.
+		if code, out, _, err := r.exec(ctx, "cat", "cat", harness.KernelPath); err != nil || code != 0 || out != "changed\n" {
+			t.Errorf("container rootfs: %q %d %v", out, code, err)
+		}
+	})
 }
 
 // TestViewShimKilled kills the shim with SIGKILL while the container runs,

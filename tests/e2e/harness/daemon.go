@@ -133,6 +133,14 @@ disabled_plugins = [
     container_annotations = ["io.snapview.*"]
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-runc-path.options]
       SystemdCgroup = false
+  # Block mode: the runtime's own snapshotter is block-backed.
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-block]
+    runtime_type = "io.containerd.snapview.v2"
+    snapshotter = "blockfile"
+    pod_annotations = ["io.snapview.*"]
+    container_annotations = ["io.snapview.*"]
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-block.options]
+      SystemdCgroup = false
 
 [plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
@@ -168,9 +176,10 @@ func WithSnapviewConfig(body string) Option {
 
 // CRIConfig configures containerd's CRI plugin for a daemon. Its runtime
 // handlers are "snapview" (runtime_type io.containerd.snapview.v2 with an
-// inline options table, which CRI sends as runtimeoptions ConfigBody) and
+// inline options table, which CRI sends as runtimeoptions ConfigBody),
 // "snapview-runc-path" (runtime_type io.containerd.runc.v2 with runtime_path
-// set to the shim, which CRI sends runc options). Pods must use host
+// set to the shim, which CRI sends runc options) and "snapview-block"
+// (snapview on the blockfile snapshotter, for block mode). Pods must use host
 // networking: no CNI plugin is configured.
 type CRIConfig struct {
 	// SandboxImage is the pause image, imported by the test into k8s.io.
@@ -375,6 +384,14 @@ func (d *Daemon) checkPlugins(ctx context.Context) error {
 	}
 	d.Snapshotters = []string{"overlayfs", "native", "blockfile", "erofs"}
 	return nil
+}
+
+// Pid returns the daemon's process id, or 0 if it is not running.
+func (d *Daemon) Pid() int {
+	if d.cmd == nil || d.cmd.Process == nil {
+		return 0
+	}
+	return d.cmd.Process.Pid
 }
 
 // Client returns the daemon's client.

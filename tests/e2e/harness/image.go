@@ -20,6 +20,7 @@ var busyboxApplets = []string{
 	"sh", "cat", "echo", "sleep", "ls", "head", "tail", "tty", "true", "false", "kill",
 	"mkdir", "rm", "wc", "sha256sum", "cmp", "dd", "stat", "id", "env", "test", "grep",
 	"touch", "ps", "printf", "readlink", "seq", "tr", "mount", "cp", "mv", "ln", "df",
+	"od", "sync", "find", "cut", "basename",
 }
 
 // ImageSpec describes a test image.

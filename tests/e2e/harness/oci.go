@@ -11,6 +11,7 @@ import (
 	"io"
 	"maps"
 	"os"
+	"path/filepath"
 	"sort"
 	"time"
 
@@ -242,4 +243,31 @@ func (img *OCIImage) WriteArchiveFile(dir string) (string, error) {
 		return "", fmt.Errorf("write %s: %w", f.Name(), err)
 	}
 	return f.Name(), f.Close()
+}
+
+// WriteTo writes the layer's directories, files and symlinks into dir, as
+// a container runtime would unpack them (owners and special files aside).
+func (l *Layer) WriteTo(dir string) error {
+	for _, e := range l.entries {
+		p := filepath.Join(dir, filepath.Clean("/"+e.hdr.Name))
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return err
+		}
+		mode := os.FileMode(e.hdr.Mode).Perm()
+		switch e.hdr.Typeflag {
+		case tar.TypeDir:
+			if err := os.MkdirAll(p, mode); err != nil {
+				return err
+			}
+		case tar.TypeReg:
+			if err := os.WriteFile(p, e.data, mode); err != nil {
+				return err
+			}
+		case tar.TypeSymlink:
+			if err := os.Symlink(e.hdr.Linkname, p); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
