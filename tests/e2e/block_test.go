@@ -178,15 +178,17 @@ func TestBlockMode(t *testing.T) {
 // checkNeverMounted checks the double-mount hazard while a block-mode
 // container runs: the snapshot file is bound to exactly the loop device
 // snapview recorded, and no mount in the test's, containerd's, the shim's
-// or the container's mount namespace has that device (or the file) as its
-// source.
+// or the container's mount namespace has the file, or any loop device bound
+// to it, as its source.
 func checkNeverMounted(ctx context.Context, t *testing.T, d *harness.Daemon, r *running, st blockState) {
 	t.Helper()
 	file, dev := st.Block.Rootfs.Source, st.Block.Device
 	var bound []string
+	backed := map[string]bool{file: true, dev: true} // what no mount may have as its source
 	for _, l := range harness.LoopDevices(filepath.Dir(file)) {
-		if strings.HasSuffix(l, " -> "+file) {
+		if loop, ok := strings.CutSuffix(l, " -> "+file); ok {
 			bound = append(bound, l)
+			backed[loop] = true
 		}
 	}
 	if len(bound) != 1 || !strings.HasPrefix(bound[0], dev+" ") {
@@ -211,7 +213,7 @@ func checkNeverMounted(ctx context.Context, t *testing.T, d *harness.Daemon, r *
 			t.Fatal(err)
 		}
 		for _, m := range infos {
-			if m.Source == dev || m.Source == file {
+			if backed[m.Source] {
 				t.Errorf("%s mounts the container's disk: %s on %s (%s)", who, m.Source, m.Mountpoint, m.FSType)
 			}
 		}
