@@ -20,6 +20,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
@@ -210,7 +211,110 @@ func run() (retErr error) {
 		return err
 	}
 	fmt.Println("    nothing left")
+
+	if err := demoBlock(ctx, d, cimg); err != nil {
+		return err
+	}
+	step("checking again that nothing is left")
+	if err := d.CheckLeaks(ctx); err != nil {
+		return err
+	}
+	fmt.Println("    nothing left")
 	return nil
+}
+
+// blockScript is the block-mode container's process, standing in for a VM
+// monitor: it looks at the disk it was given and at the kernel bound from
+// the image, as a monitor would before booting a guest.
+const blockScript = `dev=/dev/snapview/rootfs
+echo "disk $dev: $(stat -c '%F, device %t:%T' $dev)"
+echo "ext4 superblock magic read from it: 0x$(dd if=$dev bs=1 skip=1081 count=1 2>/dev/null | od -An -tx1 | tr -d ' ')$(dd if=$dev bs=1 skip=1080 count=1 2>/dev/null | od -An -tx1 | tr -d ' ') (0xef53 is ext4)"
+echo "guest kernel /.snapview/boot/kernel: $(wc -c < /.snapview/boot/kernel) bytes from the image"
+echo "params: $(tr -d '\n' < /.snapview/params.json | tr -s ' ')"
+echo "a monitor would now run: qemu-system-x86_64 -kernel /.snapview/boot/kernel -drive file=$dev,format=raw,if=virtio ..."
+echo ready
+exec sleep 300`
+
+// demoBlock runs a block-mode container on the blockfile snapshotter: its
+// own snapshot reaches it as a block device, and is never mounted on the
+// host.
+func demoBlock(ctx context.Context, d *harness.Daemon, img client.Image) (retErr error) {
+	const id = "demo-block"
+	step("block mode: a container on the blockfile snapshotter gets its own disk as a block device, never mounted on the host")
+	ann := map[string]string{"io.snapview.mode": "block", "io.snapview.boot.kernel": "/boot/vmlinux"}
+	for k, v := range ann {
+		fmt.Printf("    --annotation %s=%s\n", k, v)
+	}
+	c := d.Client()
+	ctr, err := c.NewContainer(ctx, id,
+		client.WithImage(img),
+		client.WithSnapshotter("blockfile"),
+		client.WithNewSnapshot(id+"-snapshot", img),
+		client.WithRuntime(runtime, nil),
+		client.WithNewSpec(oci.WithImageConfig(img), oci.WithAnnotations(ann), oci.WithProcessArgs("sh", "-c", blockScript)),
+	)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) && retErr == nil {
+			retErr = err
+		}
+	}()
+	out := &harness.SafeBuffer{}
+	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), out, os.Stderr)))
+	if err != nil {
+		return err
+	}
+	defer task.Delete(ctx, client.WithProcessKill)
+	if err := task.Start(ctx); err != nil {
+		return err
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(out.String(), "ready"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("block-mode container did not start: %q", out.String())
+		}
+	}
+	for l := range strings.SplitSeq(strings.TrimSpace(out.String()), "\n") {
+		fmt.Println("    | " + l)
+	}
+
+	step("on the host")
+	bundle := filepath.Join(d.State, "io.containerd.runtime.v2.task", ns, id)
+	raw, err := os.ReadFile(filepath.Join(bundle, "snapview.json"))
+	if err != nil {
+		return err
+	}
+	var st struct {
+		Block struct {
+			Rootfs struct {
+				Source string `json:"source"`
+			} `json:"rootfs"`
+			Device        string `json:"device"`
+			Major         uint32 `json:"major"`
+			Minor         uint32 `json:"minor"`
+			MonitorRootfs string `json:"monitor_rootfs"`
+		} `json:"block"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return err
+	}
+	fmt.Printf("    the container's snapshot %s\n", st.Block.Rootfs.Source)
+	fmt.Printf("    is attached to %s (%d:%d), held open by the shim, and passed in as /dev/snapview/rootfs\n", st.Block.Device, st.Block.Major, st.Block.Minor)
+	mounted, err := mountinfo.GetMounts(func(m *mountinfo.Info) (bool, bool) {
+		return m.Source != st.Block.Device && m.Source != st.Block.Rootfs.Source, false
+	})
+	if err != nil {
+		return err
+	}
+	fmt.Printf("    host mounts of that disk: %d (it is never mounted on the host)\n", len(mounted))
+	fmt.Printf("    the container's root is an overlay over its image's read-only view (block.monitor_rootfs = %q)\n", st.Block.MonitorRootfs)
+
+	step("deleting the block-mode task and container: the loop device goes with them")
+	if _, err := task.Delete(ctx, client.WithProcessKill); err != nil {
+		return err
+	}
+	return ctr.Delete(ctx, client.WithSnapshotCleanup)
 }
 
 // exec runs args in the task and returns its output.
