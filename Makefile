@@ -2,7 +2,8 @@ SHELL := /bin/bash
 # snapview: containerd-shim-snapview-v2
 #
 #   make demo    build, start a private containerd, run a container with snapview, clean up
-#   make test    every test: unit, then e2e against real containerd + runc (e2e needs root)
+#   make test    every test: unit, e2e against real containerd + runc, and containerd's own
+#                client suite on runc and snapview (e2e and parity need root)
 
 GO        ?= go
 PREFIX    ?= /usr/local
@@ -52,9 +53,9 @@ deps:
 
 test: build deps unit
 	@if [ "$$(id -u)" -ne 0 ]; then \
-		echo "make test: e2e SKIPPED: it needs root (mounts, loop devices, a private containerd); run 'sudo make test'"; \
+		echo "make test: e2e and parity SKIPPED: they need root (mounts, loop devices, a private containerd); run 'sudo make test'"; \
 	else \
-		$(MAKE) --no-print-directory e2e; \
+		$(MAKE) --no-print-directory e2e && $(MAKE) --no-print-directory parity; \
 	fi
 
 unit:

@@ -1,5 +1,5 @@
 // Package annotations parses and validates snapview's input annotations
-// (SPEC §3) from a container's OCI spec:
+// from a container's OCI spec:
 //
 //	io.snapview.mode         view | block | off
 //	io.snapview.boot.<name>  absolute path inside the image of a boot artifact
