@@ -17,6 +17,7 @@ import (
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/moby/sys/mountinfo"
+
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
 
