@@ -252,13 +252,25 @@ func TestViewShimKilled(t *testing.T) {
 // nothing behind.
 func TestViewRuncCreateFails(t *testing.T) {
 	d := suite.daemon
-	ctx := setup(t, d)
-	_, err := start(ctx, t, d, "runc-fails", runOpts{runtime: snapviewRT, args: []string{"/no/such/command"}})
-	if err == nil {
-		t.Fatal("create of a missing command succeeded")
-	}
-	if !strings.Contains(err.Error(), "snapview: create runc-fails") {
-		t.Errorf("error %q does not say snapview failed the create", err)
+	for _, tc := range []struct {
+		name, snapshotter string
+		ann               map[string]string
+	}{
+		{"view", "overlayfs", nil},
+		// The rollback then also releases the loop device the shim held.
+		{"block", "blockfile", blockAnn},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := setup(t, d)
+			id := "runc-fails-" + tc.name
+			_, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, snapshotter: tc.snapshotter, annotations: tc.ann, args: []string{"/no/such/command"}})
+			if err == nil {
+				t.Fatal("create of a missing command succeeded")
+			}
+			if !strings.Contains(err.Error(), "snapview: create "+id) {
+				t.Errorf("error %q does not say snapview failed the create", err)
+			}
+		})
 	}
 }
 
