@@ -147,14 +147,7 @@ func TestBlockfile(t *testing.T) {
 	r.Rootfs = []rootfs.Mount{blockfileRootfs(t)}
 	monitor := t.TempDir()
 	r.Config.Block.MonitorRootfs = monitor
-	p, err := l.Decide(e.Ctx, r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v, err := l.Setup(e.Ctx, p)
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := e.SetUp(t, l, r)
 	b := v.State.Block
 	if b == nil || b.Loop == nil || b.Loop.BackingFile != r.Rootfs[0].Source || b.Major != 7 || b.MonitorRootfs != monitor {
 		t.Fatalf("block state %+v", b)
@@ -187,14 +180,7 @@ func TestBlockfileRecovered(t *testing.T) {
 	l := lifecycle.New(e.Backend)
 	r := e.Container(t, "bf-rec", blockAnn)
 	r.Rootfs = []rootfs.Mount{blockfileRootfs(t)}
-	p, err := l.Decide(e.Ctx, r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v, err := l.Setup(e.Ctx, p)
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := e.SetUp(t, l, r)
 	b := v.State.Block
 	// A second opener (the container's monitor, still running) keeps the
 	// autoclear device bound after the shim's reference is gone.
@@ -285,13 +271,7 @@ func TestBlockSetupFailsAtEachStep(t *testing.T) {
 			r.Rootfs = []rootfs.Mount{bf}
 			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
 			l := lifecycle.New(e.Backend)
-			injected := errors.New("injected failure after " + step)
-			lifecycle.SetAfterStep(l, func(s string) error {
-				if s == step {
-					return injected
-				}
-				return nil
-			})
+			_, injected := failAfter(l, step)
 			p, err := l.Decide(e.Ctx, r)
 			if err != nil {
 				t.Fatal(err)

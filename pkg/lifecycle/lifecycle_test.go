@@ -93,14 +93,7 @@ func TestNothingAskedNothingBound(t *testing.T) {
 	e := lifecycletest.NewEnv(t)
 	l := lifecycle.New(e.Backend)
 	r := e.Container(t, "plain", nil)
-	p, err := l.Decide(e.Ctx, r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v, err := l.Setup(e.Ctx, p)
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := e.SetUp(t, l, r)
 	defer l.Teardown(e.Ctx, v)
 	var spec specs.Spec
 	if err := json.Unmarshal(lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json")), &spec); err != nil {
@@ -125,15 +118,7 @@ func TestSetupFailsAtEachStep(t *testing.T) {
 			r := e.Container(t, "fail-"+step, ann)
 			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
 			l := lifecycle.New(e.Backend)
-			injected := errors.New("injected failure after " + step)
-			var seen []string
-			lifecycle.SetAfterStep(l, func(s string) error {
-				seen = append(seen, s)
-				if s == step {
-					return injected
-				}
-				return nil
-			})
+			seen, injected := failAfter(l, step)
 			p, err := l.Decide(e.Ctx, r)
 			if err != nil {
 				t.Fatal(err)
@@ -141,8 +126,8 @@ func TestSetupFailsAtEachStep(t *testing.T) {
 			if _, err := l.Setup(e.Ctx, p); !errors.Is(err, injected) {
 				t.Fatalf("setup: %v, want the injected failure", err)
 			}
-			if len(seen) != i+1 {
-				t.Fatalf("steps run %v", seen)
+			if len(*seen) != i+1 {
+				t.Fatalf("steps run %v", *seen)
 			}
 			e.CheckNothingLeft(t, r, orig)
 		})
@@ -306,14 +291,7 @@ func TestRecover(t *testing.T) {
 	setUp := func(t *testing.T, id string) (*lifecycle.Lifecycle, lifecycle.Request, *lifecycle.View) {
 		l := lifecycle.New(e.Backend)
 		r := e.Container(t, id, nil)
-		p, err := l.Decide(e.Ctx, r)
-		if err != nil {
-			t.Fatal(err)
-		}
-		v, err := l.Setup(e.Ctx, p)
-		if err != nil {
-			t.Fatal(err)
-		}
+		v := e.SetUp(t, l, r)
 		return l, r, v
 	}
 
@@ -405,4 +383,19 @@ func TestRecover(t *testing.T) {
 		}
 		e.CheckNothingLeft(t, r, nil)
 	})
+}
+
+// failAfter makes l's setup fail right after step took effect, with the
+// returned error; seen collects the steps that ran.
+func failAfter(l *lifecycle.Lifecycle, step string) (seen *[]string, injected error) {
+	injected = errors.New("injected failure after " + step)
+	seen = new([]string)
+	lifecycle.SetAfterStep(l, func(s string) error {
+		*seen = append(*seen, s)
+		if s == step {
+			return injected
+		}
+		return nil
+	})
+	return seen, injected
 }

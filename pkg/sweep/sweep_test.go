@@ -23,15 +23,8 @@ import (
 // record, as if every cleanup path had failed; it returns the bundle root.
 func orphan(t *testing.T, e *lifecycletest.Env, id string) string {
 	t.Helper()
-	l := lifecycle.New(e.Backend)
 	r := e.Container(t, id, nil)
-	p, err := l.Decide(e.Ctx, r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := l.Setup(e.Ctx, p); err != nil {
-		t.Fatal(err)
-	}
+	e.SetUp(t, lifecycle.New(e.Backend), r)
 	if err := e.Containers.Delete(e.Ctx, id); err != nil {
 		t.Fatal(err)
 	}
@@ -52,14 +45,7 @@ func TestSweep(t *testing.T) {
 	root := orphan(t, e, "ghost")
 	live := e.Container(t, "alive", nil)
 	l := lifecycle.New(e.Backend)
-	p, err := l.Decide(e.Ctx, live)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v, err := l.Setup(e.Ctx, p)
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := e.SetUp(t, l, live)
 	defer l.Teardown(e.Ctx, v)
 
 	dry, err := sweep.Namespace(e.Ctx, e.Backend, lifecycletest.NS, sweep.Options{BundleRoot: root, DryRun: true})

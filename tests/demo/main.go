@@ -104,38 +104,15 @@ func run() (retErr error) {
 	for k, v := range ann {
 		fmt.Printf("    --annotation %s=%s\n", k, v)
 	}
-	ctr, err := c.NewContainer(ctx, id,
-		client.WithImage(cimg),
-		client.WithSnapshotter("overlayfs"),
-		client.WithNewSnapshot(id+"-snapshot", cimg),
-		client.WithRuntime(runtime, nil),
-		client.WithNewSpec(oci.WithImageConfig(cimg), oci.WithAnnotations(ann), oci.WithProcessArgs("sh", "-c", demoScript)),
-	)
+	ctr, task, cleanup, err := runUntilReady(ctx, c, cimg, id, "overlayfs", ann, demoScript)
 	if err != nil {
 		return err
 	}
 	defer func() {
-		if err := ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) && retErr == nil {
+		if err := cleanup(); err != nil && retErr == nil {
 			retErr = err
 		}
 	}()
-	out := &harness.SafeBuffer{}
-	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), out, os.Stderr)))
-	if err != nil {
-		return err
-	}
-	defer task.Delete(ctx, client.WithProcessKill)
-	if err := task.Start(ctx); err != nil {
-		return err
-	}
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(out.String(), "ready"); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("container did not start: %q", out.String())
-		}
-	}
-	for l := range strings.SplitSeq(strings.TrimSpace(out.String()), "\n") {
-		fmt.Println("    | " + l)
-	}
 
 	step("while it runs, snapview holds a read-only view of its image")
 	ls, err := c.LeasesService().List(ctx, `labels."snapview.io/container"==`+id)
@@ -245,39 +222,15 @@ func demoBlock(ctx context.Context, d *harness.Daemon, img client.Image) (retErr
 	for k, v := range ann {
 		fmt.Printf("    --annotation %s=%s\n", k, v)
 	}
-	c := d.Client()
-	ctr, err := c.NewContainer(ctx, id,
-		client.WithImage(img),
-		client.WithSnapshotter("blockfile"),
-		client.WithNewSnapshot(id+"-snapshot", img),
-		client.WithRuntime(runtime, nil),
-		client.WithNewSpec(oci.WithImageConfig(img), oci.WithAnnotations(ann), oci.WithProcessArgs("sh", "-c", blockScript)),
-	)
+	ctr, task, cleanup, err := runUntilReady(ctx, d.Client(), img, id, "blockfile", ann, blockScript)
 	if err != nil {
 		return err
 	}
 	defer func() {
-		if err := ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) && retErr == nil {
+		if err := cleanup(); err != nil && retErr == nil {
 			retErr = err
 		}
 	}()
-	out := &harness.SafeBuffer{}
-	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), out, os.Stderr)))
-	if err != nil {
-		return err
-	}
-	defer task.Delete(ctx, client.WithProcessKill)
-	if err := task.Start(ctx); err != nil {
-		return err
-	}
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(out.String(), "ready"); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("block-mode container did not start: %q", out.String())
-		}
-	}
-	for l := range strings.SplitSeq(strings.TrimSpace(out.String()), "\n") {
-		fmt.Println("    | " + l)
-	}
 
 	step("on the host")
 	bundle := filepath.Join(d.State, "io.containerd.runtime.v2.task", ns, id)
@@ -315,6 +268,56 @@ func demoBlock(ctx context.Context, d *harness.Daemon, img client.Image) (retErr
 		return err
 	}
 	return ctr.Delete(ctx, client.WithSnapshotCleanup)
+}
+
+// runUntilReady runs script in a new container id of img on snapshotter sn
+// with snapview and annotations ann, waits until it prints "ready", and
+// shows its output. cleanup deletes the task and the container, whatever
+// the caller already deleted.
+func runUntilReady(ctx context.Context, c *client.Client, img client.Image, id, sn string, ann map[string]string, script string) (_ client.Container, _ client.Task, cleanup func() error, retErr error) {
+	ctr, err := c.NewContainer(ctx, id,
+		client.WithImage(img),
+		client.WithSnapshotter(sn),
+		client.WithNewSnapshot(id+"-snapshot", img),
+		client.WithRuntime(runtime, nil),
+		client.WithNewSpec(oci.WithImageConfig(img), oci.WithAnnotations(ann), oci.WithProcessArgs("sh", "-c", script)),
+	)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	var task client.Task
+	cleanup = func() error {
+		if task != nil {
+			if _, err := task.Delete(ctx, client.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
+				return err
+			}
+		}
+		if err := ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		return nil
+	}
+	defer func() {
+		if retErr != nil {
+			_ = cleanup()
+		}
+	}()
+	out := &harness.SafeBuffer{}
+	if task, err = ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), out, os.Stderr))); err != nil {
+		return nil, nil, nil, err
+	}
+	if err := task.Start(ctx); err != nil {
+		return nil, nil, nil, err
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(out.String(), "ready"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return nil, nil, nil, fmt.Errorf("container %s did not start: %q", id, out.String())
+		}
+	}
+	for l := range strings.SplitSeq(strings.TrimSpace(out.String()), "\n") {
+		fmt.Println("    | " + l)
+	}
+	return ctr, task, cleanup, nil
 }
 
 // exec runs args in the task and returns its output.

@@ -163,6 +163,24 @@ func (e *Env) Container(t *testing.T, id string, ann map[string]string, specOpts
 	return lifecycle.Request{Namespace: NS, ID: id, Bundle: bundlePath, Rootfs: mounts, Config: config.Default()}
 }
 
+// SetUp decides and sets up the view of r with l, failing the test on any
+// error.
+func (e *Env) SetUp(t *testing.T, l *lifecycle.Lifecycle, r lifecycle.Request) *lifecycle.View {
+	t.Helper()
+	p, err := l.Decide(e.Ctx, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Skip != "" {
+		t.Fatalf("no view: %s", p.Skip)
+	}
+	v, err := l.Setup(e.Ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
 // CheckNothingLeft checks that nothing of container id's view is left:
 // no lease, no view snapshot (after a garbage collection), no mount and no
 // file of snapview's in the bundle, and config.json as it was.
