@@ -30,7 +30,8 @@ LDFLAGS  := -s -w \
 E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) \
 	SNAPVIEW_CONTAINERD=$(TOOLS)/containerd-$(CONTAINERD_VERSION)/containerd \
 	SNAPVIEW_CONTAINERD_COMPAT=$(TOOLS)/containerd-$(CONTAINERD_COMPAT_VERSION)/containerd \
-	SNAPVIEW_RUNC=$(TOOLS)/runc-$(RUNC_VERSION)/runc
+	SNAPVIEW_RUNC=$(TOOLS)/runc-$(RUNC_VERSION)/runc \
+	SNAPVIEW_GUEST_KERNEL=$(TOOLS)/guest-kernel/root
 
 E2E_FLAGS ?= -count=1 -timeout 40m
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what snapview's tests and demo need on a fresh machine, idempotently:
 #  - Debian packages (busybox-static for test images, erofs-utils and e2fsprogs
-#    for the erofs and blockfile snapshotters, criu for checkpoint tests);
+#    for the erofs and blockfile snapshotters, criu for checkpoint tests,
+#    qemu-system-x86 for the VM monitor of `make demo-vm` and its test);
+#  - a guest kernel: Debian's cloud kernel package, downloaded and unpacked into
+#    .cache/tools/guest-kernel/ (never installed on the host);
 #  - the pinned containerd, ctr and containerd-shim-runc-v2 versions and runc, built with `go install` into
 #    .cache/tools/<name>-<version>/, a directory the Makefile owns and git ignores.
 # Nothing is installed into the system's containerd or runc paths.
@@ -10,7 +13,8 @@ set -euo pipefail
 TOOLS=${TOOLS:?TOOLS must name the tools directory}
 CONTAINERD_VERSIONS=${CONTAINERD_VERSIONS:-"v2.4.2 v2.2.9"}
 RUNC_VERSION=${RUNC_VERSION:-v1.5.2}
-APT_PACKAGES=(busybox-static erofs-utils e2fsprogs criu util-linux libseccomp-dev pkg-config)
+APT_PACKAGES=(busybox-static erofs-utils e2fsprogs criu util-linux libseccomp-dev pkg-config qemu-system-x86)
+GUEST_KERNEL_PACKAGE=${GUEST_KERNEL_PACKAGE:-linux-image-cloud-amd64}
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
 
@@ -25,6 +29,25 @@ if ((${#missing[@]})); then
 		log "installing Debian packages: ${missing[*]}"
 		apt-get update -qq
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	fi
+fi
+
+# The guest kernel: the package the metapackage depends on, unpacked (not
+# installed) into $TOOLS/guest-kernel; the VM image takes vmlinuz and the
+# virtio modules from there.
+kdir=$TOOLS/guest-kernel
+if ! ls "$kdir"/root/boot/vmlinuz-* >/dev/null 2>&1; then
+	pkg=$(apt-cache depends "$GUEST_KERNEL_PACKAGE" 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+	if [ -z "$pkg" ] && [ "$(id -u)" -eq 0 ]; then
+		apt-get update -qq
+		pkg=$(apt-cache depends "$GUEST_KERNEL_PACKAGE" 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+	fi
+	if [ -z "$pkg" ]; then
+		log "cannot resolve $GUEST_KERNEL_PACKAGE to a kernel package (apt lists missing?); the VM test and demo-vm will be skipped"
+	else
+		log "downloading the guest kernel $pkg (unpacked into $kdir, not installed)"
+		rm -rf "$kdir" && mkdir -p "$kdir"
+		(cd "$kdir" && apt-get download -q "$pkg" 2>/dev/null >/dev/null && dpkg-deb -x ./*.deb root && rm -f ./*.deb)
 	fi
 fi
 

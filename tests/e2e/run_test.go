@@ -36,6 +36,8 @@ type runOpts struct {
 	// viewSnapshot gives the container a read-only rootfs: a View of the
 	// image (client.WithNewSnapshotView) instead of a writable snapshot.
 	viewSnapshot bool
+	// image is the container's image (default: the suite's test image).
+	image string
 }
 
 // running is a container with its task.
@@ -51,7 +53,10 @@ type running struct {
 func newContainer(ctx context.Context, t *testing.T, d *harness.Daemon, id string, o runOpts) (client.Container, error) {
 	t.Helper()
 	c := d.Client()
-	img, err := c.GetImage(ctx, testImageID)
+	if o.image == "" {
+		o.image = testImageID
+	}
+	img, err := c.GetImage(ctx, o.image)
 	if err != nil {
 		return nil, err
 	}

@@ -1,0 +1,323 @@
+package harness
+
+import (
+	"bytes"
+	"compress/gzip"
+	"errors"
+	"fmt"
+	"io/fs"
+	"maps"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// The VM of `make demo-vm` and of the e2e VM test: a guest kernel from
+// Debian's cloud kernel package (unpacked into .cache by
+// hack/install-deps.sh, never installed on the host), an initrd that loads
+// the virtio modules and switches to the root disk, and a guest init that
+// writes a marker on that disk and powers off. The VM image is both the
+// guest's disk and, with qemu in it, the monitor's root.
+const (
+	// GuestKernelPath and GuestInitrdPath are where the VM image holds the
+	// guest's kernel and initrd.
+	GuestKernelPath = "/boot/vmlinuz"
+	GuestInitrdPath = "/boot/initrd.img"
+	// GuestMarkerPath is the file the guest writes on its root disk.
+	GuestMarkerPath = "/snapview-guest-marker"
+	// GuestBootedLine starts the console line the guest prints once it
+	// runs from its disk.
+	GuestBootedLine = "snapview-guest: booted "
+	// QemuPath is where qemu is in a VM image or monitor tree.
+	QemuPath = "/usr/bin/qemu-system-x86_64"
+)
+
+// virtioModules are the modules the cloud kernel needs to see a virtio
+// disk, in the order they load.
+var virtioModules = []string{"virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk"}
+
+// GuestKernel is an unpacked kernel package.
+type GuestKernel struct {
+	Version string // uname -r of the guest, e.g. 6.1.0-56-cloud-amd64
+	Vmlinuz string
+	Modules string // lib/modules/<version>
+}
+
+// GuestKernelFromEnv finds the guest kernel the Makefile points at
+// ($SNAPVIEW_GUEST_KERNEL, the root of the unpacked package).
+func GuestKernelFromEnv() (*GuestKernel, error) {
+	root := os.Getenv("SNAPVIEW_GUEST_KERNEL")
+	if root == "" {
+		return nil, errors.New("SNAPVIEW_GUEST_KERNEL is not set: run through the Makefile")
+	}
+	matches, _ := filepath.Glob(filepath.Join(root, "boot", "vmlinuz-*"))
+	if len(matches) != 1 {
+		return nil, fmt.Errorf("no guest kernel under %s/boot (run `make deps`): %v", root, matches)
+	}
+	version := strings.TrimPrefix(filepath.Base(matches[0]), "vmlinuz-")
+	k := &GuestKernel{Version: version, Vmlinuz: matches[0], Modules: filepath.Join(root, "lib", "modules", version)}
+	if _, err := os.Stat(k.Modules); err != nil {
+		return nil, fmt.Errorf("guest kernel modules: %w", err)
+	}
+	return k, nil
+}
+
+// initScript is the initrd's /init: load the virtio modules, mount the
+// root disk and run the guest's init from it.
+const initScript = `#!/bin/sh
+mount -t devtmpfs devtmpfs /dev
+mount -t proc proc /proc
+for m in %s; do insmod /lib/modules/$m.ko || echo "initrd: insmod $m failed"; done
+for i in $(seq 1 100); do [ -b /dev/vda ] && break; sleep 0.05; done
+if ! mount -t ext4 -o rw /dev/vda /newroot; then echo "initrd: cannot mount /dev/vda"; poweroff -f; fi
+umount /proc
+mount --move /dev /newroot/dev
+exec switch_root /newroot /guest-init
+`
+
+// guestInit runs on the guest's root disk (the container's own snapshot):
+// it reports the kernel, writes the marker and powers the VM off, which
+// ends qemu with status 0.
+const guestInit = `#!/bin/sh
+mount -t proc proc /proc
+echo "` + GuestBootedLine + `$(uname -r) from $(tr ' ' '\n' < /proc/cmdline | grep '^root=')"
+echo "kernel=$(uname -r) written-at=$(date -u +%Y-%m-%dT%H:%M:%SZ)" > ` + GuestMarkerPath + `
+sync
+echo "snapview-guest: wrote ` + GuestMarkerPath + ` on its disk; powering off"
+poweroff -f
+`
+
+// Initrd returns the initrd of k: static busybox, the virtio modules and
+// /init, as a gzip-compressed newc cpio archive.
+func (k *GuestKernel) Initrd() ([]byte, error) {
+	bb, err := os.ReadFile(BusyboxPath)
+	if err != nil {
+		return nil, fmt.Errorf("read static busybox (Debian package busybox-static): %w", err)
+	}
+	var c cpio
+	for _, d := range []string{"bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"} {
+		c.dir(d)
+	}
+	c.file("bin/busybox", 0o755, bb)
+	for _, a := range []string{"sh", "insmod", "mount", "umount", "switch_root", "seq", "sleep", "echo", "poweroff"} {
+		c.symlink("bin/"+a, "busybox")
+	}
+	for _, m := range virtioModules {
+		var found string
+		_ = filepath.WalkDir(filepath.Join(k.Modules, "kernel"), func(p string, d fs.DirEntry, err error) error {
+			if err == nil && d.Name() == m+".ko" {
+				found = p
+			}
+			return nil
+		})
+		if found == "" {
+			return nil, fmt.Errorf("module %s not found under %s", m, k.Modules)
+		}
+		data, err := os.ReadFile(found)
+		if err != nil {
+			return nil, err
+		}
+		c.file("lib/modules/"+m+".ko", 0o644, data)
+	}
+	c.file("init", 0o755, fmt.Appendf(nil, initScript, strings.Join(virtioModules, " ")))
+	var out bytes.Buffer
+	zw := gzip.NewWriter(&out)
+	if _, err := zw.Write(c.close()); err != nil {
+		return nil, err
+	}
+	if err := zw.Close(); err != nil {
+		return nil, err
+	}
+	return out.Bytes(), nil
+}
+
+// cpio writes a newc ("070701") cpio archive, the format the kernel
+// unpacks as an initramfs.
+type cpio struct {
+	buf bytes.Buffer
+	ino int
+}
+
+func (c *cpio) entry(name string, mode uint32, data []byte) {
+	c.ino++
+	fmt.Fprintf(&c.buf, "070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
+		c.ino, mode, 0, 0, 1, mtime.Unix(), len(data), 0, 0, 0, 0, len(name)+1, 0)
+	c.buf.WriteString(name)
+	c.buf.WriteByte(0)
+	c.pad()
+	c.buf.Write(data)
+	c.pad()
+}
+
+func (c *cpio) pad() {
+	for c.buf.Len()%4 != 0 {
+		c.buf.WriteByte(0)
+	}
+}
+
+func (c *cpio) dir(name string)                         { c.entry(name, 0o040755, nil) }
+func (c *cpio) file(name string, mode uint32, b []byte) { c.entry(name, 0o100000|mode, b) }
+func (c *cpio) symlink(name, target string)             { c.entry(name, 0o120777, []byte(target)) }
+
+func (c *cpio) close() []byte {
+	c.entry("TRAILER!!!", 0, nil)
+	return c.buf.Bytes()
+}
+
+// guestApplets are the busybox applets the guest's init uses.
+var guestApplets = []string{"sh", "mount", "echo", "cat", "uname", "date", "sync", "poweroff", "tr", "grep", "sleep", "ls"}
+
+// VMImage builds the VM image named ref: busybox, the guest kernel and
+// initrd under /boot, and /guest-init; with qemu, also the monitor (qemu
+// from the host, its libraries, accelerator module and firmware), so that
+// the image is at once the monitor's root and the guest's disk.
+func VMImage(ref string, k *GuestKernel, withQemu bool) (*OCIImage, error) {
+	base, err := BusyboxLayer(guestApplets)
+	if err != nil {
+		return nil, err
+	}
+	kernel, err := os.ReadFile(k.Vmlinuz)
+	if err != nil {
+		return nil, err
+	}
+	initrd, err := k.Initrd()
+	if err != nil {
+		return nil, err
+	}
+	boot := NewLayer().Dir("boot", 0o755).
+		File(strings.TrimPrefix(GuestKernelPath, "/"), 0o644, kernel).
+		File(strings.TrimPrefix(GuestInitrdPath, "/"), 0o644, initrd).
+		File("guest-init", 0o755, []byte(guestInit))
+	layers := []*Layer{base, boot}
+	if withQemu {
+		q, err := QemuLayer()
+		if err != nil {
+			return nil, err
+		}
+		layers = append(layers, q)
+	}
+	cfg := ocispec.ImageConfig{Env: []string{"PATH=/usr/bin:/bin"}, Cmd: []string{"sh"}, WorkingDir: "/"}
+	return Compose(ref, cfg, layers...)
+}
+
+// qemuFiles are the files qemu needs besides its binary and libraries:
+// Debian builds TCG as a module, and looks for firmware in these
+// directories.
+var qemuFiles = []string{
+	"/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so",
+	"/usr/share/seabios/bios-256k.bin",
+	"/usr/share/qemu/linuxboot_dma.bin",
+	"/usr/share/qemu/kvmvapic.bin",
+}
+
+var lddPath = regexp.MustCompile(`(/\S+)`)
+
+// QemuLayer returns a layer holding the host's qemu-system-x86_64 (Debian's
+// qemu-system-x86), the shared libraries ldd lists for it and its TCG
+// module, and the firmware it loads, each at its host path.
+func QemuLayer() (*Layer, error) {
+	if _, err := os.Stat(QemuPath); err != nil {
+		return nil, fmt.Errorf("qemu (Debian package qemu-system-x86): %w", err)
+	}
+	paths := []string{QemuPath}
+	for _, bin := range []string{QemuPath, qemuFiles[0]} {
+		out, err := exec.Command("ldd", bin).Output()
+		if err != nil {
+			return nil, fmt.Errorf("ldd %s: %w", bin, err)
+		}
+		for _, m := range lddPath.FindAllString(string(out), -1) {
+			paths = append(paths, m)
+		}
+	}
+	paths = append(paths, qemuFiles...)
+	l := NewLayer()
+	dirs := map[string]bool{}
+	for _, p := range paths {
+		for d := filepath.Dir(p); d != "/" && !dirs[d]; d = filepath.Dir(d) {
+			dirs[d] = true
+		}
+	}
+	for _, d := range sortedKeys(dirs) {
+		l.Dir(strings.TrimPrefix(d, "/"), 0o755)
+	}
+	seen := map[string]bool{}
+	for _, p := range paths {
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		// Symlinks (libfoo.so.1 -> libfoo.so.1.2.3) become the file itself.
+		if err := l.HostFile(strings.TrimPrefix(p, "/"), p); err != nil {
+			return nil, err
+		}
+	}
+	return l, nil
+}
+
+// QemuArgs returns the monitor's command line: the guest kernel and initrd
+// bound from the image by snapview, the container's own disk as the guest's
+// virtio disk, the console on stdout, KVM if kvm is set and TCG otherwise.
+func QemuArgs(kvm bool) []string {
+	accel := "tcg"
+	if kvm {
+		accel = "kvm"
+	}
+	return []string{QemuPath,
+		"-nodefaults", "-nographic", "-no-user-config", "-no-reboot",
+		"-machine", "accel=" + accel, "-m", "256",
+		"-kernel", "/.snapview/boot/kernel",
+		"-initrd", "/.snapview/boot/initrd",
+		"-append", "console=ttyS0 root=/dev/vda rw panic=-1 quiet",
+		"-drive", "file=/dev/snapview/rootfs,format=raw,if=virtio,cache=none",
+		"-serial", "stdio",
+	}
+}
+
+// VMAnnotations are the annotations of a VM container: block mode, and the
+// guest's kernel and initrd from the image.
+func VMAnnotations() map[string]string {
+	return map[string]string{
+		"io.snapview.mode":        "block",
+		"io.snapview.boot.kernel": GuestKernelPath,
+		"io.snapview.boot.initrd": GuestInitrdPath,
+	}
+}
+
+// KVMUsable reports whether /dev/kvm can be opened.
+func KVMUsable() bool {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	return true
+}
+
+// sortedKeys returns m's keys sorted, so that parents come before their
+// children.
+func sortedKeys(m map[string]bool) []string {
+	return slices.Sorted(maps.Keys(m))
+}
+
+// WriteMonitorTree writes a host directory for a host-directory monitor
+// rootfs: busybox and qemu with what it needs, as an operator would install
+// a monitor beside the node's runtime.
+func WriteMonitorTree(dir string) error {
+	base, err := BusyboxLayer([]string{"sh", "cat", "echo", "ls"})
+	if err != nil {
+		return err
+	}
+	q, err := QemuLayer()
+	if err != nil {
+		return err
+	}
+	if err := base.WriteTo(dir); err != nil {
+		return err
+	}
+	return q.WriteTo(dir)
+}

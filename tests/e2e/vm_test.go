@@ -1,0 +1,188 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/pkg/oci"
+	"github.com/moby/sys/mountinfo"
+	"golang.org/x/sys/unix"
+
+	"github.com/snapview/snapview/tests/e2e/harness"
+)
+
+// TestVM boots a real guest under snapview: a container in block mode on the
+// blockfile snapshotter whose process is qemu, booting the guest kernel and
+// initrd bound from the image, with the container's own snapshot as the
+// guest's virtio disk. The guest mounts that disk read-write, writes a
+// marker and powers off; qemu exits 0. Afterwards the marker is read from
+// the container's snapshot file (mounted read-only only once the task is
+// gone), and throughout the run no host mount of the disk may exist.
+//
+// The first case is the project's VM image as both the monitor's root and
+// the guest's disk; the second runs qemu from a host directory (the
+// host-directory monitor rootfs) with an image that holds no monitor.
+func TestVM(t *testing.T) {
+	if os.Getenv("SNAPVIEW_GUEST_KERNEL") == "" {
+		t.Skip("SNAPVIEW_GUEST_KERNEL is not set: run through `make e2e`")
+	}
+	d := suite.daemon
+	k, err := harness.GuestKernelFromEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name     string
+		withQemu bool
+	}{
+		{"image is the monitor", true},
+		{"host monitor", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := setup(t, d)
+			monitor := "view"
+			if !tc.withQemu {
+				monitor = t.TempDir()
+				if err := harness.WriteMonitorTree(monitor); err != nil {
+					t.Fatal(err)
+				}
+			}
+			id := "vm-" + strings.ReplaceAll(tc.name, " ", "-")
+			ref := "docker.io/snapview/" + id + ":latest"
+			if err := importVMImage(ctx, d, ref, k, tc.withQemu); err != nil {
+				t.Fatal(err)
+			}
+			kvm := harness.KVMUsable()
+			var specOpts []oci.SpecOpts
+			if kvm {
+				specOpts = append(specOpts, oci.WithLinuxDevice("/dev/kvm", "rwm"))
+			}
+			opts := &runtimeoptions.Options{ConfigBody: fmt.Appendf(nil, "[block]\nmonitor_rootfs = %q\n", monitor)}
+			started := time.Now()
+			r, err := start(ctx, t, d, id, runOpts{
+				runtime: snapviewRT, runtimeOpts: opts, snapshotter: "blockfile", image: ref,
+				annotations: harness.VMAnnotations(), args: harness.QemuArgs(kvm), specOpts: specOpts,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			st := readBlockState(t, d, id)
+			watch := watchNeverMounted(st)
+			code, err := r.wait(t)
+			violations := watch()
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.task.IO().Wait()
+			out := r.stdout.String()
+			t.Logf("guest console (kvm: %v, %s from start to power-off):\n%s", kvm, time.Since(started).Round(time.Millisecond), out)
+			if code != 0 {
+				t.Fatalf("qemu exited %d; stderr:\n%s", code, r.stderr.String())
+			}
+			if !strings.Contains(out, harness.GuestBootedLine+k.Version+" from root=/dev/vda") {
+				t.Errorf("the guest did not report booting kernel %s from /dev/vda", k.Version)
+			}
+			for _, v := range violations {
+				t.Errorf("during the run: %s", v)
+			}
+			if _, err := r.task.Delete(ctx); err != nil {
+				t.Fatal(err)
+			}
+			marker := readGuestMarker(t, st.Block.Rootfs.Source)
+			if !strings.Contains(marker, "kernel="+k.Version) {
+				t.Errorf("marker on the container's disk %q, want kernel=%s", marker, k.Version)
+			}
+		})
+	}
+}
+
+// importVMImage builds the VM image and imports it for the blockfile
+// snapshotter.
+func importVMImage(ctx context.Context, d *harness.Daemon, ref string, k *harness.GuestKernel, withQemu bool) error {
+	img, err := harness.VMImage(ref, k, withQemu)
+	if err != nil {
+		return err
+	}
+	archive, err := img.WriteArchiveFile(suite.dir)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(archive)
+	_, err = d.Import(ctx, ns, &harness.Image{Ref: ref, Archive: archive, Files: img.Files}, "blockfile")
+	return err
+}
+
+// watchNeverMounted watches, until the returned function is called, the
+// mount tables of this process and of containerd for a mount of the
+// container's disk (its snapshot file or any loop device bound to it), and
+// returns what it saw.
+func watchNeverMounted(st blockState) func() []string {
+	file := st.Block.Rootfs.Source
+	stop := make(chan struct{})
+	var (
+		mu   sync.Mutex
+		seen []string
+		wg   sync.WaitGroup
+		once = map[string]bool{}
+	)
+	wg.Go(func() {
+		for {
+			backed := map[string]bool{file: true, st.Block.Device: true}
+			for _, l := range harness.LoopDevices(filepath.Dir(file)) {
+				if loop, ok := strings.CutSuffix(l, " -> "+file); ok {
+					backed[loop] = true
+				}
+			}
+			infos, _ := mountinfo.GetMounts(func(m *mountinfo.Info) (bool, bool) { return !backed[m.Source], false })
+			mu.Lock()
+			for _, m := range infos {
+				if v := fmt.Sprintf("%s mounted on %s (%s)", m.Source, m.Mountpoint, m.FSType); !once[v] {
+					once[v] = true
+					seen = append(seen, v)
+				}
+			}
+			mu.Unlock()
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	})
+	return func() []string {
+		close(stop)
+		wg.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		return seen
+	}
+}
+
+// readGuestMarker reads the guest's marker from a snapshot file, mounting it
+// read-only (and without replaying its journal) in a temporary directory:
+// only once the task is gone, never while a guest could write it.
+func readGuestMarker(t *testing.T, file string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := mount.All([]mount.Mount{{Type: "ext4", Source: file, Options: []string{"loop", "ro", "noload"}}}, dir); err != nil {
+		t.Fatalf("mount the container's disk after the run: %v", err)
+	}
+	defer func() {
+		if err := mount.UnmountAll(dir, unix.MNT_DETACH); err != nil {
+			t.Error(err)
+		}
+	}()
+	b, err := os.ReadFile(filepath.Join(dir, harness.GuestMarkerPath))
+	if err != nil {
+		t.Fatalf("the guest's marker is not on the container's disk: %v", err)
+	}
+	return string(b)
+}
