@@ -36,7 +36,7 @@ E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) \
 E2E_FLAGS ?= -count=1 -timeout 40m
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
 
-.PHONY: all build deps test unit e2e demo bench parity fuzz install lint clean
+.PHONY: all build deps test unit e2e demo demo-vm bench parity fuzz install lint clean
 
 all: build
 
@@ -68,6 +68,11 @@ e2e: build deps
 
 demo: build deps
 	@$(E2E_ENV) $(GO) run ./tests/demo
+
+# qemu in a block-mode container boots the image's kernel on the container's
+# own disk (TCG without /dev/kvm).
+demo-vm: build deps
+	@$(E2E_ENV) $(GO) run ./tests/demovm
 
 bench: build deps
 	@$(E2E_ENV) $(GO) run ./tests/bench $(BENCH_FLAGS)
