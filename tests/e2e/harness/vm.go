@@ -230,9 +230,7 @@ func QemuLayer() (*Layer, error) {
 		if err != nil {
 			return nil, fmt.Errorf("ldd %s: %w", bin, err)
 		}
-		for _, m := range lddPath.FindAllString(string(out), -1) {
-			paths = append(paths, m)
-		}
+		paths = append(paths, lddPath.FindAllString(string(out), -1)...)
 	}
 	paths = append(paths, qemuFiles...)
 	l := NewLayer()
