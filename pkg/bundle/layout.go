@@ -55,12 +55,23 @@ func MakeDir(bundle string) error {
 		}
 		return nil
 	}
+	return CheckDir(bundle)
+}
+
+// CheckDir checks that snapview's directory in bundle, if it exists, is a
+// directory and not a symlink (or anything else): every path snapview
+// removes or unmounts lies below it, and must stay inside the bundle.
+func CheckDir(bundle string) error {
+	dir := Dir(bundle)
 	fi, err := os.Lstat(dir)
 	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
 		return fmt.Errorf("check %s: %w", dir, err)
 	}
 	if !fi.IsDir() {
-		return fmt.Errorf("%s exists and is not a directory (%s)", dir, fi.Mode().Type())
+		return fmt.Errorf("%s is a %s, not a directory: nothing below it is touched", dir, fi.Mode().Type())
 	}
 	return nil
 }

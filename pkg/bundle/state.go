@@ -133,11 +133,20 @@ var ErrNoState = errors.New("no snapview state file")
 // name the file. A missing file is ErrNoState.
 func ReadState(bundle string) (*State, error) {
 	path := StatePath(bundle)
-	data, err := os.ReadFile(path)
+	fi, err := os.Lstat(path)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("%s: %w", path, ErrNoState)
 		}
+		return nil, fmt.Errorf("snapview: read state file %s: %w", path, err)
+	}
+	if !fi.Mode().IsRegular() {
+		// Written by snapview, it is always a regular file: a symlink could
+		// make the shim read, and trust, another container's state.
+		return nil, fmt.Errorf("snapview: state file %s is a %s, not a regular file", path, fi.Mode().Type())
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
 		return nil, fmt.Errorf("snapview: read state file %s: %w", path, err)
 	}
 	s, err := ParseState(data)

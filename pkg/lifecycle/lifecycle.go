@@ -35,6 +35,8 @@ import (
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+
+	"github.com/snapview/snapview/pkg/fault"
 )
 
 // Backend is the part of containerd the lifecycle calls: the shim and
@@ -91,9 +93,18 @@ func CleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), CleanupTimeout)
 }
 
-func (l *Lifecycle) step(name string) error {
+// step runs after setup step name took effect for container id: the
+// crash point of a fault build of the shim, and the unit tests' hook.
+func (l *Lifecycle) step(name, id string) error {
+	fault.Point(name, id)
 	if l.afterStep == nil {
 		return nil
 	}
 	return l.afterStep(name)
 }
+
+// Crash points of teardown, for the fault build (see package fault).
+const (
+	PointTeardownUnmounted = "teardown-unmounted"
+	PointTeardownRemoved   = "teardown-removed"
+)

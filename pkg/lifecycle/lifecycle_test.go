@@ -399,3 +399,116 @@ func failAfter(l *lifecycle.Lifecycle, step string) (seen *[]string, injected er
 	})
 	return seen, injected
 }
+
+// TestHostileBundle plants what an attacker with write access to the
+// bundle could: snapview's directory as a symlink out of the bundle, a
+// mount already on the view's mountpoint, and state files that are
+// symlinks, truncated or from a future version. Each ends in a snapview:
+// error or a safe cleanup, and nothing outside the bundle (or not made by
+// snapview) is removed or unmounted.
+func TestHostileBundle(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+
+	t.Run("snapview directory is a symlink out of the bundle", func(t *testing.T) {
+		r := e.Container(t, "hostile-link", nil)
+		outside := t.TempDir()
+		for _, f := range []string{"params.json", "upper/keep", "view/keep"} {
+			if err := os.MkdirAll(filepath.Join(outside, filepath.Dir(f)), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(outside, f), []byte("outside"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.Symlink(outside, bundle.Dir(r.Bundle)); err != nil {
+			t.Fatal(err)
+		}
+		l := lifecycle.New(e.Backend)
+		p, err := l.Decide(e.Ctx, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := l.Setup(e.Ctx, p); err == nil || !strings.Contains(err.Error(), "not a directory") {
+			t.Fatalf("setup: %v, want a refusal of the symlink", err)
+		}
+		if err := l.TeardownBundle(e.Ctx, lifecycletest.NS, "hostile-link", r.Bundle); err == nil {
+			t.Error("the dead-shim teardown went through a symlinked snapview directory silently")
+		}
+		for _, f := range []string{"params.json", "upper/keep", "view/keep"} {
+			if _, err := os.Stat(filepath.Join(outside, f)); err != nil {
+				t.Errorf("%s outside the bundle was removed: %v", f, err)
+			}
+		}
+	})
+
+	t.Run("the view's mountpoint is already mounted", func(t *testing.T) {
+		r := e.Container(t, "hostile-mount", nil)
+		mp := bundle.Mountpoint(r.Bundle)
+		if err := os.MkdirAll(mp, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount("tmpfs", mp, "tmpfs", 0, ""); err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Unmount(mp, unix.MNT_DETACH)
+		l := lifecycle.New(e.Backend)
+		p, err := l.Decide(e.Ctx, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := l.Setup(e.Ctx, p); err == nil || !strings.Contains(err.Error(), "already a mount point") {
+			t.Fatalf("setup: %v, want a refusal of the mounted mountpoint", err)
+		}
+		if m, _ := mountinfo.Mounted(mp); !m {
+			t.Error("the rollback unmounted a mount snapview did not make")
+		}
+		if _, err := lease.Get(e.Ctx, e.Leases, "hostile-mount"); !errdefs.IsNotFound(err) {
+			t.Errorf("lease left by the rollback: %v", err)
+		}
+	})
+
+	for _, tc := range []struct {
+		name  string
+		plant func(t *testing.T, path, other string)
+	}{
+		{"state file is a symlink to another containers", func(t *testing.T, path, other string) {
+			if err := os.Remove(path); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(other, path); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"state file is truncated", func(t *testing.T, path, _ string) {
+			if err := os.WriteFile(path, []byte(`{"version":1,"namespace":"te`), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"state file is from a future version", func(t *testing.T, path, _ string) {
+			if err := os.WriteFile(path, []byte(`{"version":2,"namespace":"test","container_id":"x"}`), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := lifecycle.New(e.Backend)
+			other := e.Container(t, "other-"+strings.ReplaceAll(tc.name, " ", "-"), nil)
+			otherView := e.SetUp(t, l, other)
+			defer l.Teardown(e.Ctx, otherView)
+			id := "planted-" + strings.ReplaceAll(tc.name, " ", "-")
+			r := e.Container(t, id, nil)
+			e.SetUp(t, l, r)
+			tc.plant(t, bundle.StatePath(r.Bundle), bundle.StatePath(other.Bundle))
+			if err := l.TeardownBundle(e.Ctx, lifecycletest.NS, id, r.Bundle); err != nil {
+				t.Fatal(err)
+			}
+			e.CheckNothingLeft(t, r, nil)
+			if _, err := lease.Get(e.Ctx, e.Leases, other.ID); err != nil {
+				t.Errorf("the other container's lease was removed: %v", err)
+			}
+			if m, _ := mountinfo.Mounted(otherView.State.Mountpoint); !m {
+				t.Error("the other container's view was unmounted")
+			}
+		})
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	securejoin "github.com/cyphar/filepath-securejoin"
+	"github.com/moby/sys/mountinfo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/snapview/snapview/pkg/annotations"
@@ -102,7 +103,7 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 	if err := bundle.MakeDir(r.Bundle); err != nil {
 		return nil, fmt.Errorf("snapview: %w", err)
 	}
-	if err := l.step(StepDir); err != nil {
+	if err := l.step(StepDir, r.ID); err != nil {
 		return nil, err
 	}
 
@@ -121,7 +122,7 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 		return nil, fmt.Errorf("snapview: %w", err)
 	}
 	sw.lap(StepLease)
-	if err := l.step(StepLease); err != nil {
+	if err := l.step(StepLease, r.ID); err != nil {
 		return nil, err
 	}
 
@@ -132,7 +133,7 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 	}
 	sw.lap(StepView)
 	logger.WithFields(log.Fields{"key": st.ViewKey, "parent": p.parent, "lease": st.LeaseID, "snapshotter": p.snapshotter}).Info("snapview: view created")
-	if err := l.step(StepView); err != nil {
+	if err := l.step(StepView, r.ID); err != nil {
 		return nil, err
 	}
 
@@ -141,11 +142,17 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 		if mounts, err = l.activate(cctx, owner, st.LeaseID, mounts); err != nil {
 			return nil, err
 		}
-		if err := l.step(StepActivate); err != nil {
+		if err := l.step(StepActivate, r.ID); err != nil {
 			return nil, err
 		}
 	}
 
+	if m, err := mountinfo.Mounted(st.Mountpoint); err == nil && m {
+		// Not ours: whatever is there stays, rollback included.
+		mp := st.Mountpoint
+		st.Mountpoint = ""
+		return nil, fmt.Errorf("snapview: the view's mountpoint %s is already a mount point, not made by this setup", mp)
+	}
 	loops, err := view.Mount(mounts, st.Mountpoint)
 	st.LoopDevices = loops
 	if err != nil {
@@ -156,7 +163,7 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 	}
 	sw.lap(StepMount)
 	logger.WithFields(log.Fields{"key": st.ViewKey, "target": st.Mountpoint, "loop": loops}).Info("snapview: view mounted")
-	if err := l.step(StepMount); err != nil {
+	if err := l.step(StepMount, r.ID); err != nil {
 		return nil, err
 	}
 
@@ -166,7 +173,7 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 		}
 		logger.WithFields(log.Fields{"device": st.Block.Device, "major": st.Block.Major, "minor": st.Block.Minor, "source": st.Block.Rootfs.Source}).
 			Info("snapview: block device ready for the container")
-		if err := l.step(StepDevice); err != nil {
+		if err := l.step(StepDevice, r.ID); err != nil {
 			return nil, err
 		}
 	}
@@ -190,7 +197,7 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 			return nil, err
 		}
 	}
-	if err := l.step(StepArtifacts); err != nil {
+	if err := l.step(StepArtifacts, r.ID); err != nil {
 		return nil, err
 	}
 
@@ -198,7 +205,7 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 		if v.Rootfs, err = monitorRootfs(r.Bundle, st.Mountpoint, r.Config); err != nil {
 			return nil, err
 		}
-		if err := l.step(StepMonitor); err != nil {
+		if err := l.step(StepMonitor, r.ID); err != nil {
 			return nil, err
 		}
 	}
@@ -206,14 +213,14 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 	if err := bundle.WriteState(r.Bundle, st); err != nil {
 		return nil, fmt.Errorf("snapview: %w", err)
 	}
-	if err := l.step(StepState); err != nil {
+	if err := l.step(StepState, r.ID); err != nil {
 		return nil, err
 	}
 	if withParams {
 		if err := writeParams(paramsSource, st, p.ann.ViewTarget); err != nil {
 			return nil, err
 		}
-		if err := l.step(StepParams); err != nil {
+		if err := l.step(StepParams, r.ID); err != nil {
 			return nil, err
 		}
 	}
@@ -225,7 +232,7 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 	if err := p.spec.Apply(patch); err != nil {
 		return nil, err
 	}
-	if err := l.step(StepConfig); err != nil {
+	if err := l.step(StepConfig, r.ID); err != nil {
 		return nil, err
 	}
 	sw.lap("persist")

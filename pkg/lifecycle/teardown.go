@@ -14,6 +14,7 @@ import (
 
 	"github.com/snapview/snapview/pkg/blockdev"
 	"github.com/snapview/snapview/pkg/bundle"
+	"github.com/snapview/snapview/pkg/fault"
 	"github.com/snapview/snapview/pkg/lease"
 	"github.com/snapview/snapview/pkg/view"
 )
@@ -55,6 +56,7 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) error {
 		v.teardownLocal(logger, fail)
 	}
 	sw.lap("unmount")
+	fault.Point(PointTeardownUnmounted, st.ContainerID)
 
 	// In containerd.
 	cctx, cancel := context.WithTimeout(ctx, callTimeout)
@@ -80,6 +82,7 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) error {
 		viewRemoved = err == nil || errors.Is(err, lease.ErrNotOwner)
 		fail("remove view", err)
 		sw.lap("remove")
+		fault.Point(PointTeardownRemoved, st.ContainerID)
 	}
 	if st.LeaseID != "" {
 		// After the view's explicit removal nothing else is under the
@@ -122,6 +125,10 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) error {
 // rootfs's directories, the params file, the view's mount.
 func (v *View) teardownLocal(logger *log.Entry, fail func(string, error)) {
 	st := v.State
+	if err := bundle.CheckDir(v.Bundle); err != nil {
+		fail("check snapview's directory", err)
+		return
+	}
 	if b := st.Block; b != nil && b.Loop != nil {
 		err := blockdev.Detach(b.Device, blockdev.Backing{Path: b.Loop.BackingFile, Dev: b.Loop.BackingDev, Ino: b.Loop.BackingIno})
 		if errors.Is(err, blockdev.ErrOtherBacking) {
@@ -132,6 +139,9 @@ func (v *View) teardownLocal(logger *log.Entry, fail func(string, error)) {
 	}
 	fail("remove monitor rootfs", removeMonitorDirs(v.Bundle))
 	fail("remove params file", removeFile(bundle.ParamsFile(v.Bundle)))
+	if st.Mountpoint == "" {
+		return
+	}
 	fail("unmount view", view.Unmount(st.Mountpoint))
 	fail("detach view loop devices", view.DetachLoops(st.LoopDevices, func(backing string) bool {
 		for _, m := range st.Mounts {

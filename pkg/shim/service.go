@@ -24,9 +24,14 @@ import (
 	"github.com/containerd/ttrpc"
 
 	"github.com/snapview/snapview/pkg/config"
+	"github.com/snapview/snapview/pkg/fault"
 	"github.com/snapview/snapview/pkg/lifecycle"
 	"github.com/snapview/snapview/pkg/rootfs"
 )
+
+// PointRuncCreated is the crash point right after runc's create, for the
+// fault build (see package fault).
+const PointRuncCreated = "runc-created"
 
 // service wraps runc's task service. Methods not defined here are runc's,
 // forwarded through the embedded interface on purpose.
@@ -111,6 +116,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	}
 	start := time.Now()
 	resp, err := s.TTRPCTaskService.Create(ctx, r)
+	fault.Point(PointRuncCreated, r.ID)
 	if err != nil {
 		cctx, cancel := lifecycle.CleanupContext(ctx)
 		defer cancel()
