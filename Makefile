@@ -12,6 +12,8 @@ TOOLS     := $(CACHE)/tools
 BIN       := $(CURDIR)/bin
 SHIM      := $(BIN)/containerd-shim-snapview-v2
 CTL       := $(BIN)/snapviewctl
+# The shim with crash points compiled in, for the e2e crash matrix only.
+FAULT_SHIM := $(BIN)/fault/containerd-shim-snapview-v2
 
 CONTAINERD_VERSION        ?= v2.4.2
 CONTAINERD_COMPAT_VERSION ?= v2.2.9
@@ -27,7 +29,7 @@ LDFLAGS  := -s -w \
 	-X github.com/containerd/containerd/v2/version.Package=github.com/snapview/snapview
 
 # What the e2e harness and the demo are told about the tools.
-E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) \
+E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT_SHIM) \
 	SNAPVIEW_CONTAINERD=$(TOOLS)/containerd-$(CONTAINERD_VERSION)/containerd \
 	SNAPVIEW_CONTAINERD_COMPAT=$(TOOLS)/containerd-$(CONTAINERD_COMPAT_VERSION)/containerd \
 	SNAPVIEW_RUNC=$(TOOLS)/runc-$(RUNC_VERSION)/runc \
@@ -44,6 +46,9 @@ build: $(SHIM) $(CTL)
 
 $(SHIM): $(shell find cmd pkg -name '*.go') go.mod go.sum
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./cmd/containerd-shim-snapview-v2
+
+$(FAULT_SHIM): $(shell find cmd pkg -name '*.go') go.mod go.sum
+	CGO_ENABLED=0 $(GO) build -trimpath -tags snapview_faults -ldflags '$(LDFLAGS)' -o $@ ./cmd/containerd-shim-snapview-v2
 
 $(CTL): $(shell find cmd pkg -name '*.go') go.mod go.sum
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $@ ./cmd/snapviewctl
@@ -62,7 +67,7 @@ test: build deps unit
 unit:
 	$(GO) test -count=1 $(UNIT_PKGS)
 
-e2e: build deps
+e2e: build $(FAULT_SHIM) deps
 	$(E2E_ENV) $(GO) test $(E2E_FLAGS) -v ./tests/e2e/ 2>&1 | tee $(CACHE)/e2e.log | grep -E '^(=== RUN|--- |\s+--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 

@@ -1,0 +1,173 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/errdefs"
+
+	"github.com/snapview/snapview/tests/e2e/harness"
+)
+
+// crashPoints are the fault points of the shim's fault build (package
+// fault): after each setup step that leaves something behind, after runc's
+// create, and in teardown after the unmount and after the view's removal.
+var crashPoints = []struct {
+	point     string
+	blockOnly bool
+	teardown  bool
+}{
+	{point: "dir"},
+	{point: "lease"},
+	{point: "view"},
+	{point: "mount"},
+	{point: "device", blockOnly: true},
+	{point: "monitor", blockOnly: true},
+	{point: "state"},
+	{point: "config"},
+	{point: "runc-created"},
+	{point: "teardown-unmounted", teardown: true},
+	{point: "teardown-removed", teardown: true},
+}
+
+// TestCrashMatrix kills the shim (SIGKILL, from inside, as a crash would)
+// at every fault point, in view mode and in block mode, and then lets
+// containerd's own delete path run as a user would (task delete, which runs
+// the manager's Stop, then container delete), followed by at most one
+// sweep: nothing may be left, no lease, snapshot, mount, loop device, state
+// file or shim, and a new container with the same id must then run.
+func TestCrashMatrix(t *testing.T) {
+	if suite.skip != "" {
+		t.Skip(suite.skip)
+	}
+	faultShim := os.Getenv("SNAPVIEW_FAULT_SHIM")
+	if faultShim == "" {
+		t.Fatal("SNAPVIEW_FAULT_SHIM is not set: run through `make e2e`")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	faultFile := filepath.Join(suite.dir, "fault")
+	tools := suite.tools
+	tools.Shim = faultShim
+	d, err := harness.StartDaemon(ctx, suite.dir, tools, harness.WithEnv("SNAPVIEW_FAULT_FILE="+faultFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := d.Stop(); err != nil {
+			t.Errorf("stop the fault daemon: %v", err)
+		}
+	})
+	if _, err := d.Import(ctx, ns, suite.image, "overlayfs", "blockfile"); err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []struct {
+		name, snapshotter string
+		ann               map[string]string
+	}{
+		{"view", "overlayfs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}},
+		{"block", "blockfile", blockAnn},
+	} {
+		for _, cp := range crashPoints {
+			if cp.blockOnly && mode.name != "block" {
+				continue
+			}
+			t.Run(mode.name+"/"+cp.point, func(t *testing.T) {
+				ctx := setup(t, d)
+				id := "crash-" + mode.name + "-" + cp.point
+				if err := os.WriteFile(faultFile, []byte(cp.point+" "+id), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				defer os.Remove(faultFile + ".fired")
+				opts := runOpts{runtime: snapviewRT, snapshotter: mode.snapshotter, annotations: mode.ann, args: []string{"sleep", "300"}}
+				r, err := start(ctx, t, d, id, opts)
+				switch {
+				case cp.teardown && err != nil:
+					t.Fatalf("create: %v", err)
+				case !cp.teardown && err == nil:
+					t.Fatalf("create succeeded: the shim did not crash at %s", cp.point)
+				}
+				ctr, lerr := d.Client().LoadContainer(ctx, id)
+				if lerr != nil {
+					t.Fatal(lerr)
+				}
+				if cp.teardown {
+					// The shim dies while it tears the view down: the delete
+					// fails, and containerd's next delete finds it dead.
+					_, _ = r.task.Delete(ctx, client.WithProcessKill)
+				}
+				if _, err := os.Stat(faultFile + ".fired"); err != nil {
+					t.Fatalf("the shim never reached %s: %v", cp.point, err)
+				}
+				deleteTaskAsUser(ctx, t, ctr)
+				if err := ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
+					t.Fatalf("container delete: %v", err)
+				}
+				sweepOnce(t, d)
+				if err := d.CheckLeaks(ctx); err != nil {
+					t.Fatalf("after containerd's delete path and one sweep: %v", err)
+				}
+
+				// The same id runs normally afterwards.
+				again := opts
+				again.args = []string{"true"}
+				r2, err := start(ctx, t, d, id, again)
+				if err != nil {
+					t.Fatalf("a new container with the same id: %v", err)
+				}
+				if code, err := r2.wait(t); err != nil || code != 0 {
+					t.Fatalf("a new container with the same id exited %d: %v", code, err)
+				}
+				if _, err := r2.task.Delete(ctx); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
+	}
+}
+
+// deleteTaskAsUser deletes the container's task as a user would after its
+// shim died: containerd runs the shim's `delete` action; a second delete
+// finds nothing.
+func deleteTaskAsUser(ctx context.Context, t *testing.T, ctr client.Container) {
+	t.Helper()
+	for i := 0; i < 3; i++ {
+		task, err := ctr.Task(ctx, nil)
+		if errdefs.IsNotFound(err) {
+			return
+		}
+		if err == nil {
+			_, err = task.Delete(ctx, client.WithProcessKill)
+		}
+		if err == nil || errdefs.IsNotFound(err) {
+			continue
+		}
+		if !strings.Contains(err.Error(), "ttrpc: closed") && !errors.Is(err, os.ErrNotExist) {
+			t.Logf("task delete: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if _, err := ctr.Task(ctx, nil); !errdefs.IsNotFound(err) {
+		t.Fatalf("the task is still there after three deletes: %v", err)
+	}
+}
+
+// sweepOnce runs snapviewctl gc once for the test namespace.
+func sweepOnce(t *testing.T, d *harness.Daemon) {
+	t.Helper()
+	ctl := os.Getenv("SNAPVIEW_CTL")
+	out, err := exec.Command(ctl, "--address", d.Address, "--state", d.State, "--namespace", ns, "gc").CombinedOutput()
+	if err != nil {
+		t.Fatalf("snapviewctl gc: %v\n%s", err, out)
+	}
+	if s := strings.TrimSpace(string(out)); !strings.HasSuffix(s, "0 orphan(s) removed") {
+		t.Logf("the sweep had work: %s", s)
+	}
+}
