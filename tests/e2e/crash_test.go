@@ -162,12 +162,18 @@ func deleteTaskAsUser(ctx context.Context, t *testing.T, ctr client.Container) {
 // sweepOnce runs snapviewctl gc once for the test namespace.
 func sweepOnce(t *testing.T, d *harness.Daemon) {
 	t.Helper()
-	ctl := os.Getenv("SNAPVIEW_CTL")
-	out, err := exec.Command(ctl, "--address", d.Address, "--state", d.State, "--namespace", ns, "gc").CombinedOutput()
+	if s := sweepOutput(t, d); !strings.HasSuffix(s, "0 orphan(s) removed") {
+		t.Logf("the sweep had work: %s", s)
+	}
+}
+
+// sweepOutput runs snapviewctl gc once for the test namespace and returns
+// what it printed.
+func sweepOutput(t *testing.T, d *harness.Daemon) string {
+	t.Helper()
+	out, err := exec.Command(os.Getenv("SNAPVIEW_CTL"), "--address", d.Address, "--state", d.State, "--namespace", ns, "gc").CombinedOutput()
 	if err != nil {
 		t.Fatalf("snapviewctl gc: %v\n%s", err, out)
 	}
-	if s := strings.TrimSpace(string(out)); !strings.HasSuffix(s, "0 orphan(s) removed") {
-		t.Logf("the sweep had work: %s", s)
-	}
+	return strings.TrimSpace(string(out))
 }

@@ -79,6 +79,9 @@ type Daemon struct {
 	logFile *os.File
 	waitErr chan error
 	client  *client.Client
+	// argv and env start the daemon process (again, on Restart).
+	argv []string
+	env  []string
 }
 
 const configTemplate = `version = 3
@@ -279,23 +282,60 @@ func StartDaemon(ctx context.Context, parent string, tools Tools, opts ...Option
 		filepath.Dir(tools.Containerd),
 		os.Getenv("PATH"),
 	}, string(os.PathListSeparator))
-	d.cmd = exec.Command(tools.Containerd, "--config", cfgPath)
-	d.cmd.Env = append(append(os.Environ(), "PATH="+path), o.env...)
-	d.cmd.Stdout = d.logFile
-	d.cmd.Stderr = d.logFile
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := d.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start containerd: %w", err)
-	}
-	go func() { d.waitErr <- d.cmd.Wait() }()
-
-	if err := d.waitServing(ctx, 30*time.Second); err != nil {
+	d.argv = []string{tools.Containerd, "--config", cfgPath}
+	d.env = append(append(os.Environ(), "PATH="+path), o.env...)
+	if err := d.launch(ctx); err != nil {
 		return nil, err
 	}
 	if err := d.checkPlugins(ctx); err != nil {
 		return nil, err
 	}
 	return d, nil
+}
+
+// launch starts the daemon process and waits until it serves.
+func (d *Daemon) launch(ctx context.Context) error {
+	d.cmd = exec.Command(d.argv[0], d.argv[1:]...)
+	d.cmd.Env = d.env
+	d.cmd.Stdout = d.logFile
+	d.cmd.Stderr = d.logFile
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := d.cmd.Start(); err != nil {
+		return fmt.Errorf("start containerd: %w", err)
+	}
+	d.waitErr = make(chan error, 1)
+	go func() { d.waitErr <- d.cmd.Wait() }()
+	return d.waitServing(ctx, 30*time.Second)
+}
+
+// StopProcess stops the daemon process with SIGTERM (SIGKILL after 10 s),
+// leaving its shims, containers, directories and mounts as they are, as a
+// containerd that is restarted or crashes would. The daemon's client stays,
+// and reconnects once the daemon is started again.
+func (d *Daemon) StopProcess() {
+	if d.cmd == nil || d.cmd.Process == nil {
+		return
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.waitErr:
+	case <-time.After(10 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-d.waitErr
+	}
+	d.cmd = nil
+}
+
+// StartProcess starts the daemon process again after StopProcess, with the
+// same configuration, directories and environment.
+func (d *Daemon) StartProcess(ctx context.Context) error {
+	return d.launch(ctx)
+}
+
+// Restart stops and starts the daemon process.
+func (d *Daemon) Restart(ctx context.Context) error {
+	d.StopProcess()
+	return d.StartProcess(ctx)
 }
 
 func makeExt4(path string, size int64) error {
@@ -324,8 +364,13 @@ func (d *Daemon) waitServing(ctx context.Context, timeout time.Duration) error {
 		default:
 		}
 		if _, err := os.Stat(d.Address); err == nil {
-			c, err := client.New(d.Address, client.WithTimeout(2*time.Second))
-			if err == nil {
+			if d.client != nil {
+				// After a restart the same client reconnects, as a real
+				// client of a restarted containerd does.
+				if serving, err := d.client.IsServing(ctx); err == nil && serving {
+					return nil
+				}
+			} else if c, err := client.New(d.Address, client.WithTimeout(2*time.Second)); err == nil {
 				serving, err := c.IsServing(ctx)
 				if err == nil && serving {
 					d.client = c
@@ -416,6 +461,7 @@ func (d *Daemon) Log() string {
 func (d *Daemon) Stop() error {
 	if d.client != nil {
 		d.client.Close()
+		d.client = nil
 	}
 	var errs []error
 	if d.cmd != nil && d.cmd.Process != nil {
