@@ -22,12 +22,14 @@ import (
 var crashPoints = []struct {
 	point     string
 	blockOnly bool
+	erofs     bool // also on erofs, whose multi-layer view needs the mount manager
 	teardown  bool
 }{
 	{point: "dir"},
 	{point: "lease"},
 	{point: "view"},
-	{point: "mount"},
+	{point: "activate", erofs: true},
+	{point: "mount", erofs: true},
 	{point: "device", blockOnly: true},
 	{point: "monitor", blockOnly: true},
 	{point: "state"},
@@ -65,7 +67,7 @@ func TestCrashMatrix(t *testing.T) {
 			t.Errorf("stop the fault daemon: %v", err)
 		}
 	})
-	if _, err := d.Import(ctx, ns, suite.image, "overlayfs", "blockfile"); err != nil {
+	if _, err := d.Import(ctx, ns, suite.image, "overlayfs", "blockfile", "erofs"); err != nil {
 		t.Fatal(err)
 	}
 	for _, mode := range []struct {
@@ -74,9 +76,10 @@ func TestCrashMatrix(t *testing.T) {
 	}{
 		{"view", "overlayfs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}},
 		{"block", "blockfile", blockAnn},
+		{"erofs", "erofs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}},
 	} {
 		for _, cp := range crashPoints {
-			if cp.blockOnly && mode.name != "block" {
+			if cp.blockOnly && mode.name != "block" || cp.point == "activate" && mode.name != "erofs" || mode.name == "erofs" && !cp.erofs {
 				continue
 			}
 			t.Run(mode.name+"/"+cp.point, func(t *testing.T) {
