@@ -38,7 +38,7 @@ E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT
 E2E_FLAGS ?= -count=1 -timeout 40m
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
 
-.PHONY: all build deps test unit e2e demo demo-vm bench parity fuzz install lint clean
+.PHONY: all build deps test unit e2e demo demo-vm bench soak parity fuzz install lint clean
 
 all: build
 
@@ -81,6 +81,12 @@ demo-vm: build deps
 
 bench: build deps
 	@$(E2E_ENV) $(GO) run ./tests/bench $(BENCH_FLAGS)
+
+# Thousands of containers through snapview; SOAK_CYCLES scales it (a short
+# version runs in make test, as the e2e TestSoakShort).
+SOAK_CYCLES ?= 1000
+soak: build deps
+	@$(E2E_ENV) $(GO) run ./tests/soak -cycles $(SOAK_CYCLES) $(SOAK_FLAGS)
 
 # containerd's own client integration suite on runc and on snapview, both
 # daemons; PARITY_FLAGS=-run REGEX narrows it.

@@ -11,6 +11,7 @@ package shim
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"sync"
 	"time"
 
@@ -130,7 +131,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	s.mu.Unlock()
 	st := v.State
 	logger.WithFields(v.Timings()).
-		WithFields(log.Fields{"runc_create_us": time.Since(start).Microseconds(), "mode": p.Mode(), "key": st.ViewKey, "lease": st.LeaseID, "target": st.Mountpoint}).
+		WithFields(log.Fields{"runc_create_us": time.Since(start).Microseconds(), "goroutines": runtime.NumGoroutine(), "mode": p.Mode(), "key": st.ViewKey, "lease": st.LeaseID, "target": st.Mountpoint}).
 		Info("snapview: container created with its view")
 	return resp, nil
 }
