@@ -7,6 +7,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -56,13 +58,24 @@ func (b *Backend) client() (*grpc.ClientConn, error) {
 	}
 	conn, err := grpc.NewClient(dialer.DialAddress(b.address),
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithContextDialer(dialer.ContextDialer),
+		grpc.WithContextDialer(dialUnix),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("connect to containerd at %s: %w", b.address, err)
 	}
 	b.conn = conn
 	return conn, nil
+}
+
+// dialUnix dials containerd's socket once. containerd's own dialer keeps
+// retrying a socket that does not exist until the call's deadline, which
+// suits a client waiting for a daemon to start; for the shim a missing
+// socket means containerd is not there (its `delete` action runs while a
+// restarting containerd is not serving yet), and waiting would only hold
+// that containerd up.
+func dialUnix(ctx context.Context, addr string) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", strings.TrimPrefix(addr, "unix://"))
 }
 
 // Container returns the snapshotter and snapshot key of container id; a

@@ -512,3 +512,52 @@ func TestHostileBundle(t *testing.T) {
 		})
 	}
 }
+
+// TestPrepare covers Prepare, which creates the lease while the container
+// is looked up: the same view as Decide then Setup; and when the lookup
+// fails, or finds no image snapshot after all, the lease made meanwhile is
+// removed again.
+func TestPrepare(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+
+	t.Run("view", func(t *testing.T) {
+		r := e.Container(t, "prep", map[string]string{annotations.BootPrefix + "kernel": lifecycletest.KernelPath})
+		v, skip, err := l.Prepare(e.Ctx, r)
+		if err != nil || skip != "" {
+			t.Fatalf("prepare: %q %v", skip, err)
+		}
+		if v.State.Parent != e.Parent || v.State.Snapshotter != "native" || v.State.ViewKey != view.Key("prep") {
+			t.Fatalf("state %+v", v.State)
+		}
+		if got := lifecycletest.ReadFile(t, filepath.Join(v.State.Mountpoint, lifecycletest.KernelPath)); string(got) != lifecycletest.KernelContent {
+			t.Fatalf("view content %q", got)
+		}
+		if err := l.Teardown(e.Ctx, v); err != nil {
+			t.Fatal(err)
+		}
+		e.CheckNothingLeft(t, r, nil)
+	})
+
+	t.Run("the lookup fails", func(t *testing.T) {
+		r := e.Container(t, "prep-fails", nil)
+		orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+		e.Backend.ContainerErr = errors.New("lookup failed")
+		_, _, err := l.Prepare(e.Ctx, r)
+		e.Backend.ContainerErr = nil
+		if err == nil || !strings.Contains(err.Error(), "snapview: look up container prep-fails: lookup failed") {
+			t.Fatalf("prepare: %v", err)
+		}
+		e.CheckNothingLeft(t, r, orig)
+	})
+
+	t.Run("no image snapshot after all", func(t *testing.T) {
+		r := e.ContainerWithoutSnapshot(t, "prep-nosnap")
+		orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+		v, skip, err := l.Prepare(e.Ctx, r)
+		if err != nil || v != nil || !strings.Contains(skip, "no image snapshot") {
+			t.Fatalf("prepare: %+v %q %v", v, skip, err)
+		}
+		e.CheckNothingLeft(t, r, orig)
+	})
+}

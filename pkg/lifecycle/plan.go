@@ -57,6 +57,17 @@ func (p *Plan) Mode() string { return p.mode }
 // snapview must refuse is an error that starts with "snapview:" and names
 // the annotation, setting or rootfs at fault.
 func (l *Lifecycle) Decide(ctx context.Context, r Request) (*Plan, error) {
+	p, err := decideLocal(r)
+	if err != nil || p.Skip != "" {
+		return p, err
+	}
+	return l.lookup(ctx, p)
+}
+
+// decideLocal is the part of Decide that needs no call into containerd:
+// the bundle's config.json, the annotations, the configuration and the
+// rootfs mounts.
+func decideLocal(r Request) (*Plan, error) {
 	spec, err := bundle.ReadConfig(r.Bundle)
 	if err != nil {
 		return nil, err
@@ -94,7 +105,14 @@ func (l *Lifecycle) Decide(ctx context.Context, r Request) (*Plan, error) {
 		}
 		p.readOnlyRootfs = rootfs.ReadOnly(r.Rootfs)
 	}
+	return p, nil
+}
 
+// lookup completes plan p from containerd: the container's snapshotter
+// and snapshot, and the snapshot's parent, which the view is a view of. It
+// returns a plan that skips the view if there is no image snapshot.
+func (l *Lifecycle) lookup(ctx context.Context, p *Plan) (*Plan, error) {
+	r := p.req
 	sn, key, err := l.backend.Container(ctx, r.ID)
 	if err != nil {
 		return nil, fmt.Errorf("snapview: look up container %s: %w", r.ID, err)

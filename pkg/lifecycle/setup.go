@@ -70,10 +70,41 @@ func (v *View) owner() lease.Owner { return lease.NewOwner(v.State.ContainerID, 
 // Setup carries out p and returns the view. It patches config.json last,
 // so that the OCI runtime, which reads it later, sees everything. On error
 // nothing is left: every recorded step is undone and config.json restored.
-func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) {
+func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (*View, error) {
 	if p.Skip != "" {
 		return nil, fmt.Errorf("snapview: setup of a container that gets no view (%s)", p.Skip)
 	}
+	return l.setup(ctx, p, nil)
+}
+
+// Prepare decides and sets up the view of r: Decide then Setup, except that
+// the lease, which does not depend on the container's snapshot, is created
+// while the snapshot is looked up. It returns the view, or the reason the
+// container gets none. If the lookup finds no image snapshot after all,
+// the lease is removed again (rarely: a container with rootfs mounts but no
+// snapshot).
+func (l *Lifecycle) Prepare(ctx context.Context, r Request) (*View, string, error) {
+	p, err := decideLocal(r)
+	if err != nil || p.Skip != "" {
+		return nil, p.Skip, err
+	}
+	v, err := l.setup(ctx, p, func(ctx context.Context) (*Plan, error) { return l.lookup(ctx, p) })
+	var skip skipped
+	if errors.As(err, &skip) {
+		return nil, skip.reason, nil
+	}
+	return v, "", err
+}
+
+// skipped ends a Prepare whose lookup decided that the container gets no
+// view after all; its rollback has run.
+type skipped struct{ reason string }
+
+func (s skipped) Error() string { return "no view: " + s.reason }
+
+// setup carries out p. With lookup, p is not yet complete: lookup
+// completes it while the lease is being created.
+func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Context) (*Plan, error)) (_ *View, retErr error) {
 	r := p.req
 	logger := log.G(ctx).WithField("id", r.ID)
 	sw := newStopwatch()
@@ -95,7 +126,7 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 		cctx, cancel := CleanupContext(ctx)
 		defer cancel()
 		if err := l.Undo(cctx, v); err != nil {
-			logger.WithError(err).Error("snapview: rollback of a failed setup left something behind")
+			logger.WithError(err).Error("snapview: rollback of a setup left something behind")
 		}
 	}()
 	owner := v.owner()
@@ -111,21 +142,44 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (_ *View, retErr error) 
 	if err != nil {
 		return nil, fmt.Errorf("snapview: %w", err)
 	}
-	sn, err := l.backend.Snapshotter(p.snapshotter)
-	if err != nil {
-		return nil, fmt.Errorf("snapview: %w", err)
-	}
 	cctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	st.LeaseID = lease.ID(r.ID)
-	if _, err := lease.Acquire(cctx, lm, owner); err != nil {
-		return nil, fmt.Errorf("snapview: %w", err)
+	acquire := func() error {
+		if _, err := lease.Acquire(cctx, lm, owner); err != nil {
+			return fmt.Errorf("snapview: %w", err)
+		}
+		return nil
+	}
+	if lookup == nil {
+		if err := acquire(); err != nil {
+			return nil, err
+		}
+	} else {
+		leased := make(chan error, 1)
+		go func() { leased <- acquire() }()
+		q, lerr := lookup(ctx)
+		aerr := <-leased
+		switch {
+		case lerr != nil:
+			return nil, lerr
+		case q.Skip != "":
+			return nil, skipped{reason: q.Skip}
+		case aerr != nil:
+			return nil, aerr
+		}
+		p = q
+		st.Snapshotter, st.Parent = p.snapshotter, p.parent
 	}
 	sw.lap(StepLease)
 	if err := l.step(StepLease, r.ID); err != nil {
 		return nil, err
 	}
 
+	sn, err := l.backend.Snapshotter(p.snapshotter)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: %w", err)
+	}
 	st.ViewKey = view.Key(r.ID)
 	mounts, err := view.Create(cctx, sn, owner, p.parent, st.LeaseID)
 	if err != nil {

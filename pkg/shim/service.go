@@ -97,20 +97,15 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	}
 	ctx = namespaces.WithNamespace(ctx, ns)
 
-	p, err := s.lc.Decide(ctx, lifecycle.Request{Namespace: ns, ID: r.ID, Bundle: r.Bundle, Rootfs: fromTypes(r.Rootfs), Config: cfg})
+	v, skip, err := s.lc.Prepare(ctx, lifecycle.Request{Namespace: ns, ID: r.ID, Bundle: r.Bundle, Rootfs: fromTypes(r.Rootfs), Config: cfg})
 	if err != nil {
-		logger.WithError(err).Error("snapview: create rejected")
+		logger.WithError(err).Error("snapview: create refused")
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if p.Skip != "" {
+	if skip != "" {
 		resp, err := s.TTRPCTaskService.Create(ctx, r)
-		logger.WithFields(log.Fields{"reason": p.Skip, "config": cfg.Source}).Info("snapview: no view for this container")
+		logger.WithFields(log.Fields{"reason": skip, "config": cfg.Source}).Info("snapview: no view for this container")
 		return resp, err
-	}
-	v, err := s.lc.Setup(ctx, p)
-	if err != nil {
-		logger.WithError(err).Error("snapview: view setup failed")
-		return nil, errgrpc.ToGRPC(err)
 	}
 	if v.Rootfs != nil {
 		r.Rootfs = toTypes(v.Rootfs)
@@ -131,7 +126,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	s.mu.Unlock()
 	st := v.State
 	logger.WithFields(v.Timings()).
-		WithFields(log.Fields{"runc_create_us": time.Since(start).Microseconds(), "goroutines": runtime.NumGoroutine(), "mode": p.Mode(), "key": st.ViewKey, "lease": st.LeaseID, "target": st.Mountpoint}).
+		WithFields(log.Fields{"runc_create_us": time.Since(start).Microseconds(), "goroutines": runtime.NumGoroutine(), "mode": v.State.Mode, "key": st.ViewKey, "lease": st.LeaseID, "target": st.Mountpoint}).
 		Info("snapview: container created with its view")
 	return resp, nil
 }

@@ -156,3 +156,42 @@ func TestContainerdDownAtDeadShimDelete(t *testing.T) {
 }
 
 func errorsIsNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
+
+// TestSocketGoneAtCreate removes containerd's gRPC socket from under the
+// shim (established connections, such as the test's own, live on): a new
+// shim cannot call back into containerd, and its Create must fail with a
+// snapview: error that says so, leaving nothing; once the socket is back,
+// the same container id runs.
+func TestSocketGoneAtCreate(t *testing.T) {
+	d := restartDaemon(t)
+	ctx := setup(t, d)
+	moved := d.Address + ".moved"
+	if err := os.Rename(d.Address, moved); err != nil {
+		t.Fatal(err)
+	}
+	restored := false
+	restore := func() {
+		if !restored {
+			restored = true
+			if err := os.Rename(moved, d.Address); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	defer restore()
+	_, err := start(ctx, t, d, "socket-gone", runOpts{runtime: snapviewRT, args: []string{"true"}})
+	if err == nil || !strings.Contains(err.Error(), "snapview: look up container socket-gone") {
+		t.Fatalf("create without containerd's socket: %v, want snapview's error", err)
+	}
+	restore()
+	r, err := start(ctx, t, d, "socket-back", runOpts{runtime: snapviewRT, args: []string{"true"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, err := r.wait(t); err != nil || code != 0 {
+		t.Fatalf("exit %d: %v", code, err)
+	}
+	if _, err := r.task.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -123,6 +123,25 @@ func NewEnv(t *testing.T) *Env {
 	return e
 }
 
+// ContainerWithoutSnapshot creates a container record that has no snapshot,
+// and a bundle, as a container whose rootfs mounts come from elsewhere; it
+// returns a create request with rootfs mounts.
+func (e *Env) ContainerWithoutSnapshot(t *testing.T, id string) lifecycle.Request {
+	t.Helper()
+	r := e.Container(t, id+"-template", nil)
+	if _, err := e.Containers.Create(e.Ctx, containers.Container{
+		ID: id, Runtime: containers.RuntimeInfo{Name: "io.containerd.snapview.v2"}, Spec: &anypb.Any{},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	bundlePath := filepath.Join(e.Dir, "bundles", id)
+	if err := os.Rename(r.Bundle, bundlePath); err != nil {
+		t.Fatal(err)
+	}
+	r.ID, r.Bundle = id, bundlePath
+	return r
+}
+
 // Container creates a container record with its own snapshot of the layer
 // and a bundle whose config.json carries ann, and returns its create request.
 func (e *Env) Container(t *testing.T, id string, ann map[string]string, specOpts ...func(*specs.Spec)) lifecycle.Request {
@@ -238,6 +257,8 @@ type Backend struct {
 	Down bool
 	// OnContainer, when set, runs before each Container lookup.
 	OnContainer func(id string)
+	// ContainerErr, when set, is what every Container lookup returns.
+	ContainerErr error
 	// OnCall, when set, runs before every call, with the call's name
 	// (Container, Snapshotter, Leases, Mounts); a test can hold a call there.
 	OnCall func(name string)
@@ -276,6 +297,9 @@ func (b *Backend) Container(ctx context.Context, id string) (string, string, err
 	}
 	if err := b.call("Container"); err != nil {
 		return "", "", err
+	}
+	if b.ContainerErr != nil {
+		return "", "", b.ContainerErr
 	}
 	c, err := b.env.Containers.Get(ctx, id)
 	if err != nil {

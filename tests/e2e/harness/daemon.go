@@ -58,6 +58,11 @@ func ToolsFromEnv(compat bool) (Tools, error) {
 // Ctr returns the ctr binary built with containerd.
 func (t Tools) Ctr() string { return filepath.Join(filepath.Dir(t.Containerd), "ctr") }
 
+// RuncShim returns containerd's own runc shim of the same version.
+func (t Tools) RuncShim() string {
+	return filepath.Join(filepath.Dir(t.Containerd), "containerd-shim-runc-v2")
+}
+
 // Daemon is a private containerd.
 type Daemon struct {
 	Dir     string // the daemon's root and files live under Dir
@@ -136,6 +141,13 @@ disabled_plugins = [
     container_annotations = ["io.snapview.*"]
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-runc-path.options]
       SystemdCgroup = false
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-off]
+    runtime_type = "io.containerd.snapview.v2"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-off.options]
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-off.options.view]
+        mode = "off"
   # Block mode: the runtime's own snapshotter is block-backed.
   [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-block]
     runtime_type = "io.containerd.snapview.v2"
@@ -181,8 +193,9 @@ func WithSnapviewConfig(body string) Option {
 // handlers are "snapview" (runtime_type io.containerd.snapview.v2 with an
 // inline options table, which CRI sends as runtimeoptions ConfigBody),
 // "snapview-runc-path" (runtime_type io.containerd.runc.v2 with runtime_path
-// set to the shim, which CRI sends runc options) and "snapview-block"
-// (snapview on the blockfile snapshotter, for block mode). Pods must use host
+// set to the shim, which CRI sends runc options), "snapview-block"
+// (snapview on the blockfile snapshotter, for block mode), "snapview-off"
+// (snapview with views off) and "runc". Pods must use host
 // networking: no CNI plugin is configured.
 type CRIConfig struct {
 	// SandboxImage is the pause image, imported by the test into k8s.io.

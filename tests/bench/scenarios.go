@@ -1,0 +1,288 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/cio"
+	"github.com/containerd/containerd/v2/pkg/oci"
+	cri "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/snapview/snapview/tests/e2e/harness"
+)
+
+// bench runs the scenarios against one daemon.
+type bench struct {
+	d   *harness.Daemon
+	dir string
+	rs  cri.RuntimeServiceClient
+	// viewsOff is a snapview configuration file with views off.
+	viewsOff string
+}
+
+// variant is a runtime as a scenario runs it: its name (runc or snapview),
+// and for snapview whether views are on.
+type variant struct {
+	rt       string
+	viewsOff bool
+}
+
+// runtimeOpts returns the runtime options of v for the client.
+func (v variant) runtimeOpts() any {
+	if v.rt == snapview && v.viewsOff {
+		return &runtimeoptions.Options{ConfigBody: []byte("[view]\nmode = \"off\"\n")}
+	}
+	return nil
+}
+
+type result struct {
+	create, start, exit, delete, total time.Duration
+}
+
+// lifecycle runs `true` in a new container of ref on snapshotter sn and
+// times the task's create and its whole create→start→wait→delete; the
+// container and its snapshot are made and removed outside the timing.
+func (b *bench) lifecycle(ctx context.Context, v variant, ref, id, sn string, ann map[string]string) (result, error) {
+	c := b.d.Client()
+	img, err := c.GetImage(ctx, ref)
+	if err != nil {
+		return result{}, err
+	}
+	ctr, err := c.NewContainer(ctx, id, client.WithImage(img), client.WithSnapshotter(sn),
+		client.WithNewSnapshot(id, img), client.WithRuntime(v.rt, v.runtimeOpts()),
+		client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs("true"), oci.WithAnnotations(ann)))
+	if err != nil {
+		return result{}, err
+	}
+	defer ctr.Delete(ctx, client.WithSnapshotCleanup)
+
+	var out bytes.Buffer
+	t0 := time.Now()
+	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(bytes.NewReader(nil), &out, &out)))
+	if err != nil {
+		return result{}, err
+	}
+	create := time.Since(t0)
+	exit, err := task.Wait(ctx)
+	if err != nil {
+		return result{}, err
+	}
+	t1 := time.Now()
+	if err := task.Start(ctx); err != nil {
+		return result{}, err
+	}
+	t2 := time.Now()
+	st := <-exit
+	t3 := time.Now()
+	if _, err := task.Delete(ctx); err != nil {
+		return result{}, err
+	}
+	total := time.Since(t0)
+	if st.ExitCode() != 0 {
+		return result{}, fmt.Errorf("%s exited %d: %s", id, st.ExitCode(), out.String())
+	}
+	return result{create: create, start: t2.Sub(t1), exit: t3.Sub(t2), delete: time.Since(t3), total: total}, nil
+}
+
+// ctrRun times a whole `ctr run --rm` of `true`, from ctr's start to its
+// exit: the container, its snapshot and the task, as a user runs one.
+func (b *bench) ctrRun(ctx context.Context, v variant, ref, id string) (time.Duration, error) {
+	args := []string{"--address", b.d.Address, "--namespace", ns, "run", "--rm", "--snapshotter", "overlayfs", "--runtime", v.rt}
+	if v.rt == snapview && v.viewsOff {
+		args = append(args, "--runtime-config-path", b.viewsOff)
+	}
+	args = append(args, ref, id, "true")
+	cmd := exec.CommandContext(ctx, b.d.Tools.Ctr(), args...)
+	t0 := time.Now()
+	out, err := cmd.CombinedOutput()
+	d := time.Since(t0)
+	if err != nil {
+		return 0, fmt.Errorf("ctr run %s: %w: %s", id, err, out)
+	}
+	return d, nil
+}
+
+// criRun times, through containerd's CRI API as the kubelet drives it,
+// RunPodSandbox, CreateContainer and StartContainer until the container's
+// first output is in its log; the pod is removed outside the timing.
+func (b *bench) criRun(ctx context.Context, handler string, i int) (time.Duration, error) {
+	logDir, err := os.MkdirTemp(b.dir, "cri-logs-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(logDir)
+	name := fmt.Sprintf("%s-%d", handler, i)
+	pod := &cri.PodSandboxConfig{
+		Metadata:     &cri.PodSandboxMetadata{Name: name, Namespace: "bench", Uid: name},
+		LogDirectory: logDir,
+		Linux: &cri.LinuxPodSandboxConfig{SecurityContext: &cri.LinuxSandboxSecurityContext{
+			NamespaceOptions: &cri.NamespaceOption{Network: cri.NamespaceMode_NODE},
+		}},
+	}
+	t0 := time.Now()
+	p, err := b.rs.RunPodSandbox(ctx, &cri.RunPodSandboxRequest{Config: pod, RuntimeHandler: handler})
+	if err != nil {
+		return 0, fmt.Errorf("RunPodSandbox %s: %w", name, err)
+	}
+	defer func() {
+		cctx := context.WithoutCancel(ctx)
+		_, _ = b.rs.StopPodSandbox(cctx, &cri.StopPodSandboxRequest{PodSandboxId: p.PodSandboxId})
+		_, _ = b.rs.RemovePodSandbox(cctx, &cri.RemovePodSandboxRequest{PodSandboxId: p.PodSandboxId})
+	}()
+	c, err := b.rs.CreateContainer(ctx, &cri.CreateContainerRequest{
+		PodSandboxId: p.PodSandboxId,
+		Config: &cri.ContainerConfig{
+			Metadata: &cri.ContainerMetadata{Name: "app"},
+			Image:    &cri.ImageSpec{Image: small},
+			Command:  []string{"echo", "first-output"},
+			LogPath:  "app.log",
+		},
+		SandboxConfig: pod,
+	})
+	if err != nil {
+		return 0, fmt.Errorf("CreateContainer %s: %w", name, err)
+	}
+	if _, err := b.rs.StartContainer(ctx, &cri.StartContainerRequest{ContainerId: c.ContainerId}); err != nil {
+		return 0, fmt.Errorf("StartContainer %s: %w", name, err)
+	}
+	logFile := filepath.Join(logDir, "app.log")
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Millisecond) {
+		if data, _ := os.ReadFile(logFile); bytes.Contains(data, []byte("first-output")) {
+			return time.Since(t0), nil
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("no output from %s", name)
+		}
+	}
+}
+
+// deleteAction times the shim's `delete` action, which containerd runs
+// (and waits for) after every task delete, on a bundle that had a task but
+// no view: what it costs every container.
+func (b *bench) deleteAction(ctx context.Context, shim, id string) (time.Duration, error) {
+	bundle := filepath.Join(b.dir, "delete-action", ns, id)
+	if err := os.MkdirAll(bundle, 0o711); err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(bundle)
+	cmd := exec.CommandContext(ctx, shim, "-namespace", ns, "-address", b.d.Address, "-publish-binary", b.d.Tools.Containerd, "-id", id, "delete")
+	cmd.Dir = bundle
+	cmd.Env = append(os.Environ(),
+		"PATH="+filepath.Dir(b.d.Tools.Runc)+":"+os.Getenv("PATH"),
+		"GRPC_ADDRESS="+b.d.Address, "TTRPC_ADDRESS="+b.d.Address+".ttrpc", "NAMESPACE="+ns, "MAX_SHIM_VERSION=2")
+	t0 := time.Now()
+	out, err := cmd.Output()
+	d := time.Since(t0)
+	if err != nil {
+		return 0, fmt.Errorf("%s delete: %w: %s", shim, err, out)
+	}
+	return d, nil
+}
+
+// shimRSS starts a sleeping container on rt and returns its shim's VmRSS in KiB.
+func (b *bench) shimRSS(ctx context.Context, rt, id string) (int64, error) {
+	c := b.d.Client()
+	img, err := c.GetImage(ctx, small)
+	if err != nil {
+		return 0, err
+	}
+	ctr, err := c.NewContainer(ctx, id, client.WithImage(img), client.WithSnapshotter("overlayfs"),
+		client.WithNewSnapshot(id, img), client.WithRuntime(rt, nil),
+		client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs("sleep", "60")))
+	if err != nil {
+		return 0, err
+	}
+	defer ctr.Delete(ctx, client.WithSnapshotCleanup)
+	task, err := ctr.NewTask(ctx, cio.NullIO)
+	if err != nil {
+		return 0, err
+	}
+	defer task.Delete(ctx, client.WithProcessKill)
+	if err := task.Start(ctx); err != nil {
+		return 0, err
+	}
+	time.Sleep(300 * time.Millisecond)
+	pids := harness.ShimPids(b.d.Address, id)
+	if len(pids) != 1 {
+		return 0, fmt.Errorf("shim of %s: %v", id, pids)
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pids[0]))
+	if err != nil {
+		return 0, err
+	}
+	for l := range strings.SplitSeq(string(status), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
+			return strconv.ParseInt(f[1], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS for shim %d", pids[0])
+}
+
+// parallelRuns runs n containers on v at once and returns the wall time.
+func (b *bench) parallelRuns(ctx context.Context, v variant, n int, tag string) (time.Duration, error) {
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	t0 := time.Now()
+	for i := range n {
+		wg.Go(func() {
+			if _, err := b.lifecycle(ctx, v, small, fmt.Sprintf("%s-%s-%d", tag, short(v.rt), i), "overlayfs", nil); err != nil {
+				errs <- err
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		return 0, err
+	}
+	return time.Since(t0), nil
+}
+
+var (
+	createdRe = regexp.MustCompile(`msg="snapview: container created with its view".*`)
+	removedRe = regexp.MustCompile(`msg="snapview: view removed".*`)
+	fieldRe   = regexp.MustCompile(`(\w+)_us=(\d+)`)
+)
+
+// breakdown prints the median of each step the shim timed in log.
+func breakdown(log string) {
+	for _, part := range []struct {
+		title string
+		re    *regexp.Regexp
+		steps []string
+	}{
+		{"create", createdRe, []string{"lease", "view", "mount", "persist", "runc_create"}},
+		{"delete", removedRe, []string{"unmount", "remove", "lease"}},
+	} {
+		steps := map[string][]time.Duration{}
+		n := 0
+		for _, line := range part.re.FindAllString(log, -1) {
+			n++
+			for _, m := range fieldRe.FindAllStringSubmatch(line, -1) {
+				us, _ := strconv.ParseInt(m[2], 10, 64)
+				steps[m[1]] = append(steps[m[1]], time.Duration(us)*time.Microsecond)
+			}
+		}
+		if n == 0 {
+			continue
+		}
+		fmt.Printf("  %s (%d containers):", part.title, n)
+		for _, s := range part.steps {
+			if len(steps[s]) > 0 {
+				fmt.Printf("  %s %s", s, ms(median(steps[s])))
+			}
+		}
+		fmt.Println()
+	}
+}
