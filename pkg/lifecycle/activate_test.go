@@ -55,7 +55,9 @@ func (a *activations) Update(context.Context, mount.ActivationInfo, ...string) (
 	return mount.ActivationInfo{}, errdefs.ErrNotImplemented
 }
 
-func (a *activations) List(context.Context, ...string) ([]mount.ActivationInfo, error) { return nil, nil }
+func (a *activations) List(context.Context, ...string) ([]mount.ActivationInfo, error) {
+	return nil, nil
+}
 
 // mountsOnly is a Backend with a mount manager and nothing else.
 type mountsOnly struct{ mm mount.Manager }

@@ -108,7 +108,7 @@ func run() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Hour)
 	defer cancel()
 	ratios := map[string]map[string][]float64{} // daemon → row → ratio per run
-	for _, which := range strings.Split(*daemons, ",") {
+	for which := range strings.SplitSeq(*daemons, ",") {
 		s, err := harness.NewSession(ctx, "the benchmark (run 'sudo make bench')", "snapview-bench-", which == "compat",
 			harness.WithLogLevel(*logLevel), harness.WithCRI(harness.CRIConfig{SandboxImage: pause}))
 		if err != nil {
@@ -124,7 +124,7 @@ func run() error {
 	}
 	if *runs > 1 {
 		fmt.Printf("\nsnapview/runc ratio of the medians over %d runs (min / median / max)\n", *runs)
-		for _, which := range strings.Split(*daemons, ",") {
+		for which := range strings.SplitSeq(*daemons, ",") {
 			var out [][]string
 			for _, r := range rows() {
 				out = append(out, []string{r.name, spread(ratios[which][r.name])})

@@ -141,7 +141,7 @@ func TestCrashMatrix(t *testing.T) {
 // finds nothing.
 func deleteTaskAsUser(ctx context.Context, t *testing.T, ctr client.Container) {
 	t.Helper()
-	for i := 0; i < 3; i++ {
+	for range 3 {
 		task, err := ctr.Task(ctx, nil)
 		if errdefs.IsNotFound(err) {
 			return
