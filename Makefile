@@ -38,23 +38,35 @@ E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT
 E2E_FLAGS ?= -count=1 -timeout 40m
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
 
-.PHONY: all build deps test unit e2e demo demo-vm bench soak parity fuzz install lint clean
+.PHONY: all build deps demo-deps test unit e2e demo demo-vm bench soak parity fuzz install lint clean
 
 all: build
 
 build: $(SHIM) $(CTL)
 
+# Module downloads on a fresh machine are kept out of the way.
+QUIET := 2> >(grep -v '^go: downloading' >&2)
+
 $(SHIM): $(shell find cmd pkg -name '*.go') go.mod go.sum
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./cmd/containerd-shim-snapview-v2
+	@echo "[build] containerd-shim-snapview-v2"
+	@CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./cmd/containerd-shim-snapview-v2 $(QUIET)
 
 $(FAULT_SHIM): $(shell find cmd pkg -name '*.go') go.mod go.sum
-	CGO_ENABLED=0 $(GO) build -trimpath -tags snapview_faults -ldflags '$(LDFLAGS)' -o $@ ./cmd/containerd-shim-snapview-v2
+	@echo "[build] containerd-shim-snapview-v2 with fault points (tests only)"
+	@CGO_ENABLED=0 $(GO) build -trimpath -tags snapview_faults -ldflags '$(LDFLAGS)' -o $@ ./cmd/containerd-shim-snapview-v2 $(QUIET)
 
 $(CTL): $(shell find cmd pkg -name '*.go') go.mod go.sum
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $@ ./cmd/snapviewctl
+	@echo "[build] snapviewctl"
+	@CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $@ ./cmd/snapviewctl $(QUIET)
 
+# Everything the tests use: both containerd versions.
 deps:
 	@TOOLS=$(TOOLS) CONTAINERD_VERSIONS="$(CONTAINERD_VERSION) $(CONTAINERD_COMPAT_VERSION)" \
+		RUNC_VERSION=$(RUNC_VERSION) ./hack/install-deps.sh
+
+# What the demos use: the newest containerd only.
+demo-deps:
+	@TOOLS=$(TOOLS) CONTAINERD_VERSIONS="$(CONTAINERD_VERSION)" \
 		RUNC_VERSION=$(RUNC_VERSION) ./hack/install-deps.sh
 
 test: build deps unit
@@ -71,13 +83,13 @@ e2e: build $(FAULT_SHIM) deps
 	$(E2E_ENV) $(GO) test $(E2E_FLAGS) -v ./tests/e2e/ 2>&1 | tee $(CACHE)/e2e.log | grep -E '^(=== RUN|--- |\s+--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 
-demo: build deps
-	@$(E2E_ENV) $(GO) run ./tests/demo
+demo: build demo-deps
+	@$(E2E_ENV) $(GO) run ./tests/demo $(QUIET)
 
 # qemu in a block-mode container boots the image's kernel on the container's
 # own disk (TCG without /dev/kvm).
-demo-vm: build deps
-	@$(E2E_ENV) $(GO) run ./tests/demovm
+demo-vm: build demo-deps
+	@$(E2E_ENV) $(GO) run ./tests/demovm $(QUIET)
 
 bench: build deps
 	@$(E2E_ENV) $(GO) run ./tests/bench $(BENCH_FLAGS)

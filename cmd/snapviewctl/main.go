@@ -1,29 +1,59 @@
-// Command snapviewctl inspects and repairs what snapview keeps in containerd.
+// Command snapviewctl inspects, repairs and installs snapview on a node.
 //
-//	snapviewctl [--address SOCKET] [--namespace NS] [--state DIR] gc [--dry-run]
+//	snapviewctl [--address SOCKET] [--namespace NS] [--state DIR] <command> [flags]
 //
-// gc removes orphaned views: snapview leases whose container no longer
-// exists, with their view snapshots and any view still mounted under the
-// bundle directory. Every namespace is swept unless --namespace names one.
+//	gc         remove orphaned views (snapview leases whose container is gone),
+//	           with their snapshots and anything still mounted; --dry-run lists them
+//	ls         list every view snapview holds, with a health verdict; --json
+//	inspect ID show one container's state file, params, binds and containerd objects
+//	install    put the shim and snapviewctl in place and register a CRI runtime
+//	           handler with containerd (see `snapviewctl install --help`)
+//	uninstall  take back what install did
+//
+// Every namespace is covered unless --namespace names one. The exit code is
+// 0 on success, 1 when the command failed or was incomplete, 2 on bad usage.
 package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/containerd/containerd/v2/pkg/namespaces"
-
 	"github.com/snapview/snapview/pkg/backend"
-	"github.com/snapview/snapview/pkg/sweep"
 )
 
+// global holds the flags every command shares.
+type global struct {
+	address   string
+	namespace string
+	state     string
+}
+
+// errUsage marks a usage error (exit code 2).
+var errUsage = errors.New("usage")
+
+var commands = map[string]func(ctx context.Context, g global, args []string) error{
+	"gc":        gc,
+	"ls":        ls,
+	"inspect":   inspect,
+	"install":   install,
+	"uninstall": uninstall,
+}
+
 func main() {
-	if err := run(os.Args[1:]); err != nil {
+	err := run(os.Args[1:])
+	switch {
+	case err == nil:
+	case errors.Is(err, errUsage) || errors.Is(err, flag.ErrHelp):
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "snapviewctl:", err)
+		}
+		os.Exit(2)
+	default:
 		fmt.Fprintln(os.Stderr, "snapviewctl:", err)
 		os.Exit(1)
 	}
@@ -31,65 +61,39 @@ func main() {
 
 func run(args []string) error {
 	fs := flag.NewFlagSet("snapviewctl", flag.ContinueOnError)
-	address := fs.String("address", "/run/containerd/containerd.sock", "containerd's gRPC socket")
-	namespace := fs.String("namespace", "", "sweep only this namespace (default: all)")
-	state := fs.String("state", "/run/containerd", "containerd's state directory, where bundles (and leftover view mounts) are")
+	var g global
+	fs.StringVar(&g.address, "address", "/run/containerd/containerd.sock", "containerd's gRPC socket")
+	fs.StringVar(&g.namespace, "namespace", "", "only this namespace (default: all)")
+	fs.StringVar(&g.state, "state", "/run/containerd", "containerd's state directory, where the bundles are")
 	fs.Usage = func() {
-		_, _ = fmt.Fprintln(fs.Output(), "usage: snapviewctl [flags] gc [--dry-run]")
+		fmt.Fprintln(fs.Output(), "usage: snapviewctl [flags] gc|ls|inspect|install|uninstall [command flags]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if fs.NArg() == 0 || fs.Arg(0) != "gc" {
+	if fs.NArg() == 0 {
 		fs.Usage()
-		return fmt.Errorf("unknown or missing command %q", strings.Join(fs.Args(), " "))
+		return fmt.Errorf("%w: no command", errUsage)
 	}
-	gcFlags := flag.NewFlagSet("gc", flag.ContinueOnError)
-	dryRun := gcFlags.Bool("dry-run", false, "report orphans without removing them")
-	if err := gcFlags.Parse(fs.Args()[1:]); err != nil {
-		return err
+	cmd, ok := commands[fs.Arg(0)]
+	if !ok {
+		fs.Usage()
+		return fmt.Errorf("%w: unknown command %q", errUsage, strings.Join(fs.Args(), " "))
 	}
-
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	b := backend.New(*address)
-	defer func() { _ = b.Close() }()
-	nss := []string{*namespace}
-	if *namespace == "" {
-		var err error
-		if nss, err = b.Namespaces(ctx); err != nil {
-			return fmt.Errorf("list namespaces at %s: %w", *address, err)
-		}
+	return cmd(ctx, g, fs.Args()[1:])
+}
+
+// namespaces returns the namespace the flags name, or every namespace.
+func (g global) namespaces(ctx context.Context, b *backend.Backend) ([]string, error) {
+	if g.namespace != "" {
+		return []string{g.namespace}, nil
 	}
-	verb := "removed"
-	if *dryRun {
-		verb = "would remove"
+	nss, err := b.Namespaces(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list namespaces at %s: %w", g.address, err)
 	}
-	var failed bool
-	total := 0
-	for _, ns := range nss {
-		nctx := namespaces.WithNamespace(ctx, ns)
-		orphans, err := sweep.Namespace(nctx, b, ns, sweep.Options{
-			BundleRoot: filepath.Join(*state, "io.containerd.runtime.v2.task", ns),
-			DryRun:     *dryRun,
-		})
-		for _, o := range orphans {
-			total++
-			fmt.Printf("%s orphan %s/%s: lease %s, views %v", verb, ns, o.ContainerID, o.Lease, o.Views)
-			if o.Mountpoint != "" {
-				fmt.Printf(", mount %s", o.Mountpoint)
-			}
-			fmt.Println()
-		}
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "snapviewctl: namespace %s: %v\n", ns, err)
-			failed = true
-		}
-	}
-	fmt.Printf("%d orphan(s) %s\n", total, verb)
-	if failed {
-		return fmt.Errorf("the sweep was incomplete")
-	}
-	return nil
+	return nss, nil
 }
