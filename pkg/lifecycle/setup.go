@@ -134,6 +134,7 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 	if err := bundle.MakeDir(r.Bundle); err != nil {
 		return nil, fmt.Errorf("snapview: %w", err)
 	}
+	sw.lap(StepDir)
 	if err := l.step(StepDir, r.ID); err != nil {
 		return nil, err
 	}
@@ -156,10 +157,20 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 			return nil, err
 		}
 	} else {
+		// The two overlap; each is timed on its own too.
 		leased := make(chan error, 1)
-		go func() { leased <- acquire() }()
+		var leaseTook time.Duration
+		go func() {
+			t0 := time.Now()
+			err := acquire()
+			leaseTook = time.Since(t0)
+			leased <- err
+		}()
+		t0 := time.Now()
 		q, lerr := lookup(ctx)
+		sw.fields["lookup_only_us"] = time.Since(t0).Microseconds()
 		aerr := <-leased
+		sw.fields["lease_only_us"] = leaseTook.Microseconds()
 		switch {
 		case lerr != nil:
 			return nil, lerr

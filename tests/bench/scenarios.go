@@ -262,7 +262,7 @@ func breakdown(log string) {
 		re    *regexp.Regexp
 		steps []string
 	}{
-		{"create", createdRe, []string{"lease", "view", "mount", "persist", "runc_create"}},
+		{"create", createdRe, []string{"dir", "lookup_only", "lease_only", "lease", "view", "mount", "persist", "runc_create"}},
 		{"delete", removedRe, []string{"unmount", "remove", "lease"}},
 	} {
 		steps := map[string][]time.Duration{}
