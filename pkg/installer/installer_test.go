@@ -1,6 +1,8 @@
 package installer
 
 import (
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -178,7 +180,7 @@ func TestPlanApply(t *testing.T) {
 				t.Fatalf("after uninstall:\n%s\nwant:\n%s", main, tc.config)
 			}
 			for _, p := range []string{o.DropIn, o.SnapviewConfig, o.ShimPath(), o.ctlPath()} {
-				if _, err := os.Stat(filepath.Join(o.Root, p)); !os.IsNotExist(err) {
+				if _, err := os.Stat(filepath.Join(o.Root, p)); !errors.Is(err, fs.ErrNotExist) {
 					t.Errorf("%s left after uninstall: %v", p, err)
 				}
 			}
