@@ -3,6 +3,7 @@ package lifecycle_test
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -550,6 +551,28 @@ func TestPrepare(t *testing.T) {
 		}
 		e.CheckNothingLeft(t, r, orig)
 	})
+
+	// Input refused before anything is looked up: the error comes back
+	// as it is (the shim once dereferenced the plan that was not made).
+	for i, tc := range []struct{ name, key, value, want string }{
+		{"unknown mode", annotations.Mode, "fast", "io.snapview.mode"},
+		{"relative boot path", annotations.BootPrefix + "kernel", "boot/vmlinux", "io.snapview.boot.kernel"},
+		{"boot with mode off", annotations.Mode, "off", "mode is off"},
+	} {
+		t.Run("refused: "+tc.name, func(t *testing.T) {
+			ann := map[string]string{tc.key: tc.value}
+			if tc.value == "off" {
+				ann[annotations.BootPrefix+"kernel"] = lifecycletest.KernelPath
+			}
+			r := e.Container(t, fmt.Sprintf("prep-refused-%d", i), ann)
+			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+			v, skip, err := l.Prepare(e.Ctx, r)
+			if err == nil || v != nil || skip != "" || !strings.HasPrefix(err.Error(), "snapview: ") || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("prepare: %+v %q %v, want a snapview: error naming %q", v, skip, err, tc.want)
+			}
+			e.CheckNothingLeft(t, r, orig)
+		})
+	}
 
 	t.Run("no image snapshot after all", func(t *testing.T) {
 		r := e.ContainerWithoutSnapshot(t, "prep-nosnap")

@@ -85,8 +85,11 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (*View, error) {
 // snapshot).
 func (l *Lifecycle) Prepare(ctx context.Context, r Request) (*View, string, error) {
 	p, err := decideLocal(r)
-	if err != nil || p.Skip != "" {
-		return nil, p.Skip, err
+	if err != nil {
+		return nil, "", err
+	}
+	if p.Skip != "" {
+		return nil, p.Skip, nil
 	}
 	v, err := l.setup(ctx, p, func(ctx context.Context) (*Plan, error) { return l.lookup(ctx, p) })
 	var skip skipped
