@@ -218,7 +218,9 @@ func TestSnapviewctlInstallDaemon(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	// Closed after the pod's own cleanup (t.Cleanup runs last-registered
+	// first), which still needs the connection.
+	t.Cleanup(func() { conn.Close() })
 	rs := runtime.NewRuntimeServiceClient(conn)
 	func() {
 		pctx, cancel := context.WithTimeout(ctx, time.Minute)
