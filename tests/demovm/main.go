@@ -98,11 +98,9 @@ func run() (retErr error) {
 		return err
 	}
 
-	kvm := harness.KVMUsable()
-	accel := "TCG: no usable /dev/kvm"
+	kvm, accel := harness.KVM(k)
 	specOpts := []oci.SpecOpts{oci.WithImageConfig(cimg), oci.WithAnnotations(harness.VMAnnotations()), oci.WithProcessArgs(harness.QemuArgs(kvm)...)}
 	if kvm {
-		accel = "KVM"
 		specOpts = append(specOpts, oci.WithLinuxDevice("/dev/kvm", "rwm"))
 	}
 	step("running qemu (%s) in a container on the blockfile snapshotter with --runtime %s", accel, runtime)

@@ -60,7 +60,7 @@ func TestVM(t *testing.T) {
 			if err := importVMImage(ctx, d, ref, k, tc.withQemu); err != nil {
 				t.Fatal(err)
 			}
-			kvm := harness.KVMUsable()
+			kvm, accel := harness.KVM(k)
 			var specOpts []oci.SpecOpts
 			if kvm {
 				specOpts = append(specOpts, oci.WithLinuxDevice("/dev/kvm", "rwm"))
@@ -79,11 +79,11 @@ func TestVM(t *testing.T) {
 			code, err := r.wait(t)
 			violations := watch()
 			if err != nil {
-				t.Fatal(err)
+				t.Fatalf("%v (%s); the guest console so far:\n%s\nqemu's stderr:\n%s", err, accel, r.stdout.String(), r.stderr.String())
 			}
 			r.task.IO().Wait()
 			out := r.stdout.String()
-			t.Logf("guest console (kvm: %v, %s from start to power-off):\n%s", kvm, time.Since(started).Round(time.Millisecond), out)
+			t.Logf("guest console (%s, %s from start to power-off):\n%s", accel, time.Since(started).Round(time.Millisecond), out)
 			if code != 0 {
 				t.Fatalf("qemu exited %d; stderr:\n%s", code, r.stderr.String())
 			}

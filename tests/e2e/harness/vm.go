@@ -3,6 +3,7 @@ package harness
 import (
 	"bytes"
 	"compress/gzip"
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -13,6 +14,8 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
+	"time"
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -261,19 +264,19 @@ func QemuLayer() (*Layer, error) {
 // bound from the image by snapview, the container's own disk as the guest's
 // virtio disk, the console on stdout, KVM if kvm is set and TCG otherwise.
 func QemuArgs(kvm bool) []string {
-	accel := "tcg"
+	accel := []string{"-machine", "accel=tcg"}
 	if kvm {
-		accel = "kvm"
+		accel = []string{"-machine", "accel=kvm", "-cpu", "host"}
 	}
-	return []string{QemuPath,
-		"-nodefaults", "-nographic", "-no-user-config", "-no-reboot",
-		"-machine", "accel=" + accel, "-m", "256",
+	return append(append([]string{QemuPath,
+		"-nodefaults", "-nographic", "-no-user-config", "-no-reboot"}, accel...),
+		"-m", "256",
 		"-kernel", "/.snapview/boot/kernel",
 		"-initrd", "/.snapview/boot/initrd",
 		"-append", "console=ttyS0 root=/dev/vda rw panic=-1 quiet",
 		"-drive", "file=/dev/snapview/rootfs,format=raw,if=virtio,cache=none",
 		"-serial", "stdio",
-	}
+	)
 }
 
 // VMAnnotations are the annotations of a VM container: block mode, and the
@@ -286,14 +289,56 @@ func VMAnnotations() map[string]string {
 	}
 }
 
-// KVMUsable reports whether /dev/kvm can be opened.
-func KVMUsable() bool {
+// KVM reports whether this machine runs the guest kernel k under KVM, and
+// why not when it does not. $SNAPVIEW_VM_ACCEL=kvm or tcg decides without
+// probing. Otherwise /dev/kvm must open and k must boot under KVM on the
+// host up to the point where it looks for its root disk, within
+// kvmProbeTimeout: a /dev/kvm that opens is not enough, since a nested or
+// paravirtualised KVM (e.g. kvm-pvm on cloud VMs) can hang or fail the
+// guest with an emulation error. The answer is computed once per process.
+func KVM(k *GuestKernel) (bool, string) {
+	kvmOnce.Do(func() { kvmOK, kvmWhy = probeKVM(k) })
+	return kvmOK, kvmWhy
+}
+
+var (
+	kvmOnce sync.Once
+	kvmOK   bool
+	kvmWhy  string
+)
+
+const kvmProbeTimeout = 10 * time.Second
+
+func probeKVM(k *GuestKernel) (bool, string) {
+	switch a := os.Getenv("SNAPVIEW_VM_ACCEL"); a {
+	case "kvm":
+		return true, "KVM: SNAPVIEW_VM_ACCEL=kvm"
+	case "tcg":
+		return false, "TCG: SNAPVIEW_VM_ACCEL=tcg"
+	case "":
+	default:
+		return false, fmt.Sprintf("TCG: SNAPVIEW_VM_ACCEL=%q is neither kvm nor tcg", a)
+	}
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
 	if err != nil {
-		return false
+		return false, "TCG: no usable /dev/kvm"
 	}
 	f.Close()
-	return true
+	ctx, cancel := context.WithTimeout(context.Background(), kvmProbeTimeout)
+	defer cancel()
+	// No root disk: the kernel panics where it would mount one, and
+	// panic=-1 with -no-reboot ends qemu there.
+	out, _ := exec.CommandContext(ctx, QemuPath, "-nodefaults", "-nographic", "-no-user-config", "-no-reboot",
+		"-machine", "accel=kvm", "-cpu", "host", "-m", "128", "-kernel", k.Vmlinuz,
+		"-append", "console=ttyS0 panic=-1", "-serial", "stdio").CombinedOutput()
+	if bytes.Contains(out, []byte("VFS: Unable to mount root fs")) {
+		return true, "KVM"
+	}
+	why := "did not reach its root disk within " + kvmProbeTimeout.String()
+	if i := bytes.Index(out, []byte("KVM internal error")); i >= 0 {
+		why = "failed with a KVM internal error"
+	}
+	return false, "TCG: /dev/kvm opens, but the guest kernel " + why + " under KVM on this host"
 }
 
 // sortedKeys returns m's keys sorted, so that parents come before their
