@@ -335,7 +335,7 @@ func probeKVM(k *GuestKernel) (bool, string) {
 		return true, "KVM"
 	}
 	why := "did not reach its root disk within " + kvmProbeTimeout.String()
-	if i := bytes.Index(out, []byte("KVM internal error")); i >= 0 {
+	if bytes.Contains(out, []byte("KVM internal error")) {
 		why = "failed with a KVM internal error"
 	}
 	return false, "TCG: /dev/kvm opens, but the guest kernel " + why + " under KVM on this host"
