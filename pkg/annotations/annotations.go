@@ -5,6 +5,7 @@
 //	io.snapview.boot.<name>  absolute path inside the image of a boot artifact
 //	io.snapview.boot-dir     absolute path inside the container for the artifacts
 //	io.snapview.view-target  absolute path inside the container for the whole view
+//	io.snapview.monitor-rootfs  block mode: "view" or a name from [block.monitors]
 //
 // Annotations come from whoever writes the pod spec, so nothing here is
 // trusted: every value is checked, and an error names the annotation. The
@@ -15,10 +16,11 @@ package annotations
 import (
 	"fmt"
 	"path"
-	"regexp"
 	"slices"
 	"sort"
 	"strings"
+
+	"github.com/snapview/snapview/pkg/config"
 )
 
 // Input annotation keys.
@@ -27,6 +29,9 @@ const (
 	BootPrefix = "io.snapview.boot."
 	BootDir    = "io.snapview.boot-dir"
 	ViewTarget = "io.snapview.view-target"
+	// MonitorRootfs chooses block mode's monitor rootfs by name, among
+	// those the configuration offers; it never names a host path.
+	MonitorRootfs = "io.snapview.monitor-rootfs"
 )
 
 // Output annotation keys and prefixes (written by snapview into config.json).
@@ -52,7 +57,7 @@ const ParamsTarget = "/.snapview/params.json"
 // maxPath bounds every path value (PATH_MAX).
 const maxPath = 4096
 
-var namePattern = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+var namePattern = config.NamePattern
 
 // forbiddenTargets are kernel filesystems no bind may cover or enter.
 var forbiddenTargets = []string{"/proc", "/sys", "/dev"}
@@ -77,6 +82,9 @@ type Request struct {
 	BootDir string
 	// ViewTarget is where the whole view is bound, or "" for nowhere.
 	ViewTarget string
+	// MonitorRootfs is the monitor rootfs chosen by name, or "" for the
+	// configuration's default.
+	MonitorRootfs string
 }
 
 // Parse reads snapview's annotations from ann. defaultBootDir is used when
@@ -96,7 +104,7 @@ func Parse(ann map[string]string, defaultBootDir string) (*Request, error) {
 		switch {
 		case k == Mode:
 			switch v {
-			case "view", "block", "off":
+			case config.ModeView, config.ModeBlock, config.ModeOff:
 				r.Mode = v
 			default:
 				return nil, fmt.Errorf("snapview: annotation %s=%q: want view, block or off", k, v)
@@ -111,6 +119,11 @@ func Parse(ann map[string]string, defaultBootDir string) (*Request, error) {
 				return nil, fmt.Errorf("snapview: annotation %s=%q: %w", k, v, err)
 			}
 			r.ViewTarget = v
+		case k == MonitorRootfs:
+			if !namePattern.MatchString(v) {
+				return nil, fmt.Errorf("snapview: annotation %s=%q: want %q or the name of a monitor rootfs in the configuration's [block.monitors] (matching %s), never a path", k, v, config.MonitorRootfsView, namePattern)
+			}
+			r.MonitorRootfs = v
 		case strings.HasPrefix(k, BootPrefix):
 			name := strings.TrimPrefix(k, BootPrefix)
 			if !namePattern.MatchString(name) {
@@ -123,7 +136,7 @@ func Parse(ann map[string]string, defaultBootDir string) (*Request, error) {
 		case strings.HasPrefix(k, outputView), k == RootfsParams, strings.HasPrefix(k, BoundPrefix):
 			// snapview's own output: overwritten, never read.
 		default:
-			return nil, fmt.Errorf("snapview: unknown annotation %s (known: %s, %s<name>, %s, %s)", k, Mode, BootPrefix, BootDir, ViewTarget)
+			return nil, fmt.Errorf("snapview: unknown annotation %s (known: %s, %s<name>, %s, %s, %s)", k, Mode, BootPrefix, BootDir, ViewTarget, MonitorRootfs)
 		}
 	}
 	if len(r.Artifacts) > MaxArtifacts {

@@ -63,6 +63,9 @@ func TestParse(t *testing.T) {
 		{name: "relative view-target", ann: map[string]string{"io.snapview.view-target": "v"}, wantErr: []string{"absolute"}},
 		{name: "artifacts inside the view target", ann: map[string]string{"io.snapview.view-target": "/image", "io.snapview.boot-dir": "/image/boot", "io.snapview.boot.k": "/k"}, wantErr: []string{"overlap"}},
 		{name: "artifact over the params file", ann: map[string]string{"io.snapview.boot-dir": "/.snapview", "io.snapview.boot.params.json": "/k"}, wantErr: []string{"overlap", "/.snapview/params.json"}},
+		{name: "monitor rootfs by name", ann: map[string]string{"io.snapview.monitor-rootfs": "qemu-8.2"}, want: &Request{BootDir: defBoot, MonitorRootfs: "qemu-8.2"}},
+		{name: "monitor rootfs as a path", ann: map[string]string{"io.snapview.monitor-rootfs": "/opt/qemu"}, wantErr: []string{"io.snapview.monitor-rootfs", "never a path"}},
+		{name: "monitor rootfs as a relative path", ann: map[string]string{"io.snapview.monitor-rootfs": "../qemu"}, wantErr: []string{"never a path"}},
 		{name: "unknown key", ann: map[string]string{"io.snapview.boot_dir": "/b"}, wantErr: []string{"unknown annotation io.snapview.boot_dir"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -18,8 +18,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 
 	runcoptions "github.com/containerd/containerd/api/types/runc/options"
@@ -45,6 +48,27 @@ const (
 // MonitorRootfsView selects the container's own read-only image view as the
 // monitor rootfs in block mode.
 const MonitorRootfsView = "view"
+
+// NamePattern is what every name snapview accepts must match: a boot
+// artifact's <name> in io.snapview.boot.<name>, and a monitor rootfs's name
+// in [block.monitors].
+var NamePattern = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+
+// Monitor returns the monitor rootfs a container chose by name: "view", or
+// the directory of block.monitors.<name>. ok is false when the
+// configuration offers no such choice.
+func (c *Config) Monitor(name string) (dir string, ok bool) {
+	if name == MonitorRootfsView {
+		return MonitorRootfsView, true
+	}
+	dir, ok = c.Block.Monitors[name]
+	return dir, ok
+}
+
+// MonitorChoices lists the names a container may choose from, sorted.
+func (c *Config) MonitorChoices() []string {
+	return append([]string{MonitorRootfsView}, slices.Sorted(maps.Keys(c.Block.Monitors))...)
+}
 
 // Config is snapview's configuration: runc's options at the top level and
 // snapview's settings in tables.
@@ -90,6 +114,11 @@ type Block struct {
 	// MonitorRootfs is "view" or an absolute host directory bound read-only
 	// as the container's root in block mode.
 	MonitorRootfs string `toml:"monitor_rootfs"`
+	// Monitors are the other monitor rootfs a container may choose by name
+	// (annotation io.snapview.monitor-rootfs): name → absolute host
+	// directory. A container can only pick one of these or "view"; it can
+	// never name a host path itself.
+	Monitors map[string]string `toml:"monitors"`
 	// Device is where the block device appears inside the container.
 	Device string `toml:"device"`
 }
@@ -191,6 +220,14 @@ func (c *Config) validate() error {
 	if c.Block.MonitorRootfs != MonitorRootfsView {
 		if err := absClean("block.monitor_rootfs", c.Block.MonitorRootfs, c.Source); err != nil {
 			return fmt.Errorf("%w (or %q)", err, MonitorRootfsView)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.Block.Monitors)) {
+		if !NamePattern.MatchString(name) || name == MonitorRootfsView {
+			return fmt.Errorf("snapview: invalid monitor name block.monitors.%q in %s: must match %s and not be %q", name, c.Source, NamePattern, MonitorRootfsView)
+		}
+		if err := absClean("block.monitors."+name, c.Block.Monitors[name], c.Source); err != nil {
+			return err
 		}
 	}
 	if err := absClean("block.device", c.Block.Device, c.Source); err != nil {

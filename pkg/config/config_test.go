@@ -23,6 +23,10 @@ TypeUrl = ''
 [block]
 monitor_rootfs = '/opt/monitor'
 
+[block.monitors]
+firecracker = '/opt/firecracker'
+qemu = '/opt/qemu'
+
 [view]
 mode = 'block'
 sandbox = true
@@ -85,6 +89,15 @@ func TestFromOptions(t *testing.T) {
 			check: func(t *testing.T, c *Config) {
 				if c.View.Mode != ModeBlock || !c.View.Sandbox || c.Block.MonitorRootfs != "/opt/monitor" {
 					t.Fatalf("snapview tables not read: %+v", c)
+				}
+				if dir, ok := c.Monitor("qemu"); !ok || dir != "/opt/qemu" {
+					t.Fatalf("monitor qemu: %q %v", dir, ok)
+				}
+				if _, ok := c.Monitor("/opt/qemu"); ok {
+					t.Fatal("a path is not a monitor's name")
+				}
+				if got := strings.Join(c.MonitorChoices(), ","); got != "view,firecracker,qemu" {
+					t.Fatalf("monitor choices %s", got)
 				}
 				o := c.RuncOptions()
 				if o == nil || o.BinaryName != "/usr/local/bin/runc" || !o.SystemdCgroup {
@@ -170,6 +183,21 @@ func TestFromOptions(t *testing.T) {
 			name:    "relative monitor rootfs",
 			opts:    marshal(t, &runtimeoptions.Options{ConfigBody: []byte("[block]\nmonitor_rootfs = 'monitor'\n")}),
 			wantErr: []string{"snapview:", "block.monitor_rootfs"},
+		},
+		{
+			name:    "relative named monitor rootfs",
+			opts:    marshal(t, &runtimeoptions.Options{ConfigBody: []byte("[block.monitors]\nqemu = 'opt/qemu'\n")}),
+			wantErr: []string{"snapview:", "block.monitors.qemu", "clean absolute path"},
+		},
+		{
+			name:    "monitor named view",
+			opts:    marshal(t, &runtimeoptions.Options{ConfigBody: []byte("[block.monitors]\nview = '/opt/qemu'\n")}),
+			wantErr: []string{"snapview:", `block.monitors."view"`},
+		},
+		{
+			name:    "monitor name with upper case",
+			opts:    marshal(t, &runtimeoptions.Options{ConfigBody: []byte("[block.monitors]\nQemu = '/opt/qemu'\n")}),
+			wantErr: []string{"snapview:", `block.monitors."Qemu"`, "must match"},
 		},
 		{
 			name:    "device outside /dev",

@@ -258,4 +258,9 @@ boot_dir = "/.snapview/boot"
 [block]
 monitor_rootfs = "view"    # "view" or an absolute host directory
 device = "/dev/snapview/rootfs"
+
+# Monitor rootfs a block-mode container may choose by name with the
+# annotation io.snapview.monitor-rootfs ("view" is always a choice):
+# [block.monitors]
+# qemu = "/opt/monitors/qemu"
 `

@@ -172,6 +172,45 @@ func TestBlockfile(t *testing.T) {
 	}
 }
 
+// TestBlockMonitorChoice chooses the monitor rootfs per container, by name,
+// among those the configuration offers: a named host directory, or "view"
+// where the configuration's default is a host directory.
+func TestBlockMonitorChoice(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	qemu, fallback := t.TempDir(), t.TempDir()
+	for _, tc := range []struct {
+		name, choice, wantLower, wantRecorded string
+	}{
+		{"named host directory", "qemu", qemu, qemu},
+		{"the image view", "view", "", "view"},
+		{"no choice gives the default", "", fallback, fallback},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ann := map[string]string{annotations.Mode: "block"}
+			if tc.choice != "" {
+				ann[annotations.MonitorRootfs] = tc.choice
+			}
+			r := e.Container(t, "monitor-"+strings.ReplaceAll(tc.name, " ", "-"), ann)
+			r.Rootfs = []rootfs.Mount{blockfileRootfs(t)}
+			r.Config.Block.MonitorRootfs = fallback
+			r.Config.Block.Monitors = map[string]string{"qemu": qemu}
+			v := e.SetUp(t, l, r)
+			want := tc.wantLower
+			if want == "" {
+				want = v.State.Mountpoint
+			}
+			if v.Rootfs[0].Options[0] != "lowerdir="+want || v.State.Block.MonitorRootfs != tc.wantRecorded {
+				t.Fatalf("monitor rootfs %+v, recorded %q; want lower layer %s, recorded %q", v.Rootfs, v.State.Block.MonitorRootfs, want, tc.wantRecorded)
+			}
+			if err := l.Teardown(e.Ctx, v); err != nil {
+				t.Fatal(err)
+			}
+			e.CheckNothingLeft(t, r, nil)
+		})
+	}
+}
+
 // TestBlockfileRecovered tears a blockfile view down in another "process":
 // the loop device is found from the state file and detached only while it
 // is bound to the recorded inode.
@@ -220,6 +259,7 @@ func TestBlockRefused(t *testing.T) {
 		rootfs   []rootfs.Mount
 		specOpt  func(*specs.Spec)
 		monitor  string
+		choice   string
 		wantErr  string
 		atDecide bool
 	}{
@@ -231,13 +271,22 @@ func TestBlockRefused(t *testing.T) {
 			s.Linux.Namespaces = append(s.Linux.Namespaces, specs.LinuxNamespace{Type: specs.UserNamespace})
 		}, wantErr: "user namespace", atDecide: true},
 		{name: "missing monitor rootfs", rootfs: []rootfs.Mount{bf}, monitor: "/nonexistent/monitor", wantErr: `block.monitor_rootfs "/nonexistent/monitor"`},
+		{name: "missing chosen monitor rootfs", rootfs: []rootfs.Mount{bf}, choice: "gone",
+			wantErr: `block.monitors.gone "/nonexistent/gone" in built-in defaults, chosen by annotation io.snapview.monitor-rootfs: stat /nonexistent/gone`},
+		{name: "monitor rootfs not offered", rootfs: []rootfs.Mount{bf}, choice: "firecracker",
+			wantErr: `annotation io.snapview.monitor-rootfs="firecracker": the configuration (built-in defaults) offers no monitor rootfs of that name; choose one of view, gone`, atDecide: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var opts []func(*specs.Spec)
 			if tc.specOpt != nil {
 				opts = append(opts, tc.specOpt)
 			}
-			r := e.Container(t, "refused-"+strings.ReplaceAll(tc.name, " ", "-"), blockAnn, opts...)
+			ann := blockAnn
+			if tc.choice != "" {
+				ann = map[string]string{annotations.Mode: "block", annotations.MonitorRootfs: tc.choice}
+			}
+			r := e.Container(t, "refused-"+strings.ReplaceAll(tc.name, " ", "-"), ann, opts...)
+			r.Config.Block.Monitors = map[string]string{"gone": "/nonexistent/gone"}
 			if tc.rootfs != nil {
 				r.Rootfs = tc.rootfs
 			}

@@ -558,6 +558,7 @@ func TestPrepare(t *testing.T) {
 		{"unknown mode", annotations.Mode, "fast", "io.snapview.mode"},
 		{"relative boot path", annotations.BootPrefix + "kernel", "boot/vmlinux", "io.snapview.boot.kernel"},
 		{"boot with mode off", annotations.Mode, "off", "mode is off"},
+		{"monitor rootfs in view mode", annotations.MonitorRootfs, "view", "io.snapview.monitor-rootfs=\"view\" applies only in block mode, but the mode is view (view.mode in "},
 	} {
 		t.Run("refused: "+tc.name, func(t *testing.T) {
 			ann := map[string]string{tc.key: tc.value}

@@ -44,6 +44,10 @@ type Plan struct {
 	params rootfs.Params
 	// block is the block-backed rootfs, in block mode.
 	block *rootfs.BlockSource
+	// monitor is block mode's monitor rootfs: "view" or a host directory
+	// of the configuration; monitorFrom names the setting it came from,
+	// for errors.
+	monitor, monitorFrom string
 	// readOnlyRootfs: runc cannot create bind targets in the rootfs.
 	readOnlyRootfs bool
 }
@@ -86,6 +90,9 @@ func decideLocal(r Request) (*Plan, error) {
 		mode, modeFrom = ann.Mode, fmt.Sprintf("annotation %s", annotations.Mode)
 	}
 	p := &Plan{req: r, mode: mode, spec: spec, ann: ann}
+	if ann.MonitorRootfs != "" && mode != config.ModeBlock {
+		return nil, fmt.Errorf("snapview: annotation %s=%q applies only in block mode, but the mode is %s (%s)", annotations.MonitorRootfs, ann.MonitorRootfs, mode, modeFrom)
+	}
 	switch mode {
 	case config.ModeOff:
 		if ann.HasBinds() {
@@ -94,6 +101,9 @@ func decideLocal(r Request) (*Plan, error) {
 		return &Plan{Skip: "mode off (" + modeFrom + ")"}, nil
 	case config.ModeBlock:
 		if err := p.checkBlock(modeFrom); err != nil {
+			return nil, err
+		}
+		if err := p.chooseMonitor(); err != nil {
 			return nil, err
 		}
 	case config.ModeView:
@@ -154,6 +164,27 @@ func (p *Plan) checkBlock(modeFrom string) error {
 		return fmt.Errorf("snapview: block mode (%s) is refused for a container with a user namespace: runc would bind the host's device node, which the remapped root cannot open", modeFrom)
 	}
 	p.block = &src
+	return nil
+}
+
+// chooseMonitor settles block mode's monitor rootfs: the configuration's
+// block.monitor_rootfs, unless the container chose another by name among
+// those the configuration offers (annotation io.snapview.monitor-rootfs).
+func (p *Plan) chooseMonitor() error {
+	cfg := p.req.Config
+	name := p.ann.MonitorRootfs
+	if name == "" {
+		p.monitor = cfg.Block.MonitorRootfs
+		p.monitorFrom = fmt.Sprintf("block.monitor_rootfs %q in %s", p.monitor, cfg.Source)
+		return nil
+	}
+	dir, ok := cfg.Monitor(name)
+	if !ok {
+		return fmt.Errorf("snapview: annotation %s=%q: the configuration (%s) offers no monitor rootfs of that name; choose one of %s",
+			annotations.MonitorRootfs, name, cfg.Source, strings.Join(cfg.MonitorChoices(), ", "))
+	}
+	p.monitor = dir
+	p.monitorFrom = fmt.Sprintf("block.monitors.%s %q in %s, chosen by annotation %s", name, dir, cfg.Source, annotations.MonitorRootfs)
 	return nil
 }
 

@@ -236,7 +236,7 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 	}
 
 	if p.block != nil {
-		if err := v.attach(p, r.Config); err != nil {
+		if err := v.attach(p, r.Config.Block.Device); err != nil {
 			return nil, err
 		}
 		logger.WithFields(log.Fields{"device": st.Block.Device, "major": st.Block.Major, "minor": st.Block.Minor, "source": st.Block.Rootfs.Source}).
@@ -270,7 +270,7 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 	}
 
 	if p.block != nil {
-		if v.Rootfs, err = monitorRootfs(r.Bundle, st.Mountpoint, r.Config); err != nil {
+		if v.Rootfs, err = monitorRootfs(r.Bundle, st.Mountpoint, p.monitor, p.monitorFrom); err != nil {
 			return nil, err
 		}
 		if err := l.step(StepMonitor, r.ID); err != nil {
@@ -382,7 +382,7 @@ func mountTypes(mounts []mount.Mount) string {
 // device-mapper node as it is, or a loop device attached to the blockfile
 // image, held open by this process. It records the device in the state as
 // the container will see it.
-func (v *View) attach(p *Plan, cfg *config.Config) error {
+func (v *View) attach(p *Plan, containerPath string) error {
 	m := p.block.Mount
 	var (
 		d   *blockdev.Device
@@ -403,31 +403,32 @@ func (v *View) attach(p *Plan, cfg *config.Config) error {
 		Device:        d.Path,
 		Major:         d.Major,
 		Minor:         d.Minor,
-		MonitorRootfs: cfg.Block.MonitorRootfs,
+		MonitorRootfs: p.monitor,
 	}
 	if d.Backing != nil {
 		st.Block.Loop = &bundle.Loop{BackingFile: d.Backing.Path, BackingDev: d.Backing.Dev, BackingIno: d.Backing.Ino}
 	}
-	st.Rootfs = rootfs.BlockParams(m, d.Path, cfg.Block.Device)
+	st.Rootfs = rootfs.BlockParams(m, d.Path, containerPath)
 	return nil
 }
 
 // monitorRootfs prepares the block-mode container's root: an overlay whose
-// lower layer is the view (block.monitor_rootfs = "view") or a host
-// directory, and whose upper and work directories live in the bundle. runc
-// mounts it in place of the container's own rootfs; runc can create its
-// mount targets in it, and its source is never written.
-func monitorRootfs(bundlePath, viewMount string, cfg *config.Config) ([]rootfs.Mount, error) {
+// lower layer is the view (monitor "view") or the host directory monitor
+// (from the setting monitorFrom, named in errors), and whose upper and work
+// directories live in the bundle. runc mounts it in place of the
+// container's own rootfs; runc can create its mount targets in it, and its
+// source is never written.
+func monitorRootfs(bundlePath, viewMount, monitor, monitorFrom string) ([]rootfs.Mount, error) {
 	lower := viewMount
-	if src := cfg.Block.MonitorRootfs; src != config.MonitorRootfsView {
-		fi, err := os.Stat(src)
+	if monitor != config.MonitorRootfsView {
+		fi, err := os.Stat(monitor)
 		if err != nil {
-			return nil, fmt.Errorf("snapview: block.monitor_rootfs %q in %s: %w", src, cfg.Source, err)
+			return nil, fmt.Errorf("snapview: %s: %w", monitorFrom, err)
 		}
 		if !fi.IsDir() {
-			return nil, fmt.Errorf("snapview: block.monitor_rootfs %q in %s is not a directory", src, cfg.Source)
+			return nil, fmt.Errorf("snapview: %s is not a directory", monitorFrom)
 		}
-		lower = src
+		lower = monitor
 	}
 	upper, work := bundle.UpperDir(bundlePath), bundle.WorkDir(bundlePath)
 	// The upper directory is the root directory the container sees.

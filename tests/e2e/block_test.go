@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -112,9 +113,14 @@ func TestBlockMode(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		monitor func(t *testing.T) string
+		// chosen: the configuration's default stays "view", and the
+		// container chooses the monitor rootfs by its name in
+		// [block.monitors] (annotation io.snapview.monitor-rootfs).
+		chosen bool
 	}{
-		{"view", func(*testing.T) string { return "view" }},
-		{"host directory", monitorTree},
+		{"view", func(*testing.T) string { return "view" }, false},
+		{"host directory", monitorTree, false},
+		{"host directory chosen by name", monitorTree, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := setup(t, d)
@@ -122,9 +128,16 @@ func TestBlockMode(t *testing.T) {
 			monitor := tc.monitor(t)
 			id := "block-" + strings.ReplaceAll(tc.name, " ", "-")
 			marker := "snapview-marker-" + id
-			opts := &runtimeoptions.Options{ConfigBody: fmt.Appendf(nil, "BinaryName = %q\n[block]\nmonitor_rootfs = %q\n", spy.bin, monitor)}
+			cfg := fmt.Sprintf("BinaryName = %q\n[block]\nmonitor_rootfs = %q\n", spy.bin, monitor)
+			ann := blockAnn
+			if tc.chosen {
+				cfg = fmt.Sprintf("BinaryName = %q\n[block.monitors]\noperator = %q\n", spy.bin, monitor)
+				ann = maps.Clone(blockAnn)
+				ann["io.snapview.monitor-rootfs"] = "operator"
+			}
+			opts := &runtimeoptions.Options{ConfigBody: []byte(cfg)}
 			r, err := start(ctx, t, d, id, runOpts{
-				runtime: snapviewRT, runtimeOpts: opts, snapshotter: "blockfile", annotations: blockAnn,
+				runtime: snapviewRT, runtimeOpts: opts, snapshotter: "blockfile", annotations: ann,
 				args: []string{"sh", "-c", blockScript}, specOpts: []oci.SpecOpts{oci.WithEnv([]string{"MARKER=" + marker})},
 			})
 			if err != nil {
@@ -279,6 +292,7 @@ func TestBlockRefused(t *testing.T) {
 		viewSnapshot bool
 		specOpts     []oci.SpecOpts
 		config       string
+		annotations  map[string]string
 		want         []string
 	}{
 		{name: "overlay rootfs", snapshotter: "overlayfs", want: []string{"block mode (annotation io.snapview.mode) needs a block-backed rootfs", "an overlay mount"}},
@@ -291,6 +305,11 @@ func TestBlockRefused(t *testing.T) {
 			[]specs.LinuxIDMapping{{ContainerID: 0, HostID: 100000, Size: 65536}}, []specs.LinuxIDMapping{{ContainerID: 0, HostID: 100000, Size: 65536}})},
 			want: []string{"user namespace"}},
 		{name: "missing monitor rootfs", snapshotter: "blockfile", config: "[block]\nmonitor_rootfs = \"/nonexistent/monitor\"\n", want: []string{`block.monitor_rootfs "/nonexistent/monitor"`}},
+		{name: "monitor rootfs not offered", snapshotter: "blockfile", config: "[block.monitors]\nqemu = \"/opt/qemu\"\n",
+			annotations: map[string]string{"io.snapview.monitor-rootfs": "firecracker"},
+			want:        []string{`annotation io.snapview.monitor-rootfs="firecracker"`, "offers no monitor rootfs of that name; choose one of view, qemu"}},
+		{name: "monitor rootfs as a host path", snapshotter: "blockfile", annotations: map[string]string{"io.snapview.monitor-rootfs": "/usr"},
+			want: []string{"io.snapview.monitor-rootfs", "never a path"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := setup(t, d)
@@ -299,8 +318,10 @@ func TestBlockRefused(t *testing.T) {
 			if tc.config != "" {
 				opts = &runtimeoptions.Options{ConfigBody: []byte(tc.config)}
 			}
+			ann := maps.Clone(blockAnn)
+			maps.Copy(ann, tc.annotations)
 			_, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, runtimeOpts: opts, snapshotter: tc.snapshotter, viewSnapshot: tc.viewSnapshot,
-				annotations: blockAnn, specOpts: tc.specOpts, args: []string{"true"}})
+				annotations: ann, specOpts: tc.specOpts, args: []string{"true"}})
 			if err == nil {
 				t.Fatal("create succeeded")
 			}
