@@ -307,7 +307,7 @@ var (
 	kvmWhy  string
 )
 
-const kvmProbeTimeout = 10 * time.Second
+const kvmProbeTimeout = 5 * time.Second
 
 func probeKVM(k *GuestKernel) (bool, string) {
 	switch a := os.Getenv("SNAPVIEW_VM_ACCEL"); a {
