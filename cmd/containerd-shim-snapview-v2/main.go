@@ -5,11 +5,9 @@ package main
 import (
 	"context"
 
-	"github.com/containerd/containerd/v2/pkg/shim"
-
-	snapshim "github.com/snapview/snapview/pkg/shim"
+	"github.com/snapview/snapview/pkg/shim"
 )
 
 func main() {
-	shim.Run(context.Background(), snapshim.NewManager())
+	shim.Run(context.Background(), shim.NewManager())
 }

@@ -61,6 +61,12 @@ func fromRuntimeOptions(o *runtimeoptions.Options) (*Config, error) {
 	return c, nil
 }
 
+// IsOptions reports whether a carries runtime options in a form
+// FromOptions reads: runtimeoptions.v1.Options or runc's options.
+func IsOptions(a *anypb.Any) bool {
+	return a.MessageIs(&runtimeoptions.Options{}) || a.MessageIs(&runcoptions.Options{})
+}
+
 // ReadOptions decodes the runtime options containerd writes on a shim's
 // stdin for `start` and `-info` (a protobuf Any, possibly empty).
 func ReadOptions(data []byte) (*Config, error) {

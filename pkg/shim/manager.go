@@ -5,12 +5,11 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
 	"time"
 
+	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	"github.com/containerd/containerd/api/types"
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/manager"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/log"
 	"google.golang.org/protobuf/proto"
@@ -24,64 +23,49 @@ const RuntimeName = "io.containerd.snapview.v2"
 // NewManager returns snapview's shim manager: runc's, under snapview's name,
 // with runtime options normalised for Start and Info and Stop extended to
 // clean up after a shim that died.
-func NewManager() shim.Manager {
-	return &shimManager{Manager: manager.NewShimManager(RuntimeName), stopView: stopView}
+func NewManager() shim.Shim {
+	return &shimManager{Shim: manager.NewShimManager(RuntimeName), stopView: stopView}
 }
 
 // shimManager wraps runc's shim manager. Name is runc's, forwarded through the
 // embedded interface on purpose; Start, Stop and Info are changed here.
 type shimManager struct {
-	shim.Manager
+	shim.Shim
 	// stopView tears down a view in the `delete` action (stopView; tests
 	// replace it).
 	stopView func(ctx context.Context, bundlePath, id string) error
 }
 
-// Start launches (or joins) the shim process. runc's manager reads the runtime
-// options from stdin to place the shim in ShimCgroup, and understands only its
-// own options type, so stdin is replaced by the normalised runc options.
-//
-// containerd 2.3 and later send a bootstrap message instead, with the
-// options inside it (see bootstrap.go): they are taken from there. Stdin
-// that is not usable is passed on as nothing, which is what runc's manager
-// makes of it too: a configuration error is reported by Create, with its
-// source. Start must not log: containerd reads its combined output as the
-// bootstrap answer.
-func (m *shimManager) Start(ctx context.Context, id string, opts shim.StartOpts) (shim.BootstrapParams, error) {
-	data, err := io.ReadAll(os.Stdin)
-	if err != nil {
-		return shim.BootstrapParams{}, fmt.Errorf("snapview: read runtime options from stdin: %w", err)
-	}
-	ns, _ := namespaces.Namespace(ctx)
-	if exts, ok := parseBootstrap(data, id, ns); ok {
-		data = nil
-		for _, a := range exts {
-			if b, err := proto.Marshal(a); err == nil && a.GetTypeUrl() != "" {
-				if _, err := config.ReadOptions(b); err == nil {
-					data = b
-					break
-				}
-			}
+// Start launches (or joins) the shim process. runc's manager takes the
+// runtime options from the bootstrap message's extensions, to place the
+// shim in ShimCgroup, and understands only its own options type; so every
+// extension that is runtime options (snapview's forms, see package config)
+// is replaced by the normalised runc options, or dropped when there are
+// none or they cannot be read: a configuration error is reported by
+// Create, with its source. Other extensions pass unchanged. Start must not
+// log: containerd reads its output as the answer.
+func (m *shimManager) Start(ctx context.Context, params *bootapi.BootstrapParams) (*bootapi.BootstrapResult, error) {
+	p := proto.CloneOf(params)
+	p.Extensions = nil
+	normalised := false
+	for _, ext := range params.GetExtensions() {
+		if !config.IsOptions(ext.GetValue()) {
+			p.Extensions = append(p.Extensions, ext)
+			continue
+		}
+		if normalised {
+			continue
+		}
+		normalised = true
+		cfg, err := config.FromOptions(ext.GetValue())
+		if err != nil {
+			continue
+		}
+		if a, err := cfg.RuncAny(); err == nil && a != nil {
+			p.Extensions = append(p.Extensions, &bootapi.Extension{Value: a})
 		}
 	}
-	runc, err := runcOptionsBytes(data)
-	if err != nil {
-		runc = nil
-	}
-	r, w, err := os.Pipe()
-	if err != nil {
-		return shim.BootstrapParams{}, fmt.Errorf("snapview: pipe runtime options: %w", err)
-	}
-	defer r.Close()
-	if _, err := w.Write(runc); err != nil {
-		w.Close()
-		return shim.BootstrapParams{}, fmt.Errorf("snapview: pipe runtime options: %w", err)
-	}
-	w.Close()
-	stdin := os.Stdin
-	os.Stdin = r
-	defer func() { os.Stdin = stdin }()
-	return m.Manager.Start(ctx, id, opts)
+	return m.Shim.Start(ctx, p)
 }
 
 // Stop is the `delete` action, which containerd runs after every task
@@ -93,7 +77,7 @@ func (m *shimManager) Start(ctx context.Context, id string, opts shim.StartOpts)
 // GC (the view is tied to the container record) and by the sweep.
 func (m *shimManager) Stop(ctx context.Context, id string) (shim.StopStatus, error) {
 	deadline := time.Now().Add(stopBudget)
-	ss, err := m.Manager.Stop(ctx, id)
+	ss, err := m.Shim.Stop(ctx, id)
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	bundlePath, berr := bundleOf(id)
@@ -118,7 +102,7 @@ func (m *shimManager) Info(ctx context.Context, optionsR io.Reader) (*types.Runt
 	if err != nil {
 		return nil, err
 	}
-	return m.Manager.Info(ctx, bytes.NewReader(runc))
+	return m.Shim.Info(ctx, bytes.NewReader(runc))
 }
 
 // runcOptionsBytes turns the runtime options containerd wrote on stdin into

@@ -8,17 +8,20 @@ import (
 	"testing"
 	"time"
 
+	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
 	"github.com/containerd/containerd/api/types"
 	runcoptions "github.com/containerd/containerd/api/types/runc/options"
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	ptypes "github.com/containerd/containerd/v2/pkg/protobuf/types"
 	"github.com/containerd/containerd/v2/pkg/shim"
-	"google.golang.org/protobuf/encoding/protowire"
+	"github.com/containerd/typeurl/v2"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/snapview/snapview/pkg/bundle"
+	"github.com/snapview/snapview/pkg/config"
 	"github.com/snapview/snapview/pkg/lifecycle"
 	"github.com/snapview/snapview/pkg/lifecycle/lifecycletest"
 )
@@ -145,7 +148,7 @@ func TestShutdownWaitsForViews(t *testing.T) {
 
 // slowRunc is runc's shim manager taking its time in Stop.
 type slowRunc struct {
-	shim.Manager
+	shim.Shim
 	delay time.Duration
 }
 
@@ -164,7 +167,7 @@ func TestStopBudgetFromEntry(t *testing.T) {
 	}
 	t.Chdir(bundlePath)
 	var deadline time.Time
-	m := &shimManager{Manager: slowRunc{delay: 300 * time.Millisecond}, stopView: func(ctx context.Context, _, _ string) error {
+	m := &shimManager{Shim: slowRunc{delay: 300 * time.Millisecond}, stopView: func(ctx context.Context, _, _ string) error {
 		deadline, _ = ctx.Deadline()
 		return nil
 	}}
@@ -178,39 +181,151 @@ func TestStopBudgetFromEntry(t *testing.T) {
 	}
 }
 
-// TestBootstrapOptions checks that the runtime options inside a containerd
-// 2.3+ bootstrap message are found, and that old-protocol options, or a
-// message for another shim, are not taken for one.
-func TestBootstrapOptions(t *testing.T) {
-	opts, err := anypb.New(&runcoptions.Options{ShimCgroup: "/snapview-test", BinaryName: "runc"})
+// recordingRunc is runc's shim manager recording the bootstrap message
+// Start hands it.
+type recordingRunc struct {
+	shim.Shim
+	got *bootapi.BootstrapParams
+}
+
+func (r *recordingRunc) Start(_ context.Context, p *bootapi.BootstrapParams) (*bootapi.BootstrapResult, error) {
+	r.got = p
+	return &bootapi.BootstrapResult{Version: 3, Address: "unix:///run/s/x", Protocol: "ttrpc"}, nil
+}
+
+// TestStartNormalisesOptions checks what runc's manager is handed at start:
+// snapview's runtime options turned into runc's (ShimCgroup kept), options
+// it cannot read or that carry no runc setting dropped, and any other
+// extension passed unchanged.
+func TestStartNormalisesOptions(t *testing.T) {
+	other, err := anypb.New(&types.Mount{Type: "bind", Source: "/x"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ext := protowire.AppendTag(nil, extensionValue, protowire.BytesType)
+	ext := func(t *testing.T, m proto.Message) *bootapi.Extension {
+		t.Helper()
+		a, err := typeurl.MarshalAnyToProto(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &bootapi.Extension{Value: a}
+	}
+	t.Setenv(config.PathEnv, filepath.Join(t.TempDir(), "none.toml"))
+	for _, tc := range []struct {
+		name string
+		opts proto.Message
+		want *runcoptions.Options // nil: no runc options reach runc
+	}{
+		{"runtimeoptions body", &runtimeoptions.Options{ConfigBody: []byte("ShimCgroup = '/snapview-test'\n[view]\nmode = 'off'\n")}, &runcoptions.Options{ShimCgroup: "/snapview-test"}},
+		{"runc options", &runcoptions.Options{ShimCgroup: "/snapview-test", BinaryName: "runc"}, &runcoptions.Options{ShimCgroup: "/snapview-test", BinaryName: "runc"}},
+		{"no runc setting", &runtimeoptions.Options{ConfigBody: []byte("[view]\nmode = 'off'\n")}, nil},
+		{"unreadable configuration", &runtimeoptions.Options{ConfigBody: []byte("Bogus = 1\n")}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			runc := &recordingRunc{}
+			m := &shimManager{Shim: runc}
+			in := &bootapi.BootstrapParams{InstanceID: "c1", Namespace: "default", Extensions: []*bootapi.Extension{ext(t, tc.opts), {Value: other}}}
+			res, err := m.Start(context.Background(), in)
+			if err != nil || res.GetAddress() == "" {
+				t.Fatalf("start: %v %v", res, err)
+			}
+			var got runcoptions.Options
+			found, err := runc.got.FindExtension(&got)
+			if err != nil || found != (tc.want != nil) || (found && !proto.Equal(&got, tc.want)) {
+				t.Fatalf("runc options handed to runc's manager: %v (found %v, %v), want %v", &got, found, err, tc.want)
+			}
+			var rest []*anypb.Any
+			for _, e := range runc.got.GetExtensions() {
+				if !config.IsOptions(e.GetValue()) {
+					rest = append(rest, e.GetValue())
+				}
+			}
+			if len(rest) != 1 || !proto.Equal(rest[0], other) {
+				t.Fatalf("other extensions %v, want %v unchanged", rest, other)
+			}
+			if runc.got.GetInstanceID() != "c1" || len(in.GetExtensions()) != 2 || !proto.Equal(in.GetExtensions()[0], ext(t, tc.opts)) {
+				t.Fatalf("the caller's message was changed or its identity lost: %v", runc.got)
+			}
+		})
+	}
+}
+
+// TestLegacyStart checks the translation of a start by containerd 2.2 or
+// earlier: what counts as a bootstrap message, the message built from the
+// old protocol's flags, environment and options, and the JSON answer.
+func TestLegacyStart(t *testing.T) {
+	opts, err := typeurl.MarshalAnyToProto(&runcoptions.Options{ShimCgroup: "/snapview-test"})
+	if err != nil {
+		t.Fatal(err)
+	}
 	raw, _ := proto.Marshal(opts)
-	ext = protowire.AppendBytes(ext, raw)
-	msg := func(id, ns string) []byte {
-		var b []byte
-		b = protowire.AppendTag(b, bootstrapInstanceID, protowire.BytesType)
-		b = protowire.AppendString(b, id)
-		b = protowire.AppendTag(b, bootstrapNamespace, protowire.BytesType)
-		b = protowire.AppendString(b, ns)
-		b = protowire.AppendTag(b, 4, protowire.BytesType) // containerd_version, unknown to us
-		b = protowire.AppendString(b, "2.4.2")
-		b = protowire.AppendTag(b, bootstrapExtensions, protowire.BytesType)
-		return protowire.AppendBytes(b, ext)
-	}
-	exts, ok := parseBootstrap(msg("c1", "default"), "c1", "default")
-	if !ok || len(exts) != 1 || !proto.Equal(exts[0], opts) {
-		t.Fatalf("bootstrap message: %v %v", exts, ok)
-	}
-	if _, ok := parseBootstrap(msg("c2", "default"), "c1", "default"); ok {
-		t.Fatal("a message for another shim was taken")
-	}
-	if _, ok := parseBootstrap(raw, "c1", "default"); ok {
-		t.Fatal("old-protocol options were taken for a bootstrap message")
-	}
-	if _, ok := parseBootstrap([]byte{0xff, 0xff}, "c1", "default"); ok {
-		t.Fatal("garbage was taken for a bootstrap message")
-	}
+	msg, _ := proto.Marshal(&bootapi.BootstrapParams{InstanceID: "c1", Namespace: "default", ContainerdVersion: "2.4.2"})
+
+	t.Run("what is a bootstrap message", func(t *testing.T) {
+		for _, tc := range []struct {
+			name  string
+			input []byte
+			want  bool
+		}{
+			{"for this shim", msg, true},
+			{"for another shim", func() []byte {
+				b, _ := proto.Marshal(&bootapi.BootstrapParams{InstanceID: "c2", Namespace: "default"})
+				return b
+			}(), false},
+			{"old-protocol options", raw, false},
+			{"nothing", nil, false},
+			{"garbage", []byte{0xff, 0xff}, false},
+		} {
+			if got := isBootstrap(tc.input, "c1", "default"); got != tc.want {
+				t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+			}
+		}
+	})
+
+	t.Run("flags", func(t *testing.T) {
+		f, ok := parseLegacyFlags([]string{"-namespace", "k8s.io", "-address", "/run/containerd/containerd.sock", "-publish-binary", "/usr/bin/containerd", "-id", "c1", "-debug", "start"})
+		if !ok || f.action != "start" || f.id != "c1" || f.namespace != "k8s.io" || f.address != "/run/containerd/containerd.sock" || !f.debug {
+			t.Fatalf("flags %+v %v", f, ok)
+		}
+		if f, ok := parseLegacyFlags([]string{"-namespace", "default", "-id", "c1", "-bundle", "/b", "delete"}); !ok || f.action != "delete" {
+			t.Fatalf("delete: %+v %v", f, ok)
+		}
+		if _, ok := parseLegacyFlags([]string{"-unknown-flag", "start"}); ok {
+			t.Fatal("an unknown flag was accepted: shim.RunShim must report it")
+		}
+	})
+
+	t.Run("bootstrap message from the old protocol", func(t *testing.T) {
+		f := legacyFlags{namespace: "default", id: "c1", address: "/run/containerd/containerd.sock", action: "start"}
+		p, err := legacyBootstrap(f, "/run/containerd/containerd.sock.ttrpc", raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got runcoptions.Options
+		if found, err := p.FindExtension(&got); !found || err != nil || got.ShimCgroup != "/snapview-test" {
+			t.Fatalf("options in the message: %v %v %v", &got, found, err)
+		}
+		if p.GetInstanceID() != "c1" || p.GetNamespace() != "default" || p.GetContainerdGrpcAddress() != f.address ||
+			p.GetContainerdTtrpcAddress() != "/run/containerd/containerd.sock.ttrpc" || p.GetLogLevel() != bootapi.LogLevel_LOG_LEVEL_INFO {
+			t.Fatalf("message %v", p)
+		}
+		if p, _ := legacyBootstrap(f, "", nil); len(p.GetExtensions()) != 0 {
+			t.Fatalf("no options gave extensions %v", p.GetExtensions())
+		}
+		f.debug = true
+		if p, _ := legacyBootstrap(f, "", []byte{0xff}); len(p.GetExtensions()) != 0 || p.GetLogLevel() != bootapi.LogLevel_LOG_LEVEL_DEBUG {
+			t.Fatalf("unreadable options gave %v", p)
+		}
+	})
+
+	t.Run("answer", func(t *testing.T) {
+		res, _ := proto.Marshal(&bootapi.BootstrapResult{Version: 3, Address: "unix:///run/containerd/s/abc", Protocol: "ttrpc"})
+		got, err := legacyAnswer(res)
+		if err != nil || string(got) != `{"version":3,"address":"unix:///run/containerd/s/abc","protocol":"ttrpc"}` {
+			t.Fatalf("answer %s %v", got, err)
+		}
+		if _, err := legacyAnswer(nil); err == nil {
+			t.Fatal("an answer without an address was accepted")
+		}
+	})
 }
