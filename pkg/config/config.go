@@ -152,8 +152,7 @@ func Parse(data []byte, source string) (*Config, error) {
 			}
 			return nil, fmt.Errorf("snapview: unknown configuration key %s in %s", strings.Join(keys, ", "), source)
 		}
-		var derr *toml.DecodeError
-		if errors.As(err, &derr) {
+		if derr, ok := errors.AsType[*toml.DecodeError](err); ok {
 			row, col := derr.Position()
 			return nil, fmt.Errorf("snapview: invalid configuration in %s at line %d column %d: %s", source, row, col, derr.Error())
 		}

@@ -92,8 +92,7 @@ func (l *Lifecycle) Prepare(ctx context.Context, r Request) (*View, string, erro
 		return nil, p.Skip, nil
 	}
 	v, err := l.setup(ctx, p, func(ctx context.Context) (*Plan, error) { return l.lookup(ctx, p) })
-	var skip skipped
-	if errors.As(err, &skip) {
+	if skip, ok := errors.AsType[skipped](err); ok {
 		return nil, skip.reason, nil
 	}
 	return v, "", err

@@ -297,10 +297,7 @@ func TestLegacyStart(t *testing.T) {
 
 	t.Run("bootstrap message from the old protocol", func(t *testing.T) {
 		f := legacyFlags{namespace: "default", id: "c1", address: "/run/containerd/containerd.sock", action: "start"}
-		p, err := legacyBootstrap(f, "/run/containerd/containerd.sock.ttrpc", raw)
-		if err != nil {
-			t.Fatal(err)
-		}
+		p := legacyBootstrap(f, "/run/containerd/containerd.sock.ttrpc", raw)
 		var got runcoptions.Options
 		if found, err := p.FindExtension(&got); !found || err != nil || got.ShimCgroup != "/snapview-test" {
 			t.Fatalf("options in the message: %v %v %v", &got, found, err)
@@ -309,11 +306,11 @@ func TestLegacyStart(t *testing.T) {
 			p.GetContainerdTtrpcAddress() != "/run/containerd/containerd.sock.ttrpc" || p.GetLogLevel() != bootapi.LogLevel_LOG_LEVEL_INFO {
 			t.Fatalf("message %v", p)
 		}
-		if p, _ := legacyBootstrap(f, "", nil); len(p.GetExtensions()) != 0 {
+		if p := legacyBootstrap(f, "", nil); len(p.GetExtensions()) != 0 {
 			t.Fatalf("no options gave extensions %v", p.GetExtensions())
 		}
 		f.debug = true
-		if p, _ := legacyBootstrap(f, "", []byte{0xff}); len(p.GetExtensions()) != 0 || p.GetLogLevel() != bootapi.LogLevel_LOG_LEVEL_DEBUG {
+		if p := legacyBootstrap(f, "", []byte{0xff}); len(p.GetExtensions()) != 0 || p.GetLogLevel() != bootapi.LogLevel_LOG_LEVEL_DEBUG {
 			t.Fatalf("unreadable options gave %v", p)
 		}
 	})

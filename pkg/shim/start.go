@@ -91,11 +91,7 @@ func adaptLegacyStart(args []string) (answer func() error, _ error) {
 	if isBootstrap(input, f.id, f.namespace) {
 		return nil, replaceStdin(input)
 	}
-	params, err := legacyBootstrap(f, os.Getenv("TTRPC_ADDRESS"), input)
-	if err != nil {
-		return nil, err
-	}
-	msg, err := proto.Marshal(params)
+	msg, err := proto.Marshal(legacyBootstrap(f, os.Getenv("TTRPC_ADDRESS"), input))
 	if err != nil {
 		return nil, fmt.Errorf("snapview: marshal bootstrap message: %w", err)
 	}
@@ -144,7 +140,10 @@ func isBootstrap(input []byte, id, ns string) bool {
 // legacyBootstrap builds the bootstrap message of an old-protocol start:
 // identity and addresses from the flags and $TTRPC_ADDRESS, the runtime
 // options (marshalled google.protobuf.Any, or nothing) as its extension.
-func legacyBootstrap(f legacyFlags, ttrpcAddress string, options []byte) (*bootapi.BootstrapParams, error) {
+// Options that do not decode are left out, as runc's own manager did with
+// options it could not read: the shim starts without them, and Create
+// reports the error.
+func legacyBootstrap(f legacyFlags, ttrpcAddress string, options []byte) *bootapi.BootstrapParams {
 	p := &bootapi.BootstrapParams{
 		InstanceID:             f.id,
 		Namespace:              f.namespace,
@@ -155,16 +154,11 @@ func legacyBootstrap(f legacyFlags, ttrpcAddress string, options []byte) (*boota
 	if f.debug {
 		p.LogLevel = bootapi.LogLevel_LOG_LEVEL_DEBUG
 	}
-	if len(options) > 0 {
-		a := &anypb.Any{}
-		if err := proto.Unmarshal(options, a); err != nil {
-			// As runc's own manager did with options it could not
-			// read: start without them; Create reports the error.
-			return p, nil
-		}
+	a := &anypb.Any{}
+	if len(options) > 0 && proto.Unmarshal(options, a) == nil {
 		p.Extensions = append(p.Extensions, &bootapi.Extension{Value: a})
 	}
-	return p, nil
+	return p
 }
 
 // legacyAnswer turns a marshalled BootstrapResult into the JSON answer of

@@ -430,8 +430,7 @@ func parity(t *testing.T, d *harness.Daemon) {
 				short := rt[strings.LastIndex(rt[:len(rt)-3], ".")+1 : len(rt)-3]
 				id := "parity-" + sc.name + "-" + short
 				obs, err := sc.run(ctx, t, d, ev, id, rt)
-				var skip errSkip
-				if errors.As(err, &skip) {
+				if skip, ok := errors.AsType[errSkip](err); ok {
 					t.Skipf("%s: %s", rt, skip.reason)
 				}
 				if err != nil {
