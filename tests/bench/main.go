@@ -1,9 +1,10 @@
 // Command bench is `make bench`: snapview against runc on the same private
 // containerd and image, measured the way users feel it, side by side in one
 // run: the task lifecycle, a whole `ctr run --rm`, a CRI pod to the
-// container's first output, block mode on blockfile, and the `delete`
-// action containerd runs after every task delete; with views on and with
-// views off; on the newest and the oldest supported containerd. Runs of the
+// container's first output, block mode on blockfile, a pod's containers
+// created at once in one pod-grouped shim, and the `delete` action
+// containerd runs after every task delete; with views on and with views
+// off; on the newest and the oldest supported containerd. Runs of the
 // two runtimes alternate. -runs N repeats the whole comparison and prints
 // each ratio's minimum, median and maximum, because this kind of machine
 // moves by several percent from one run to the next. It never fails on
@@ -15,6 +16,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"regexp"
 	"strings"
 	"time"
 
@@ -41,6 +43,7 @@ var (
 	daemons    = flag.String("daemons", "newest,compat", "containerd builds to compare on: newest, compat, or both")
 	parallel   = flag.Int("parallel", 32, "containers run at once in the parallel test")
 	logLevel   = flag.String("log-level", "info", "containerd's log level (production runs info; debug logs every request)")
+	rowFilter  = flag.String("rows", "", "run only the rows whose name matches this regular expression")
 	extras     = flag.Bool("extras", true, "also measure image size, shim memory, parallel runs and the per-step breakdown (first run, newest containerd)")
 )
 
@@ -59,7 +62,23 @@ type row struct {
 	measure  func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error)
 }
 
+// rows returns the comparison's rows that -rows selects.
 func rows() []row {
+	all := allRows()
+	if *rowFilter == "" {
+		return all
+	}
+	re := regexp.MustCompile(*rowFilter)
+	var out []row
+	for _, r := range all {
+		if re.MatchString(r.name) {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func allRows() []row {
 	lifecycle := func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error) {
 		r, err := b.lifecycle(ctx, v, small, fmt.Sprintf("lc-%s-%t-%d", short(v.rt), v.viewsOff, i), "overlayfs", nil)
 		return r.total, err
@@ -85,6 +104,9 @@ func rows() []row {
 		r, err := b.lifecycle(ctx, v, small, fmt.Sprintf("blk-%s-%d", short(v.rt), i), "blockfile", ann)
 		return r.total, err
 	}
+	podCreates := func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error) {
+		return b.podCreates(ctx, v, fmt.Sprintf("pod-%s-%t-%d", short(v.rt), v.viewsOff, i))
+	}
 	deleteAction := func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error) {
 		shim := b.d.Tools.Shim
 		if v.rt == runc {
@@ -100,11 +122,15 @@ func rows() []row {
 		{"CRI pod to first output, views on", false, criRun},
 		{"CRI pod to first output, views off", true, criRun},
 		{"blockfile: runc mounts, snapview block mode", false, block},
+		{"7 task creates at once in one pod shim, views on", false, podCreates},
 		{"`delete` action after a task delete", false, deleteAction},
 	}
 }
 
 func run() error {
+	if _, err := regexp.Compile(*rowFilter); err != nil {
+		return fmt.Errorf("-rows: %w", err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Hour)
 	defer cancel()
 	ratios := map[string]map[string][]float64{} // daemon → row → ratio per run
