@@ -109,6 +109,9 @@ func describe(ctx context.Context, b *backend.Backend, e *inventory.Entry) error
 		}
 	}
 	if e.State != nil {
+		if blk := e.State.Block; blk != nil {
+			fmt.Printf("block       %s (%d:%d) from %s; monitor rootfs %s\n", blk.Device, blk.Major, blk.Minor, blk.Rootfs.Source, blk.MonitorRootfs)
+		}
 		for _, a := range e.State.Artifacts {
 			fmt.Printf("bind        %s -> %s (from %s in the image)\n", a.Source, a.Target, a.Path)
 		}

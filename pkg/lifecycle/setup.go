@@ -272,6 +272,7 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 		if v.Rootfs, err = monitorRootfs(r.Bundle, st.Mountpoint, p.monitor, p.monitorFrom); err != nil {
 			return nil, err
 		}
+		logger.WithFields(log.Fields{"monitor": p.monitor, "upper": bundle.UpperDir(r.Bundle)}).Info("snapview: monitor rootfs ready for runc")
 		if err := l.step(StepMonitor, r.ID); err != nil {
 			return nil, err
 		}

@@ -97,7 +97,7 @@ func TestSnapviewctlLs(t *testing.T) {
 	}
 
 	info, code := snapviewctl(t, d, "inspect", "ls-block")
-	for _, want := range []string{"health      ok", "mode        block", `"mode": "block"`, "lease       snapview/ls-block", "view        blockfile/snapview/ls-block", "device      /dev/loop", " bound to "} {
+	for _, want := range []string{"health      ok", "mode        block", `"mode": "block"`, "lease       snapview/ls-block", "view        blockfile/snapview/ls-block", "device      /dev/loop", " bound to ", "; monitor rootfs view"} {
 		if code != 0 || !strings.Contains(info, want) {
 			t.Errorf("inspect ls-block (exit %d) lacks %q:\n%s", code, want, info)
 		}
