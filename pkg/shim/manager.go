@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/manager"
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/log"
+	"github.com/containerd/typeurl/v2"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/snapview/snapview/pkg/config"
@@ -38,29 +39,26 @@ type shimManager struct {
 
 // Start launches (or joins) the shim process. runc's manager takes the
 // runtime options from the bootstrap message's extensions, to place the
-// shim in ShimCgroup, and understands only its own options type; so every
+// shim in ShimCgroup, and understands only its own options type; so the
 // extension that is runtime options (snapview's forms, see package config)
-// is replaced by the normalised runc options, or dropped when there are
-// none or they cannot be read: a configuration error is reported by
+// is replaced by the normalised runc options, and without one the default
+// configuration file is read, as Create does. They are dropped when there
+// are none or they cannot be read: a configuration error is reported by
 // Create, with its source. Other extensions pass unchanged. Start must not
 // log: containerd reads its output as the answer.
 func (m *shimManager) Start(ctx context.Context, params *bootapi.BootstrapParams) (*bootapi.BootstrapResult, error) {
 	p := proto.CloneOf(params)
 	p.Extensions = nil
-	normalised := false
+	var opts typeurl.Any // none: the default file
 	for _, ext := range params.GetExtensions() {
-		if !config.IsOptions(ext.GetValue()) {
+		switch {
+		case !config.IsOptions(ext.GetValue()):
 			p.Extensions = append(p.Extensions, ext)
-			continue
+		case opts == nil:
+			opts = ext.GetValue()
 		}
-		if normalised {
-			continue
-		}
-		normalised = true
-		cfg, err := config.FromOptions(ext.GetValue())
-		if err != nil {
-			continue
-		}
+	}
+	if cfg, err := config.FromOptions(opts); err == nil {
 		if a, err := cfg.RuncAny(); err == nil && a != nil {
 			p.Extensions = append(p.Extensions, &bootapi.Extension{Value: a})
 		}

@@ -210,7 +210,11 @@ func TestStartNormalisesOptions(t *testing.T) {
 		}
 		return &bootapi.Extension{Value: a}
 	}
-	t.Setenv(config.PathEnv, filepath.Join(t.TempDir(), "none.toml"))
+	defaultFile := filepath.Join(t.TempDir(), "snapview.toml")
+	if err := os.WriteFile(defaultFile, []byte("ShimCgroup = '/from-the-default-file'\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(config.PathEnv, defaultFile)
 	for _, tc := range []struct {
 		name string
 		opts proto.Message
@@ -220,11 +224,16 @@ func TestStartNormalisesOptions(t *testing.T) {
 		{"runc options", &runcoptions.Options{ShimCgroup: "/snapview-test", BinaryName: "runc"}, &runcoptions.Options{ShimCgroup: "/snapview-test", BinaryName: "runc"}},
 		{"no runc setting", &runtimeoptions.Options{ConfigBody: []byte("[view]\nmode = 'off'\n")}, nil},
 		{"unreadable configuration", &runtimeoptions.Options{ConfigBody: []byte("Bogus = 1\n")}, nil},
+		{"no options: the default file", nil, &runcoptions.Options{ShimCgroup: "/from-the-default-file"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			runc := &recordingRunc{}
 			m := &shimManager{Shim: runc}
-			in := &bootapi.BootstrapParams{InstanceID: "c1", Namespace: "default", Extensions: []*bootapi.Extension{ext(t, tc.opts), {Value: other}}}
+			in := &bootapi.BootstrapParams{InstanceID: "c1", Namespace: "default", Extensions: []*bootapi.Extension{{Value: other}}}
+			if tc.opts != nil {
+				in.Extensions = append([]*bootapi.Extension{ext(t, tc.opts)}, in.Extensions...)
+			}
+			given := proto.CloneOf(in)
 			res, err := m.Start(context.Background(), in)
 			if err != nil || res.GetAddress() == "" {
 				t.Fatalf("start: %v %v", res, err)
@@ -243,7 +252,7 @@ func TestStartNormalisesOptions(t *testing.T) {
 			if len(rest) != 1 || !proto.Equal(rest[0], other) {
 				t.Fatalf("other extensions %v, want %v unchanged", rest, other)
 			}
-			if runc.got.GetInstanceID() != "c1" || len(in.GetExtensions()) != 2 || !proto.Equal(in.GetExtensions()[0], ext(t, tc.opts)) {
+			if runc.got.GetInstanceID() != "c1" || !proto.Equal(in, given) {
 				t.Fatalf("the caller's message was changed or its identity lost: %v", runc.got)
 			}
 		})
