@@ -30,11 +30,14 @@ package lifecycle
 
 import (
 	"context"
+	"fmt"
+	"runtime/debug"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/log"
 
 	"github.com/snapview/snapview/pkg/fault"
 )
@@ -91,6 +94,21 @@ const CleanupTimeout = 30 * time.Second
 // cancelled: not cancelled with ctx, bounded by CleanupTimeout.
 func CleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), CleanupTimeout)
+}
+
+// recoverTo turns a panic in snapview's own code, while it handles
+// container id, into an error in *errp, logged with its stack. One shim
+// process serves a whole pod, and containerd force-deletes every container
+// of a shim that dies: a bug met by one container's input must fail that
+// container's request, not the pod. Deferred directly, after any deferred
+// rollback that reads *errp, so that the rollback runs.
+func recoverTo(ctx context.Context, errp *error, what, id string) {
+	r := recover()
+	if r == nil {
+		return
+	}
+	log.G(ctx).WithFields(log.Fields{"id": id, "panic": fmt.Sprint(r), "stack": string(debug.Stack())}).Error("snapview: internal error")
+	*errp = fmt.Errorf("snapview: internal error in the %s of %s: %v", what, id, r)
 }
 
 // step runs after setup step name took effect for container id: the

@@ -135,6 +135,58 @@ func TestSetupFailsAtEachStep(t *testing.T) {
 	}
 }
 
+// TestSetupPanicsAtEachStep makes snapview's own code panic right after
+// each setup step, through Prepare as the shim calls it: the shim must not
+// die (it serves a whole pod), Create must fail with a snapview: error, and
+// the rollback must still leave nothing. It also panics in teardown, whose
+// records then stay for the next attempt.
+func TestSetupPanicsAtEachStep(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	ann := map[string]string{annotations.BootPrefix + "kernel": lifecycletest.KernelPath, annotations.ViewTarget: "/image"}
+	for _, step := range []string{lifecycle.StepDir, lifecycle.StepLease, lifecycle.StepView, lifecycle.StepMount, lifecycle.StepArtifacts, lifecycle.StepState, lifecycle.StepParams, lifecycle.StepConfig} {
+		t.Run(step, func(t *testing.T) {
+			r := e.Container(t, "panic-"+step, ann)
+			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+			l := lifecycle.New(e.Backend)
+			lifecycle.SetAfterStep(l, func(s string) error {
+				if s == step {
+					panic("injected panic after " + s)
+				}
+				return nil
+			})
+			v, skip, err := l.Prepare(e.Ctx, r)
+			want := "snapview: internal error in the setup of panic-" + step + ": injected panic after " + step
+			if err == nil || err.Error() != want || v != nil || skip != "" {
+				t.Fatalf("prepare: %+v %q %v, want %q", v, skip, err, want)
+			}
+			e.CheckNothingLeft(t, r, orig)
+		})
+	}
+
+	t.Run("teardown", func(t *testing.T) {
+		r := e.Container(t, "panic-teardown", nil)
+		l := lifecycle.New(e.Backend)
+		v := e.SetUp(t, l, r)
+		e.Backend.OnCall = func(call string) {
+			if call == "Snapshotter" {
+				panic("injected panic in " + call)
+			}
+		}
+		err := l.Teardown(e.Ctx, v)
+		e.Backend.OnCall = nil
+		if err == nil || !strings.HasPrefix(err.Error(), "snapview: internal error in the teardown of panic-teardown") {
+			t.Fatalf("teardown: %v", err)
+		}
+		if !bundle.Started(r.Bundle) {
+			t.Fatal("the records went with a teardown that did not finish")
+		}
+		if err := l.Teardown(e.Ctx, v); err != nil {
+			t.Fatalf("the next teardown: %v", err)
+		}
+		e.CheckNothingLeft(t, r, nil)
+	})
+}
+
 // TestSetupCallsThatTimeOutLate checks that a lease or view whose call
 // reported a failure after it took effect (a timeout on the client, say) is
 // still removed by the rollback: each side effect is recorded before its

@@ -58,7 +58,8 @@ func (l *Lifecycle) Recover(ctx context.Context, ns, id, bundlePath string) (*Vi
 // when containerd could not be asked, since the mount at least is on this
 // host; the errors of both are joined. A bundle that shows no view costs
 // nothing and calls nothing.
-func (l *Lifecycle) TeardownBundle(ctx context.Context, ns, id, bundlePath string) error {
+func (l *Lifecycle) TeardownBundle(ctx context.Context, ns, id, bundlePath string) (retErr error) {
+	defer recoverTo(ctx, &retErr, "teardown", id)
 	v, err := l.Recover(ctx, ns, id, bundlePath)
 	if v == nil {
 		return err

@@ -83,7 +83,8 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (*View, error) {
 // container gets none. If the lookup finds no image snapshot after all,
 // the lease is removed again (rarely: a container with rootfs mounts but no
 // snapshot).
-func (l *Lifecycle) Prepare(ctx context.Context, r Request) (*View, string, error) {
+func (l *Lifecycle) Prepare(ctx context.Context, r Request) (_ *View, _ string, retErr error) {
+	defer recoverTo(ctx, &retErr, "setup", r.ID)
 	p, err := decideLocal(r)
 	if err != nil {
 		return nil, "", err
@@ -131,6 +132,7 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 			logger.WithError(err).Error("snapview: rollback of a setup left something behind")
 		}
 	}()
+	defer recoverTo(ctx, &retErr, "setup", r.ID) // before the rollback above
 	owner := v.owner()
 
 	if err := bundle.MakeDir(r.Bundle); err != nil {
@@ -163,10 +165,12 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 		leased := make(chan error, 1)
 		var leaseTook time.Duration
 		go func() {
+			var err error
+			defer func() { leased <- err }()
+			defer recoverTo(ctx, &err, "lease", r.ID)
 			t0 := time.Now()
-			err := acquire()
+			err = acquire()
 			leaseTook = time.Since(t0)
-			leased <- err
 		}()
 		t0 := time.Now()
 		q, lerr := lookup(ctx)

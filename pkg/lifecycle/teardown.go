@@ -33,7 +33,8 @@ import (
 // Every step runs; an object already gone is success; the errors are
 // joined. The caller must make sure the container no longer runs: runc's
 // delete comes first.
-func (l *Lifecycle) Teardown(ctx context.Context, v *View) error {
+func (l *Lifecycle) Teardown(ctx context.Context, v *View) (retErr error) {
+	defer recoverTo(ctx, &retErr, "teardown", v.State.ContainerID)
 	st := v.State
 	logger := log.G(ctx).WithFields(log.Fields{"id": st.ContainerID, "bundle": v.Bundle})
 	sw := newStopwatch()
