@@ -315,9 +315,13 @@ var (
 	createdRe = regexp.MustCompile(`msg="snapview: container created with its view".*`)
 	removedRe = regexp.MustCompile(`msg="snapview: view removed".*`)
 	fieldRe   = regexp.MustCompile(`(\w+)_us=(\d+)`)
+	// podRe matches the containers of podCreates, which the breakdown of
+	// one container's steps leaves out.
+	podRe = regexp.MustCompile(` id=pod-`)
 )
 
-// breakdown prints the median of each step the shim timed in log.
+// breakdown prints the median of each step the shim timed in log, over the
+// containers created one at a time.
 func breakdown(log string) {
 	for _, part := range []struct {
 		title string
@@ -330,6 +334,9 @@ func breakdown(log string) {
 		steps := map[string][]time.Duration{}
 		n := 0
 		for _, line := range part.re.FindAllString(log, -1) {
+			if podRe.MatchString(line) {
+				continue // created concurrently: not one container's cost
+			}
 			n++
 			for _, m := range fieldRe.FindAllStringSubmatch(line, -1) {
 				us, _ := strconv.ParseInt(m[2], 10, 64)
