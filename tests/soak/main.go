@@ -25,6 +25,7 @@ func main() {
 	flag.IntVar(&cfg.PodContainers, "pod", 500, "containers run in turn in one pod-grouped shim")
 	flag.IntVar(&cfg.SampleEvery, "sample-every", 50, "sample the pod shim every this many containers")
 	flag.IntVar(&cfg.Parallel, "parallel", 64, "creates at once")
+	flag.StringVar(&cfg.Runtime, "runtime", cfg.Runtime, "the runtime to soak (io.containerd.runc.v2 gives runc's figures to compare with)")
 	flag.Parse()
 	if err := run(cfg); err != nil {
 		fmt.Fprintln(os.Stderr, "soak failed:", err)
