@@ -77,8 +77,8 @@ func parseLegacyFlags(args []string) (legacyFlags, bool) {
 // is replaced by the bootstrap message built from what the daemon passed,
 // stdout by a pipe, and the returned answer turns the BootstrapResult
 // written there into the JSON answer the daemon expects. For anything else
-// (another action, or a start by a 2.3+ daemon) it returns nil and leaves
-// stdin as it found it.
+// it returns nil: another action leaves stdin alone, and a start by a 2.3+
+// daemon, whose stdin had to be read to tell, gets the same bytes back on it.
 func adaptLegacyStart(args []string) (answer func() error, _ error) {
 	f, ok := parseLegacyFlags(args)
 	if !ok || f.action != "start" {
