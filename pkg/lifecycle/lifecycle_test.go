@@ -108,15 +108,22 @@ func TestNothingAskedNothingBound(t *testing.T) {
 	}
 }
 
+// viewSteps are the setup steps of a view-mode container that asks for
+// binds (bindAnn), in order: the points where the step tests fail or panic.
+var viewSteps = []string{lifecycle.StepDir, lifecycle.StepLease, lifecycle.StepView, lifecycle.StepMount, lifecycle.StepArtifacts, lifecycle.StepState, lifecycle.StepParams, lifecycle.StepConfig}
+
+// bindAnn asks for a boot artifact and the whole view, so that every
+// view-mode setup step has something to do.
+var bindAnn = map[string]string{annotations.BootPrefix + "kernel": lifecycletest.KernelPath, annotations.ViewTarget: "/image"}
+
 // TestSetupFailsAtEachStep fails the setup right after each step took
 // effect, and checks that the rollback leaves nothing and restores
 // config.json.
 func TestSetupFailsAtEachStep(t *testing.T) {
 	e := lifecycletest.NewEnv(t)
-	ann := map[string]string{annotations.BootPrefix + "kernel": lifecycletest.KernelPath, annotations.ViewTarget: "/image"}
-	for i, step := range []string{lifecycle.StepDir, lifecycle.StepLease, lifecycle.StepView, lifecycle.StepMount, lifecycle.StepArtifacts, lifecycle.StepState, lifecycle.StepParams, lifecycle.StepConfig} {
+	for i, step := range viewSteps {
 		t.Run(step, func(t *testing.T) {
-			r := e.Container(t, "fail-"+step, ann)
+			r := e.Container(t, "fail-"+step, bindAnn)
 			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
 			l := lifecycle.New(e.Backend)
 			seen, injected := failAfter(l, step)
@@ -142,10 +149,9 @@ func TestSetupFailsAtEachStep(t *testing.T) {
 // records then stay for the next attempt.
 func TestSetupPanicsAtEachStep(t *testing.T) {
 	e := lifecycletest.NewEnv(t)
-	ann := map[string]string{annotations.BootPrefix + "kernel": lifecycletest.KernelPath, annotations.ViewTarget: "/image"}
-	for _, step := range []string{lifecycle.StepDir, lifecycle.StepLease, lifecycle.StepView, lifecycle.StepMount, lifecycle.StepArtifacts, lifecycle.StepState, lifecycle.StepParams, lifecycle.StepConfig} {
+	for _, step := range viewSteps {
 		t.Run(step, func(t *testing.T) {
-			r := e.Container(t, "panic-"+step, ann)
+			r := e.Container(t, "panic-"+step, bindAnn)
 			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
 			l := lifecycle.New(e.Backend)
 			lifecycle.SetAfterStep(l, func(s string) error {
