@@ -15,12 +15,10 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	securejoin "github.com/cyphar/filepath-securejoin"
-	"github.com/moby/sys/mountinfo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/snapview/snapview/pkg/annotations"
 	"github.com/snapview/snapview/pkg/blockdev"
-	"github.com/snapview/snapview/pkg/boot"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/config"
 	"github.com/snapview/snapview/pkg/lease"
@@ -107,10 +105,15 @@ func (s skipped) Error() string { return "no view: " + s.reason }
 
 // setup carries out p. With lookup, p is not yet complete: lookup
 // completes it while the lease is being created.
+//
+// A setup is the list setupSteps, run in order: each step that applies to
+// the plan runs, records in the view's state what it is about to do before
+// it acts (so that Teardown, which undoes a View from its state alone,
+// undoes it whatever happens next), and is then a crash point of the fault
+// build and a lap of the stopwatch. The first error ends the setup, and the
+// deferred rollback undoes what the state records.
 func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Context) (*Plan, error)) (_ *View, retErr error) {
 	r := p.req
-	logger := log.G(ctx).WithField("id", r.ID)
-	sw := newStopwatch()
 	st := &bundle.State{
 		Namespace:   r.Namespace,
 		ContainerID: r.ID,
@@ -122,6 +125,7 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 		Mode:        p.mode,
 	}
 	v := &View{Bundle: r.Bundle, State: st, spec: p.spec}
+	s := &setupRun{l: l, p: p, v: v, lookup: lookup, logger: log.G(ctx).WithField("id", r.ID), sw: newStopwatch(), owner: v.owner()}
 	defer func() {
 		if retErr == nil {
 			return
@@ -129,188 +133,26 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 		cctx, cancel := CleanupContext(ctx)
 		defer cancel()
 		if err := l.Undo(cctx, v); err != nil {
-			logger.WithError(err).Error("snapview: rollback of a setup left something behind")
+			s.logger.WithError(err).Error("snapview: rollback of a setup left something behind")
 		}
 	}()
 	defer recoverTo(ctx, &retErr, "setup", r.ID) // before the rollback above
-	owner := v.owner()
 
-	if err := bundle.MakeDir(r.Bundle); err != nil {
-		return nil, fmt.Errorf("snapview: %w", err)
-	}
-	sw.lap(StepDir)
-	if err := l.step(StepDir, r.ID); err != nil {
-		return nil, err
-	}
-
-	lm, err := l.backend.Leases()
-	if err != nil {
-		return nil, fmt.Errorf("snapview: %w", err)
-	}
-	cctx, cancel := context.WithTimeout(ctx, callTimeout)
-	defer cancel()
-	st.LeaseID = lease.ID(r.ID)
-	acquire := func() error {
-		if _, err := lease.Acquire(cctx, lm, owner); err != nil {
-			return fmt.Errorf("snapview: %w", err)
+	for _, step := range setupSteps {
+		if step.applies != nil && !step.applies(s) {
+			continue
 		}
-		return nil
-	}
-	if lookup == nil {
-		if err := acquire(); err != nil {
+		if err := step.do(s, ctx); err != nil {
 			return nil, err
 		}
-	} else {
-		// The two overlap; each is timed on its own too.
-		leased := make(chan error, 1)
-		var leaseTook time.Duration
-		go func() {
-			var err error
-			defer func() { leased <- err }()
-			defer recoverTo(ctx, &err, "lease", r.ID)
-			t0 := time.Now()
-			err = acquire()
-			leaseTook = time.Since(t0)
-		}()
-		t0 := time.Now()
-		q, lerr := lookup(ctx)
-		sw.fields["lookup_only_us"] = time.Since(t0).Microseconds()
-		aerr := <-leased
-		sw.fields["lease_only_us"] = leaseTook.Microseconds()
-		switch {
-		case lerr != nil:
-			return nil, lerr
-		case q.Skip != "":
-			return nil, skipped{reason: q.Skip}
-		case aerr != nil:
-			return nil, aerr
-		}
-		p = q
-		st.Snapshotter, st.Parent = p.snapshotter, p.parent
-	}
-	sw.lap(StepLease)
-	if err := l.step(StepLease, r.ID); err != nil {
-		return nil, err
-	}
-
-	sn, err := l.backend.Snapshotter(p.snapshotter)
-	if err != nil {
-		return nil, fmt.Errorf("snapview: %w", err)
-	}
-	st.ViewKey = view.Key(r.ID)
-	mounts, err := view.Create(cctx, sn, owner, p.parent, st.LeaseID)
-	if err != nil {
-		return nil, fmt.Errorf("snapview: %w", err)
-	}
-	sw.lap(StepView)
-	logger.WithFields(log.Fields{"key": st.ViewKey, "parent": p.parent, "lease": st.LeaseID, "snapshotter": p.snapshotter}).Info("snapview: view created")
-	if err := l.step(StepView, r.ID); err != nil {
-		return nil, err
-	}
-
-	if view.NeedsManager(mounts) {
-		st.Activation = view.Key(r.ID)
-		if mounts, err = l.activate(cctx, owner, st.LeaseID, mounts); err != nil {
-			return nil, err
-		}
-		if err := l.step(StepActivate, r.ID); err != nil {
+		s.sw.lap(step.name)
+		if err := l.step(step.name, r.ID); err != nil {
 			return nil, err
 		}
 	}
-
-	if m, err := mountinfo.Mounted(st.Mountpoint); err == nil && m {
-		// Not ours: whatever is there stays, rollback included.
-		mp := st.Mountpoint
-		st.Mountpoint = ""
-		return nil, fmt.Errorf("snapview: the view's mountpoint %s is already a mount point, not made by this setup", mp)
-	}
-	loops, err := view.Mount(mounts, st.Mountpoint)
-	st.LoopDevices = loops
-	if err != nil {
-		return nil, fmt.Errorf("snapview: %w", err)
-	}
-	for _, m := range mounts {
-		st.Mounts = append(st.Mounts, bundle.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
-	}
-	sw.lap(StepMount)
-	logger.WithFields(log.Fields{"key": st.ViewKey, "target": st.Mountpoint, "loop": loops}).Info("snapview: view mounted")
-	if err := l.step(StepMount, r.ID); err != nil {
-		return nil, err
-	}
-
-	if p.block != nil {
-		if err := v.attach(p, r.Config.Block.Device); err != nil {
-			return nil, err
-		}
-		logger.WithFields(log.Fields{"device": st.Block.Device, "major": st.Block.Major, "minor": st.Block.Minor, "source": st.Block.Rootfs.Source}).
-			Info("snapview: block device ready for the container")
-		if err := l.step(StepDevice, r.ID); err != nil {
-			return nil, err
-		}
-	}
-
-	arts, err := boot.Resolve(st.Mountpoint, p.ann.Artifacts)
-	if err != nil {
-		return nil, err
-	}
-	st.Artifacts = arts
-	for _, a := range arts {
-		logger.WithFields(log.Fields{"artifact": a.Name, "path": a.Path, "target": a.Target}).Info("snapview: boot artifact resolved in the view")
-	}
-	withParams := p.ann.HasBinds() || p.block != nil
-	paramsSource := ""
-	if withParams {
-		paramsSource = bundle.ParamsFile(r.Bundle)
-	}
-	binds := boot.Mounts(arts, st.Mountpoint, p.ann.ViewTarget, paramsSource)
-	if p.readOnlyRootfs {
-		if err := checkReadOnlyTargets(st.Mountpoint, binds); err != nil {
-			return nil, err
-		}
-	}
-	if err := l.step(StepArtifacts, r.ID); err != nil {
-		return nil, err
-	}
-
-	if p.block != nil {
-		if v.Rootfs, err = monitorRootfs(r.Bundle, st.Mountpoint, p.monitor, p.monitorFrom); err != nil {
-			return nil, err
-		}
-		logger.WithFields(log.Fields{"monitor": p.monitor, "upper": bundle.UpperDir(r.Bundle)}).Info("snapview: monitor rootfs ready for runc")
-		if err := l.step(StepMonitor, r.ID); err != nil {
-			return nil, err
-		}
-	}
-
-	if err := bundle.WriteState(r.Bundle, st); err != nil {
-		return nil, fmt.Errorf("snapview: %w", err)
-	}
-	if err := l.step(StepState, r.ID); err != nil {
-		return nil, err
-	}
-	if withParams {
-		if err := writeParams(paramsSource, st, p.ann.ViewTarget); err != nil {
-			return nil, err
-		}
-		if err := l.step(StepParams, r.ID); err != nil {
-			return nil, err
-		}
-	}
-	patch, err := p.configPatch(st, binds, r.Config)
-	if err != nil {
-		return nil, err
-	}
-	v.patched = true
-	if err := p.spec.Apply(patch); err != nil {
-		return nil, err
-	}
-	if err := l.step(StepConfig, r.ID); err != nil {
-		return nil, err
-	}
-	sw.lap("persist")
 	v.owned = true
-	v.timings = sw.fields
-	logger.WithField("state", bundle.StatePath(r.Bundle)).Debug("snapview: state persisted and config.json annotated")
+	v.timings = s.sw.fields
+	s.logger.WithField("state", bundle.StatePath(r.Bundle)).Debug("snapview: state persisted and config.json annotated")
 	return v, nil
 }
 

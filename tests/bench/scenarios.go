@@ -328,7 +328,7 @@ func breakdown(log string) {
 		re    *regexp.Regexp
 		steps []string
 	}{
-		{"create", createdRe, []string{"dir", "lookup_only", "lease_only", "lease", "view", "mount", "persist", "runc_create"}},
+		{"create", createdRe, []string{"dir", "lookup_only", "lease_only", "lease", "view", "activate", "mount", "device", "artifacts", "monitor", "state", "params", "config", "runc_create"}},
 		{"delete", removedRe, []string{"unmount", "remove", "lease"}},
 	} {
 		steps := map[string][]time.Duration{}

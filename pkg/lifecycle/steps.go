@@ -1,0 +1,252 @@
+package lifecycle
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/log"
+	"github.com/moby/sys/mountinfo"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/snapview/snapview/pkg/boot"
+	"github.com/snapview/snapview/pkg/bundle"
+	"github.com/snapview/snapview/pkg/lease"
+	"github.com/snapview/snapview/pkg/view"
+)
+
+// setupStep is one side effect of a setup (see setup).
+type setupStep struct {
+	name string
+	// applies reports whether the step has work in this setup; nil: always.
+	applies func(s *setupRun) bool
+	// do records in s.v.State what it is about to do, then does it.
+	do func(s *setupRun, ctx context.Context) error
+}
+
+// setupSteps are the steps of every setup, in order. A new capability (a
+// disk, a volume) is a new step here, with what Teardown needs to undo it
+// recorded in the state before it acts.
+var setupSteps = []setupStep{
+	{name: StepDir, do: (*setupRun).makeDir},
+	{name: StepLease, do: (*setupRun).acquireLease},
+	{name: StepView, do: (*setupRun).createView},
+	{name: StepActivate, applies: (*setupRun).viewNeedsManager, do: (*setupRun).activateView},
+	{name: StepMount, do: (*setupRun).mountView},
+	{name: StepDevice, applies: (*setupRun).blockMode, do: (*setupRun).attachDevice},
+	{name: StepArtifacts, do: (*setupRun).resolveArtifacts},
+	{name: StepMonitor, applies: (*setupRun).blockMode, do: (*setupRun).prepareMonitor},
+	{name: StepState, do: (*setupRun).writeState},
+	{name: StepParams, applies: (*setupRun).withParams, do: (*setupRun).writeParams},
+	{name: StepConfig, do: (*setupRun).patchConfig},
+}
+
+// setupRun is one setup in progress: the plan, the view it builds, and
+// what one step hands the next.
+type setupRun struct {
+	l      *Lifecycle
+	p      *Plan
+	v      *View
+	lookup func(context.Context) (*Plan, error)
+	logger *log.Entry
+	sw     *stopwatch
+	owner  lease.Owner
+
+	// mounts are the view's mounts: as the snapshotter returned them, then
+	// as left to mount after the mount manager's activation.
+	mounts []mount.Mount
+	// binds are the OCI mounts of the container's binds.
+	binds []specs.Mount
+	// paramsSource is the host file bound at /.snapview/params.json, or ""
+	// when the container gets none.
+	paramsSource string
+}
+
+func (s *setupRun) blockMode() bool        { return s.p.block != nil }
+func (s *setupRun) viewNeedsManager() bool { return view.NeedsManager(s.mounts) }
+func (s *setupRun) withParams() bool       { return s.paramsSource != "" }
+
+// callContext bounds one call into containerd.
+func callContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, callTimeout)
+}
+
+// makeDir creates snapview's directory in the bundle: from here on the
+// bundle shows that a view was started.
+func (s *setupRun) makeDir(context.Context) error {
+	if err := bundle.MakeDir(s.v.Bundle); err != nil {
+		return fmt.Errorf("snapview: %w", err)
+	}
+	return nil
+}
+
+// acquireLease creates the lease the view is created under. With a lookup
+// still to do, the two overlap, and each is timed on its own too.
+func (s *setupRun) acquireLease(ctx context.Context) error {
+	st, id := s.v.State, s.p.req.ID
+	lm, err := s.l.backend.Leases()
+	if err != nil {
+		return fmt.Errorf("snapview: %w", err)
+	}
+	st.LeaseID = lease.ID(id)
+	acquire := func() error {
+		cctx, cancel := callContext(ctx)
+		defer cancel()
+		if _, err := lease.Acquire(cctx, lm, s.owner); err != nil {
+			return fmt.Errorf("snapview: %w", err)
+		}
+		return nil
+	}
+	if s.lookup == nil {
+		return acquire()
+	}
+	leased := make(chan error, 1)
+	var leaseTook time.Duration
+	go func() {
+		var err error
+		defer func() { leased <- err }()
+		defer recoverTo(ctx, &err, "lease", id)
+		t0 := time.Now()
+		err = acquire()
+		leaseTook = time.Since(t0)
+	}()
+	t0 := time.Now()
+	q, lerr := s.lookup(ctx)
+	s.sw.fields["lookup_only_us"] = time.Since(t0).Microseconds()
+	aerr := <-leased
+	s.sw.fields["lease_only_us"] = leaseTook.Microseconds()
+	switch {
+	case lerr != nil:
+		return lerr
+	case q.Skip != "":
+		return skipped{reason: q.Skip}
+	case aerr != nil:
+		return aerr
+	}
+	s.p = q
+	st.Snapshotter, st.Parent = q.snapshotter, q.parent
+	return nil
+}
+
+// createView creates the read-only view of the container's image under
+// the lease.
+func (s *setupRun) createView(ctx context.Context) error {
+	st := s.v.State
+	sn, err := s.l.backend.Snapshotter(s.p.snapshotter)
+	if err != nil {
+		return fmt.Errorf("snapview: %w", err)
+	}
+	st.ViewKey = view.Key(st.ContainerID)
+	cctx, cancel := callContext(ctx)
+	defer cancel()
+	if s.mounts, err = view.Create(cctx, sn, s.owner, s.p.parent, st.LeaseID); err != nil {
+		return fmt.Errorf("snapview: %w", err)
+	}
+	s.logger.WithFields(log.Fields{"key": st.ViewKey, "parent": s.p.parent, "lease": st.LeaseID, "snapshotter": s.p.snapshotter}).Info("snapview: view created")
+	return nil
+}
+
+// activateView has containerd's mount manager perform the view's mounts
+// that mount.All cannot (a multi-layer erofs view).
+func (s *setupRun) activateView(ctx context.Context) error {
+	st := s.v.State
+	st.Activation = view.Key(st.ContainerID)
+	cctx, cancel := callContext(ctx)
+	defer cancel()
+	var err error
+	s.mounts, err = s.l.activate(cctx, s.owner, st.LeaseID, s.mounts)
+	return err
+}
+
+// mountView mounts the view read-only on its mountpoint in the bundle.
+func (s *setupRun) mountView(context.Context) error {
+	st := s.v.State
+	if m, err := mountinfo.Mounted(st.Mountpoint); err == nil && m {
+		// Not ours: whatever is there stays, rollback included.
+		mp := st.Mountpoint
+		st.Mountpoint = ""
+		return fmt.Errorf("snapview: the view's mountpoint %s is already a mount point, not made by this setup", mp)
+	}
+	loops, err := view.Mount(s.mounts, st.Mountpoint)
+	st.LoopDevices = loops
+	if err != nil {
+		return fmt.Errorf("snapview: %w", err)
+	}
+	for _, m := range s.mounts {
+		st.Mounts = append(st.Mounts, bundle.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
+	}
+	s.logger.WithFields(log.Fields{"key": st.ViewKey, "target": st.Mountpoint, "loop": loops}).Info("snapview: view mounted")
+	return nil
+}
+
+// attachDevice gets block mode's device and records it.
+func (s *setupRun) attachDevice(context.Context) error {
+	st := s.v.State
+	if err := s.v.attach(s.p, s.p.req.Config.Block.Device); err != nil {
+		return err
+	}
+	s.logger.WithFields(log.Fields{"device": st.Block.Device, "major": st.Block.Major, "minor": st.Block.Minor, "source": st.Block.Rootfs.Source}).
+		Info("snapview: block device ready for the container")
+	return nil
+}
+
+// resolveArtifacts resolves the boot artifacts inside the mounted view and
+// makes the container's binds: the artifacts, the whole view if asked, and
+// the params file for a container that asks for a bind or runs in block
+// mode.
+func (s *setupRun) resolveArtifacts(context.Context) error {
+	st, p := s.v.State, s.p
+	arts, err := boot.Resolve(st.Mountpoint, p.ann.Artifacts)
+	if err != nil {
+		return err
+	}
+	st.Artifacts = arts
+	for _, a := range arts {
+		s.logger.WithFields(log.Fields{"artifact": a.Name, "path": a.Path, "target": a.Target}).Info("snapview: boot artifact resolved in the view")
+	}
+	if p.ann.HasBinds() || p.block != nil {
+		s.paramsSource = bundle.ParamsFile(s.v.Bundle)
+	}
+	s.binds = boot.Mounts(arts, st.Mountpoint, p.ann.ViewTarget, s.paramsSource)
+	if p.readOnlyRootfs {
+		return checkReadOnlyTargets(st.Mountpoint, s.binds)
+	}
+	return nil
+}
+
+// prepareMonitor prepares block mode's monitor rootfs, which runc mounts
+// as the container's root.
+func (s *setupRun) prepareMonitor(context.Context) error {
+	b := s.v.Bundle
+	var err error
+	if s.v.Rootfs, err = monitorRootfs(b, s.v.State.Mountpoint, s.p.monitor, s.p.monitorFrom); err != nil {
+		return err
+	}
+	s.logger.WithFields(log.Fields{"monitor": s.p.monitor, "upper": bundle.UpperDir(b)}).Info("snapview: monitor rootfs ready for runc")
+	return nil
+}
+
+// writeState persists the state, before anything the OCI runtime reads.
+func (s *setupRun) writeState(context.Context) error {
+	if err := bundle.WriteState(s.v.Bundle, s.v.State); err != nil {
+		return fmt.Errorf("snapview: %w", err)
+	}
+	return nil
+}
+
+// writeParams writes the params file bound into the container.
+func (s *setupRun) writeParams(context.Context) error {
+	return writeParams(s.paramsSource, s.v.State, s.p.ann.ViewTarget)
+}
+
+// patchConfig adds snapview's annotations, binds and devices to
+// config.json, last: the OCI runtime reads it after Create returns.
+func (s *setupRun) patchConfig(context.Context) error {
+	patch, err := s.p.configPatch(s.v.State, s.binds, s.p.req.Config)
+	if err != nil {
+		return err
+	}
+	s.v.patched = true
+	return s.p.spec.Apply(patch)
+}
