@@ -23,8 +23,11 @@ const (
 
 // Mount is one rootfs mount as containerd sends it.
 type Mount struct {
-	Type    string
-	Source  string
+	Type   string
+	Source string
+	// Target is where, under the rootfs, the mount goes ("" for the root
+	// itself), as containerd's mount manager may hand one back.
+	Target  string
 	Options []string
 }
 
@@ -36,6 +39,31 @@ type Params struct {
 	Options []string `json:"options"`
 	// Device is where the block device appears inside the container (block mode only).
 	Device string `json:"device,omitempty"`
+
+	// A layered rootfs (block mode on the erofs snapshotter) has, besides
+	// the writable disk above: its read-only layer disks, top-most first
+	// (the order of overlay's lowerdir); overlay's upper and work
+	// directories inside the writable disk's filesystem; and the overlay's
+	// other options. A guest stacks them itself.
+	Layers         []DiskParams `json:"layers,omitempty"`
+	UpperDir       string       `json:"upperdir,omitempty"`
+	WorkDir        string       `json:"workdir,omitempty"`
+	OverlayOptions []string     `json:"overlay_options,omitempty"`
+}
+
+// DiskParams describe a read-only disk a guest mounts.
+type DiskParams struct {
+	// Device is where the disk appears inside the container.
+	Device string `json:"device"`
+	// FSType is its filesystem (erofs, ext4).
+	FSType string `json:"fstype"`
+	// Source is the host block device.
+	Source string `json:"source"`
+	// Options are its mount options for the guest.
+	Options []string `json:"options"`
+	// Devices are further disks its filesystem reads (erofs's device=
+	// options of a merged layer), in order, as paths inside the container.
+	Devices []string `json:"devices,omitempty"`
 }
 
 // ErrNotBlock is returned by DetectBlock for a rootfs that is not block-backed.
