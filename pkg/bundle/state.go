@@ -27,8 +27,11 @@ import (
 // StateFile is the name of the state file in the bundle.
 const StateFile = "snapview.json"
 
-// StateVersion is the only version of the state file this build reads.
-const StateVersion = 1
+// StateVersion is the version of the state file this build writes. It
+// also reads version 1, which a shim of an earlier release wrote for a
+// container it still runs (its dead-shim cleanup runs this build after an
+// upgrade), strictly: without any field of a later version.
+const StateVersion = 2
 
 // Mount is a mount as recorded in the state file.
 type Mount struct {
@@ -57,6 +60,12 @@ type State struct {
 	// Activation names the containerd mount-manager activation the view
 	// needed, if any (multi-layer erofs).
 	Activation string `json:"activation,omitempty"`
+	// RootfsActivation names the mount-manager activation snapview made
+	// for the container's own rootfs (the container id), if any: the
+	// mounts snapview claims from containerd, performed as containerd
+	// would have for a container that does not hand them to a guest.
+	// Version 2.
+	RootfsActivation string `json:"rootfs_activation,omitempty"`
 	// Rootfs is the container's rootfs, as the OCI runtime and guests see it.
 	Rootfs rootfs.Params `json:"rootfs"`
 	// LoopDevices are the loop devices attached for the view.
@@ -76,6 +85,9 @@ type State struct {
 const (
 	ModeView  = "view"
 	ModeBlock = "block"
+	// ModeNone: the container has no view; snapview only performed its
+	// rootfs mounts (RootfsActivation). Version 2.
+	ModeNone = "none"
 )
 
 // Block records the block device a block-mode container gets instead of a
@@ -95,6 +107,23 @@ type Block struct {
 	// MonitorRootfs is the lower layer of the container's root: "view" or
 	// a host directory.
 	MonitorRootfs string `json:"monitor_rootfs"`
+	// Layers are the read-only disks of a layered rootfs, top-most first
+	// (then the blob files of a merged bottom layer); Rootfs, Device and
+	// Loop are then its writable disk. Version 2.
+	Layers []Disk `json:"layers,omitempty"`
+}
+
+// Disk is a read-only disk snapview attached for a container: a loop
+// device bound to a file.
+type Disk struct {
+	// Path is where the container sees the disk.
+	Path string `json:"path"`
+	// Device is the host loop device; Major and Minor its numbers.
+	Device string `json:"device"`
+	Major  uint32 `json:"major"`
+	Minor  uint32 `json:"minor"`
+	// Loop identifies the file the device is bound to.
+	Loop Loop `json:"loop"`
 }
 
 // Loop identifies the file a loop device was attached to.
@@ -167,8 +196,8 @@ func ParseState(data []byte) (*State, error) {
 	if probe.Version == nil {
 		return nil, errors.New("no version")
 	}
-	if *probe.Version != StateVersion {
-		return nil, fmt.Errorf("unsupported version %d (this shim reads version %d)", *probe.Version, StateVersion)
+	if *probe.Version != StateVersion && *probe.Version != 1 {
+		return nil, fmt.Errorf("unsupported version %d (this shim reads versions 1 and %d)", *probe.Version, StateVersion)
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
@@ -179,9 +208,20 @@ func ParseState(data []byte) (*State, error) {
 	if dec.More() {
 		return nil, errors.New("malformed: trailing data")
 	}
+	if s.Version == 1 && (s.RootfsActivation != "" || s.Mode == ModeNone || s.Block != nil && s.Block.Layers != nil) {
+		return nil, errors.New("malformed: a field of version 2 in a version 1 file")
+	}
+	if s.Namespace == "" || s.ContainerID == "" {
+		return nil, errors.New("missing namespace or container_id")
+	}
+	if s.Mode == ModeNone {
+		if s.RootfsActivation == "" || s.Snapshotter != "" || s.ViewKey != "" || s.LeaseID != "" || s.Mountpoint != "" || s.Block != nil {
+			return nil, fmt.Errorf("mode %q records a view, or no rootfs activation", ModeNone)
+		}
+		return &s, nil
+	}
 	for field, v := range map[string]string{
-		"namespace": s.Namespace, "container_id": s.ContainerID, "snapshotter": s.Snapshotter,
-		"view_key": s.ViewKey, "lease": s.LeaseID, "mountpoint": s.Mountpoint,
+		"snapshotter": s.Snapshotter, "view_key": s.ViewKey, "lease": s.LeaseID, "mountpoint": s.Mountpoint,
 	} {
 		if v == "" {
 			return nil, fmt.Errorf("missing %s", field)
@@ -223,6 +263,11 @@ func (b *Block) check() error {
 	}
 	if b.MonitorRootfs == "" {
 		return errors.New("block mode without a monitor rootfs")
+	}
+	for i, d := range b.Layers {
+		if !isDevPath(d.Path) || !loopPath.MatchString(d.Device) || !filepath.IsAbs(d.Loop.BackingFile) || d.Loop.BackingIno == 0 {
+			return fmt.Errorf("layer disk %d (%s, loop device %q on %q) is not identified", i, d.Path, d.Device, d.Loop.BackingFile)
+		}
 	}
 	return nil
 }

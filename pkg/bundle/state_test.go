@@ -59,6 +59,28 @@ func TestStateRoundTrip(t *testing.T) {
 	}
 }
 
+// TestReadStateVersion1 reads a block-mode state file as the previous
+// release wrote it: after an upgrade, the new binary's dead-shim cleanup
+// must still find everything a running container's old shim recorded.
+func TestReadStateVersion1(t *testing.T) {
+	dir := t.TempDir()
+	v1 := `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"blockfile","view_key":"snapview/c1","parent":"p","lease":"snapview/c1",` +
+		`"mountpoint":"` + Mountpoint(dir) + `","mounts":[{"type":"ext4","source":"/s/1","options":["ro","loop"]}],"activation":"",` +
+		`"rootfs":{"kind":"block","fstype":"ext4","source":"/dev/loop3","options":["rw"],"device":"/dev/snapview/rootfs"},"loop_devices":["/dev/loop4"],` +
+		`"created":"2026-11-30T10:00:00Z","mode":"block","block":{"rootfs":{"type":"ext4","source":"/s/2","options":["rw","loop"]},"device":"/dev/loop3",` +
+		`"major":7,"minor":3,"loop":{"backing_file":"/s/2","backing_dev":2049,"backing_ino":12},"monitor_rootfs":"view"}}`
+	if err := os.WriteFile(StatePath(dir), []byte(v1), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err := ReadState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Version != 1 || s.Block == nil || s.Block.Loop.BackingIno != 12 || s.LoopDevices[0] != "/dev/loop4" || s.Block.Layers != nil {
+		t.Fatalf("got %+v", s)
+	}
+}
+
 func TestReadStateRejects(t *testing.T) {
 	for _, tc := range []struct {
 		name, body, want string
@@ -66,7 +88,12 @@ func TestReadStateRejects(t *testing.T) {
 		{"empty", "", "malformed"},
 		{"not json", "{version:1", "malformed"},
 		{"no version", `{"namespace":"x"}`, "no version"},
-		{"future version", `{"version":2}`, "unsupported version 2"},
+		{"future version", `{"version":3}`, "unsupported version 3"},
+		{"version 2 field in version 1", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","rootfs_activation":"c1"}`, "a field of version 2 in a version 1 file"},
+		{"layers in version 1", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"erofs","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","mode":"block","block":{"device":"/dev/loop1","monitor_rootfs":"view","layers":[]}}`, "a field of version 2 in a version 1 file"},
+		{"mode none with a view", `{"version":2,"namespace":"default","container_id":"c1","mode":"none","rootfs_activation":"c1","lease":"l"}`, `mode "none" records a view`},
+		{"mode none without activation", `{"version":2,"namespace":"default","container_id":"c1","mode":"none"}`, "no rootfs activation"},
+		{"layer disk not a loop device", `{"version":2,"namespace":"default","container_id":"c1","snapshotter":"erofs","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","mode":"block","block":{"device":"/dev/loop1","monitor_rootfs":"view","layers":[{"path":"/dev/snapview/layers/0","device":"/dev/sda","loop":{"backing_file":"/f","backing_ino":3}}]}}`, "layer disk 0"},
 		{"unknown field", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/m","extra":1}`, `unknown field "extra"`},
 		{"trailing data", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/m"} {}`, "malformed"},
 		{"missing lease", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","mountpoint":"/m"}`, "missing lease"},
