@@ -2,8 +2,9 @@
 // device-mapper node of a devmapper rootfs, or a loop device attached to the
 // image file of a blockfile rootfs.
 //
-// Lifecycle of a loop device: Attach binds a free loop device read-write to
-// the file with LO_FLAGS_AUTOCLEAR and keeps the device open, so that it
+// Lifecycle of a loop device: Attach binds a free loop device (read-write,
+// or read-only for a disk a guest must not write) to the file with
+// LO_FLAGS_AUTOCLEAR and keeps the device open, so that it
 // stays bound for as long as the returned Device is open, and is freed by
 // the kernel when its last opener (the shim, or the container's monitor)
 // closes it, even if the shim dies. Close drops the shim's reference.
@@ -64,9 +65,11 @@ func Resolve(path string) (*Device, error) {
 	return &Device{Path: real, Major: unix.Major(st.Rdev), Minor: unix.Minor(st.Rdev)}, nil
 }
 
-// Attach binds a free loop device read-write, with autoclear, to the
-// regular file at path and keeps it open. The caller must Close the device.
-func Attach(path string) (_ *Device, retErr error) {
+// Attach binds a free loop device, with autoclear, to the regular file at
+// path and keeps it open; readOnly binds it with LO_FLAGS_READ_ONLY, so
+// that no opener of the device, the container's included, can write the
+// file through it. The caller must Close the device.
+func Attach(path string, readOnly bool) (_ *Device, retErr error) {
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
 		return nil, fmt.Errorf("stat %s: %w", path, err)
@@ -74,7 +77,7 @@ func Attach(path string) (_ *Device, retErr error) {
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return nil, fmt.Errorf("%s is a %s, not a regular file", path, fileKind(st.Mode))
 	}
-	f, err := mount.SetupLoop(path, mount.LoopParams{Autoclear: true})
+	f, err := mount.SetupLoop(path, mount.LoopParams{Readonly: readOnly, Autoclear: true})
 	if err != nil {
 		return nil, fmt.Errorf("attach a loop device to %s: %w", path, err)
 	}

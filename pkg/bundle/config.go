@@ -26,6 +26,19 @@ type ConfigPatch struct {
 	DeviceRules []specs.LinuxDeviceCgroup
 }
 
+// AddDisk adds block device major:minor at path inside the container, owned
+// by uid:gid, with the cgroup rule that lets the container open it:
+// read-write (mode 0660, rule rw), or read-only (0440, rule r).
+func (p *ConfigPatch) AddDisk(path string, major, minor uint32, readOnly bool, uid, gid uint32) {
+	mode, access := os.FileMode(0o660), "rw"
+	if readOnly {
+		mode, access = 0o440, "r"
+	}
+	maj, mnr := int64(major), int64(minor)
+	p.Devices = append(p.Devices, specs.LinuxDevice{Path: path, Type: "b", Major: maj, Minor: mnr, FileMode: &mode, UID: &uid, GID: &gid})
+	p.DeviceRules = append(p.DeviceRules, specs.LinuxDeviceCgroup{Allow: true, Type: "b", Major: &maj, Minor: &mnr, Access: access})
+}
+
 // Config is a bundle's config.json, decoded only as far as snapview needs:
 // every other field is kept byte for byte, so a spec written by a newer
 // containerd loses nothing it does not know.

@@ -45,6 +45,10 @@ const (
 	ModeOff   = "off"
 )
 
+// layersDir holds the layer disks of a layered rootfs inside the container
+// (rootfs.LayersDir); the writable disk's path may not be among them.
+const layersDir = "/dev/snapview/layers"
+
 // MonitorRootfsView selects the container's own read-only image view as the
 // monitor rootfs in block mode.
 const MonitorRootfsView = "view"
@@ -234,6 +238,9 @@ func (c *Config) validate() error {
 	}
 	if !strings.HasPrefix(c.Block.Device, "/dev/") {
 		return fmt.Errorf("snapview: invalid block.device %q in %s: must be under /dev/", c.Block.Device, c.Source)
+	}
+	if strings.HasPrefix(c.Block.Device+"/", layersDir+"/") {
+		return fmt.Errorf("snapview: invalid block.device %q in %s: %s holds a layered rootfs's layer disks", c.Block.Device, c.Source, layersDir)
 	}
 	return nil
 }

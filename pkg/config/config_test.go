@@ -205,6 +205,11 @@ func TestFromOptions(t *testing.T) {
 			wantErr: []string{"snapview:", "block.device"},
 		},
 		{
+			name:    "device among the layer disks",
+			opts:    marshal(t, &runtimeoptions.Options{ConfigBody: []byte("[block]\ndevice = '/dev/snapview/layers/0'\n")}),
+			wantErr: []string{"snapview:", "block.device", "layer disks"},
+		},
+		{
 			name:    "wrong value type",
 			opts:    marshal(t, &runtimeoptions.Options{ConfigBody: []byte("SystemdCgroup = 'yes'\n")}),
 			wantErr: []string{"snapview:", "ConfigBody", "line 1"},

@@ -82,7 +82,7 @@ func TestActivateReplacesLeftover(t *testing.T) {
 
 	a := &activations{byName: map[string]mount.ActivationInfo{view.Key("c1"): {Name: view.Key("c1"), Labels: view.Labels(earlier)}}}
 	l := New(mountsOnly{mm: a})
-	sys, err := l.activate(ctx, owner, lease.ID("c1"), mounts)
+	sys, err := l.activate(ctx, owner, viewActivation("c1", lease.ID("c1")), mounts)
 	if err != nil {
 		t.Fatalf("activate over a leftover of the same container: %v", err)
 	}
@@ -91,7 +91,7 @@ func TestActivateReplacesLeftover(t *testing.T) {
 	}
 
 	foreign := &activations{byName: map[string]mount.ActivationInfo{view.Key("c1"): {Name: view.Key("c1"), Labels: map[string]string{"owner": "someone"}}}}
-	if _, err := New(mountsOnly{mm: foreign}).activate(ctx, owner, lease.ID("c1"), mounts); !errors.Is(err, errdefs.ErrAlreadyExists) {
+	if _, err := New(mountsOnly{mm: foreign}).activate(ctx, owner, viewActivation("c1", lease.ID("c1")), mounts); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Fatalf("activate over a foreign activation: %v, want AlreadyExists", err)
 	}
 	if len(foreign.deactivated) != 0 {

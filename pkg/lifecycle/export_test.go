@@ -8,6 +8,13 @@ func SetAfterStep(l *Lifecycle, f func(step string) error) { l.afterStep = f }
 // Owned reports whether v is known to own its lease and view.
 func Owned(v *View) bool { return v.owned }
 
-// CloseDevice drops v's reference to its block device, as a dying shim
-// would.
-func CloseDevice(v *View) error { return v.device.Close() }
+// CloseDevice drops v's reference to its block devices (the writable disk
+// and any layer disks), as a dying shim would.
+func CloseDevice(v *View) error {
+	for _, d := range v.layers {
+		if err := d.Close(); err != nil {
+			return err
+		}
+	}
+	return v.device.Close()
+}

@@ -4,12 +4,17 @@
 //	Decide    reads the spec, annotations, configuration and rootfs and looks
 //	          up the container's snapshot. No side effects. The plan says
 //	          whether the container gets a view, in which mode, and why not.
-//	Setup     carries out a plan: snapview's bundle directory, lease, view,
-//	          mount-manager activation, mount, block device, boot artifacts,
-//	          state file, params file, config.json patch, in that order. Each
-//	          side effect is recorded before it is attempted, so a call that
-//	          fails or times out after taking effect is still undone. On
-//	          failure everything recorded is undone before Setup returns.
+//	Setup     carries out a plan as the list of steps setupSteps:
+//	          snapview's bundle directory, lease, view, the view's
+//	          mount-manager activation, mount, the rootfs mounts snapview
+//	          claimed from containerd (when they do not go to a guest), in
+//	          block mode the writable image (made if new), the writable disk
+//	          and the read-only layer disks, boot artifacts, monitor rootfs,
+//	          state file, params file, config.json patch, in that order; each
+//	          applies or not to the plan. Each side effect is recorded
+//	          before it is attempted, so a call that fails or times out
+//	          after taking effect is still undone. On failure everything
+//	          recorded is undone before Setup returns.
 //	Teardown  undoes a View in reverse order. Every step runs; errors are
 //	          joined; an object already gone is success; it can run any
 //	          number of times. A View that was not set up by this process
@@ -75,7 +80,10 @@ const (
 	StepView      = "view"
 	StepActivate  = "activate"
 	StepMount     = "mount"
+	StepRootfs    = "rootfs"
+	StepFormat    = "format"
 	StepDevice    = "device"
+	StepLayers    = "layers"
 	StepArtifacts = "artifacts"
 	StepMonitor   = "monitor"
 	StepState     = "state"

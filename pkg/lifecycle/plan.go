@@ -42,8 +42,15 @@ type Plan struct {
 	// params describe the rootfs in view mode; block mode fills them in
 	// once the device is known.
 	params rootfs.Params
-	// block is the block-backed rootfs, in block mode.
-	block *rootfs.BlockSource
+	// block is the block-backed rootfs of one disk, in block mode; layered
+	// the layered one (the erofs snapshotter in block mode).
+	block   *rootfs.BlockSource
+	layered *rootfs.Layered
+	// claimRootfs: the rootfs holds mounts snapview claims from
+	// containerd's mount manager, and this container does not hand them
+	// to a guest, so the shim has the mount manager perform them, as
+	// containerd would have.
+	claimRootfs bool
 	// monitor is block mode's monitor rootfs: "view" or a host directory
 	// of the configuration; monitorFrom names the setting it came from,
 	// for errors.
@@ -54,6 +61,15 @@ type Plan struct {
 
 // Mode returns the planned mode: view or block ("" when skipped).
 func (p *Plan) Mode() string { return p.mode }
+
+// blockMode reports whether the plan hands the container disks.
+func (p *Plan) blockMode() bool { return p.block != nil || p.layered != nil }
+
+// skip returns the plan of a container that gets no view, for reason: it
+// keeps only what a view-less setup needs, the rootfs mounts to perform.
+func skip(r Request, reason string) *Plan {
+	return &Plan{Skip: reason, req: r, claimRootfs: rootfs.Claimed(r.Rootfs)}
+}
 
 // Decide reads the bundle's config.json, the container's annotations and
 // the configuration, checks the rootfs and looks up the container's
@@ -79,7 +95,7 @@ func decideLocal(r Request) (*Plan, error) {
 	cfg := r.Config
 	if spec.Annotations[annotationContainerType] == containerTypeSandbox && !cfg.View.Sandbox {
 		// Pod annotations reach the sandbox too: they are not for it.
-		return &Plan{Skip: "CRI sandbox container (view.sandbox is off)"}, nil
+		return skip(r, "CRI sandbox container (view.sandbox is off)"), nil
 	}
 	ann, err := annotations.Parse(spec.Annotations, cfg.View.BootDir)
 	if err != nil {
@@ -89,7 +105,7 @@ func decideLocal(r Request) (*Plan, error) {
 	if ann.Mode != "" {
 		mode, modeFrom = ann.Mode, fmt.Sprintf("annotation %s", annotations.Mode)
 	}
-	p := &Plan{req: r, mode: mode, spec: spec, ann: ann}
+	p := &Plan{req: r, mode: mode, spec: spec, ann: ann, claimRootfs: rootfs.Claimed(r.Rootfs)}
 	if ann.MonitorRootfs != "" && mode != config.ModeBlock {
 		return nil, fmt.Errorf("snapview: annotation %s=%q applies only in block mode, but the mode is %s (%s)", annotations.MonitorRootfs, ann.MonitorRootfs, mode, modeFrom)
 	}
@@ -98,11 +114,12 @@ func decideLocal(r Request) (*Plan, error) {
 		if ann.HasBinds() {
 			return nil, fmt.Errorf("snapview: %s asks for binds from the view, but the mode is off (%s)", bindAnnotations(ann), modeFrom)
 		}
-		return &Plan{Skip: "mode off (" + modeFrom + ")"}, nil
+		return skip(r, "mode off ("+modeFrom+")"), nil
 	case config.ModeBlock:
 		if err := p.checkBlock(modeFrom); err != nil {
 			return nil, err
 		}
+		p.claimRootfs = false // the rootfs becomes the guest's disks
 		if err := p.chooseMonitor(); err != nil {
 			return nil, err
 		}
@@ -149,21 +166,32 @@ func (l *Lifecycle) lookup(ctx context.Context, p *Plan) (*Plan, error) {
 
 // checkBlock refuses block mode for a container it cannot serve, before
 // anything is mounted: the rootfs must be one writable block-backed mount
-// (a devmapper device, or a blockfile image with the loop option), and the
-// spec must not ask for a user namespace (runc would bind the host's device
-// node, which a remapped root cannot open).
+// (a devmapper device, or a blockfile image with the loop option) or a
+// layered one (the erofs snapshotter in block mode), and the spec must not
+// ask for a user namespace (runc would bind the host's device node, which a
+// remapped root cannot open).
 func (p *Plan) checkBlock(modeFrom string) error {
-	if len(p.req.Rootfs) == 0 {
-		return fmt.Errorf("snapview: block mode (%s) needs a block-backed rootfs, but the container has no rootfs mounts (no image snapshot)", modeFrom)
+	const want = "a block-backed rootfs (the blockfile or devmapper snapshotter, or erofs in block mode)"
+	mounts := p.req.Rootfs
+	if len(mounts) == 0 {
+		return fmt.Errorf("snapview: block mode (%s) needs %s, but the container has no rootfs mounts (no image snapshot)", modeFrom, want)
 	}
-	src, err := rootfs.DetectBlock(p.req.Rootfs)
-	if err != nil {
-		return fmt.Errorf("snapview: block mode (%s) needs a block-backed rootfs (blockfile or devmapper snapshotter): %w", modeFrom, err)
+	if rootfs.IsLayered(mounts) {
+		l, err := rootfs.DetectLayered(mounts)
+		if err != nil {
+			return fmt.Errorf("snapview: block mode (%s) needs %s: %w", modeFrom, want, err)
+		}
+		p.layered = &l
+	} else {
+		src, err := rootfs.DetectBlock(mounts)
+		if err != nil {
+			return fmt.Errorf("snapview: block mode (%s) needs %s: %w", modeFrom, want, err)
+		}
+		p.block = &src
 	}
 	if p.spec.UserNamespace {
 		return fmt.Errorf("snapview: block mode (%s) is refused for a container with a user namespace: runc would bind the host's device node, which the remapped root cannot open", modeFrom)
 	}
-	p.block = &src
 	return nil
 }
 
@@ -197,7 +225,7 @@ func (p *Plan) noView(reason string) (*Plan, error) {
 	if p.ann.HasBinds() {
 		return nil, fmt.Errorf("snapview: %s asks for binds from the image, but %s", bindAnnotations(p.ann), reason)
 	}
-	return &Plan{Skip: reason}, nil
+	return skip(p.req, reason), nil
 }
 
 // bindAnnotations names the annotations of req that ask for binds.

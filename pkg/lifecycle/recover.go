@@ -73,19 +73,28 @@ func (l *Lifecycle) TeardownBundle(ctx context.Context, ns, id, bundlePath strin
 // in bundlePath, and nothing else: a state file is never trusted to name a
 // mountpoint, lease or view of another container.
 func validate(st *bundle.State, ns, id, bundlePath string) error {
-	for what, pair := range map[string][2]string{
+	want := map[string][2]string{
 		"namespace":    {st.Namespace, ns},
 		"container id": {st.ContainerID, id},
 		"mountpoint":   {st.Mountpoint, bundle.Mountpoint(bundlePath)},
 		"lease":        {st.LeaseID, lease.ID(id)},
 		"view key":     {st.ViewKey, view.Key(id)},
-	} {
+	}
+	if st.Mode == bundle.ModeNone {
+		// Only the rootfs activation; the state file reader checked that
+		// it records no view.
+		want["mountpoint"], want["lease"], want["view key"] = [2]string{st.Mountpoint, ""}, [2]string{st.LeaseID, ""}, [2]string{st.ViewKey, ""}
+	}
+	for what, pair := range want {
 		if pair[0] != pair[1] {
 			return fmt.Errorf("%s %q does not match %q", what, pair[0], pair[1])
 		}
 	}
 	if st.Activation != "" && st.Activation != view.Key(id) {
 		return fmt.Errorf("activation %q does not match %q", st.Activation, view.Key(id))
+	}
+	if st.RootfsActivation != "" && st.RootfsActivation != id {
+		return fmt.Errorf("rootfs activation %q does not match %q", st.RootfsActivation, id)
 	}
 	if st.Block != nil && st.Block.Loop != nil && st.Block.Loop.BackingFile != st.Block.Rootfs.Source {
 		return fmt.Errorf("loop backing file %q is not the rootfs source %q", st.Block.Loop.BackingFile, st.Block.Rootfs.Source)
@@ -97,7 +106,9 @@ func validate(st *bundle.State, ns, id, bundlePath string) error {
 // the bundle, the lease snapview/<id> if its labels name the container, and
 // the view it holds.
 func (l *Lifecycle) fromNames(ctx context.Context, ns, id, bundlePath string) (*View, error) {
-	v := &View{Bundle: bundlePath, State: &bundle.State{Namespace: ns, ContainerID: id, Mountpoint: bundle.Mountpoint(bundlePath)}}
+	// A rootfs activation is named after the container; one that is not
+	// snapview's (labels) is left alone.
+	v := &View{Bundle: bundlePath, State: &bundle.State{Namespace: ns, ContainerID: id, Mountpoint: bundle.Mountpoint(bundlePath), RootfsActivation: id}}
 	lm, err := l.backend.Leases()
 	if err != nil {
 		return v, err

@@ -30,16 +30,19 @@ type setupStep struct {
 // recorded in the state before it acts.
 var setupSteps = []setupStep{
 	{name: StepDir, do: (*setupRun).makeDir},
-	{name: StepLease, do: (*setupRun).acquireLease},
-	{name: StepView, do: (*setupRun).createView},
+	{name: StepLease, applies: (*setupRun).withView, do: (*setupRun).acquireLease},
+	{name: StepView, applies: (*setupRun).withView, do: (*setupRun).createView},
 	{name: StepActivate, applies: (*setupRun).viewNeedsManager, do: (*setupRun).activateView},
-	{name: StepMount, do: (*setupRun).mountView},
+	{name: StepMount, applies: (*setupRun).withView, do: (*setupRun).mountView},
+	{name: StepRootfs, applies: (*setupRun).claimRootfs, do: (*setupRun).activateRootfs},
+	{name: StepFormat, applies: (*setupRun).layered, do: (*setupRun).formatImage},
 	{name: StepDevice, applies: (*setupRun).blockMode, do: (*setupRun).attachDevice},
-	{name: StepArtifacts, do: (*setupRun).resolveArtifacts},
+	{name: StepLayers, applies: (*setupRun).layered, do: (*setupRun).attachLayers},
+	{name: StepArtifacts, applies: (*setupRun).withView, do: (*setupRun).resolveArtifacts},
 	{name: StepMonitor, applies: (*setupRun).blockMode, do: (*setupRun).prepareMonitor},
 	{name: StepState, do: (*setupRun).writeState},
 	{name: StepParams, applies: (*setupRun).withParams, do: (*setupRun).writeParams},
-	{name: StepConfig, do: (*setupRun).patchConfig},
+	{name: StepConfig, applies: (*setupRun).withView, do: (*setupRun).patchConfig},
 }
 
 // setupRun is one setup in progress: the plan, the view it builds, and
@@ -63,7 +66,10 @@ type setupRun struct {
 	paramsSource string
 }
 
-func (s *setupRun) blockMode() bool        { return s.p.block != nil }
+func (s *setupRun) withView() bool         { return s.p.Skip == "" }
+func (s *setupRun) blockMode() bool        { return s.p.blockMode() }
+func (s *setupRun) layered() bool          { return s.p.layered != nil }
+func (s *setupRun) claimRootfs() bool      { return s.p.claimRootfs }
 func (s *setupRun) viewNeedsManager() bool { return view.NeedsManager(s.mounts) }
 func (s *setupRun) withParams() bool       { return s.paramsSource != "" }
 
@@ -155,7 +161,7 @@ func (s *setupRun) activateView(ctx context.Context) error {
 	cctx, cancel := callContext(ctx)
 	defer cancel()
 	var err error
-	s.mounts, err = s.l.activate(cctx, s.owner, st.LeaseID, s.mounts)
+	s.mounts, err = s.l.activate(cctx, s.owner, viewActivation(st.ContainerID, st.LeaseID), s.mounts)
 	return err
 }
 
@@ -180,17 +186,6 @@ func (s *setupRun) mountView(context.Context) error {
 	return nil
 }
 
-// attachDevice gets block mode's device and records it.
-func (s *setupRun) attachDevice(context.Context) error {
-	st := s.v.State
-	if err := s.v.attach(s.p, s.p.req.Config.Block.Device); err != nil {
-		return err
-	}
-	s.logger.WithFields(log.Fields{"device": st.Block.Device, "major": st.Block.Major, "minor": st.Block.Minor, "source": st.Block.Rootfs.Source}).
-		Info("snapview: block device ready for the container")
-	return nil
-}
-
 // resolveArtifacts resolves the boot artifacts inside the mounted view and
 // makes the container's binds: the artifacts, the whole view if asked, and
 // the params file for a container that asks for a bind or runs in block
@@ -205,25 +200,13 @@ func (s *setupRun) resolveArtifacts(context.Context) error {
 	for _, a := range arts {
 		s.logger.WithFields(log.Fields{"artifact": a.Name, "path": a.Path, "target": a.Target}).Info("snapview: boot artifact resolved in the view")
 	}
-	if p.ann.HasBinds() || p.block != nil {
+	if p.ann.HasBinds() || p.blockMode() {
 		s.paramsSource = bundle.ParamsFile(s.v.Bundle)
 	}
 	s.binds = boot.Mounts(arts, st.Mountpoint, p.ann.ViewTarget, s.paramsSource)
 	if p.readOnlyRootfs {
 		return checkReadOnlyTargets(st.Mountpoint, s.binds)
 	}
-	return nil
-}
-
-// prepareMonitor prepares block mode's monitor rootfs, which runc mounts
-// as the container's root.
-func (s *setupRun) prepareMonitor(context.Context) error {
-	b := s.v.Bundle
-	var err error
-	if s.v.Rootfs, err = monitorRootfs(b, s.v.State.Mountpoint, s.p.monitor, s.p.monitorFrom); err != nil {
-		return err
-	}
-	s.logger.WithFields(log.Fields{"monitor": s.p.monitor, "upper": bundle.UpperDir(b)}).Info("snapview: monitor rootfs ready for runc")
 	return nil
 }
 

@@ -53,6 +53,9 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) (retErr error) {
 
 	// On this host (a view rebuilt without its bundle has nothing here).
 	fail("close block device", v.device.Close())
+	for _, d := range v.layers {
+		fail("close layer disk", d.Close())
+	}
 	if v.Bundle != "" {
 		v.teardownLocal(logger, fail)
 	}
@@ -63,6 +66,17 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) (retErr error) {
 	cctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	owner := v.owner()
+	if st.RootfsActivation != "" {
+		var mine func(map[string]string) bool // owned: known to be ours
+		switch {
+		case v.owned:
+		case st.Created.IsZero(): // rebuilt from the names alone
+			mine = owner.IsContainer
+		default:
+			mine = owner.Owns
+		}
+		fail("deactivate rootfs mounts", l.deactivate(cctx, st.RootfsActivation, st.ContainerID, mine))
+	}
 	if st.Activation != "" {
 		if mm, err := l.backend.Mounts(); err != nil {
 			fail("deactivate", err)
@@ -130,13 +144,21 @@ func (v *View) teardownLocal(logger *log.Entry, fail func(string, error)) {
 		fail("check snapview's directory", err)
 		return
 	}
-	if b := st.Block; b != nil && b.Loop != nil {
-		err := blockdev.Detach(b.Device, blockdev.Backing{Path: b.Loop.BackingFile, Dev: b.Loop.BackingDev, Ino: b.Loop.BackingIno})
+	detach := func(what, dev string, l bundle.Loop) {
+		err := blockdev.Detach(dev, blockdev.Backing{Path: l.BackingFile, Dev: l.BackingDev, Ino: l.BackingIno})
 		if errors.Is(err, blockdev.ErrOtherBacking) {
 			logger.WithError(err).Warn("snapview: loop device was reused by another file; left alone")
 			err = nil
 		}
-		fail("detach loop device", err)
+		fail(what, err)
+	}
+	if b := st.Block; b != nil {
+		for i := len(b.Layers) - 1; i >= 0; i-- {
+			detach("detach layer disk", b.Layers[i].Device, b.Layers[i].Loop)
+		}
+		if b.Loop != nil {
+			detach("detach loop device", b.Device, *b.Loop)
+		}
 	}
 	fail("remove monitor rootfs", removeMonitorDirs(v.Bundle))
 	fail("remove params file", removeFile(bundle.ParamsFile(v.Bundle)))
@@ -153,6 +175,37 @@ func (v *View) teardownLocal(logger *log.Entry, fail func(string, error)) {
 		return false
 	}))
 	logger.WithField("target", st.Mountpoint).Debug("snapview: view unmounted")
+}
+
+// deactivate removes the mount-manager activation of container id's rootfs
+// that snapview made: as it is when mine is nil (this process made it),
+// else only if mine says its labels are snapview's for this container, so
+// that an activation containerd made under the same name is containerd's
+// to remove. An activation already gone is success.
+func (l *Lifecycle) deactivate(ctx context.Context, name, id string, mine func(labels map[string]string) bool) error {
+	mm, err := l.backend.Mounts()
+	if err != nil {
+		return err
+	}
+	if mine != nil {
+		info, err := mm.Info(ctx, name)
+		if errdefs.IsNotFound(err) || errdefs.IsNotImplemented(err) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("inspect mount activation %s: %w", name, err)
+		}
+		if !mine(info.Labels) {
+			log.G(ctx).WithFields(log.Fields{"id": id, "activation": name, "labels": info.Labels}).
+				Debug("snapview: the rootfs mount activation is not snapview's; left to containerd")
+			return nil
+		}
+	}
+	if err := mm.Deactivate(ctx, name); err != nil && !errdefs.IsNotFound(err) && !errdefs.IsNotImplemented(err) {
+		return fmt.Errorf("deactivate %s: %w", name, err)
+	}
+	log.G(ctx).WithFields(log.Fields{"id": id, "activation": name}).Debug("snapview: rootfs mounts deactivated")
+	return nil
 }
 
 // removeMonitorDirs removes the block-mode monitor rootfs's upper and work

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 )
@@ -99,6 +100,9 @@ func DetectBlock(mounts []Mount) (BlockSource, error) {
 		return BlockSource{}, fmt.Errorf("%w: it is %s, not one block-backed mount", ErrNotBlock, describe(mounts))
 	}
 	m := mounts[0]
+	if !filepath.IsAbs(m.Source) {
+		return BlockSource{}, fmt.Errorf("%w: it is %s, a filesystem tree, not a disk", ErrNotBlock, describe(mounts))
+	}
 	fi, err := os.Stat(m.Source)
 	if err != nil {
 		return BlockSource{}, fmt.Errorf("%w: it is %s, whose source cannot be read: %w", ErrNotBlock, describe(mounts), err)

@@ -5,6 +5,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
 	"time"
 
 	bootapi "github.com/containerd/containerd/api/runtime/bootstrap/v1"
@@ -16,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/snapview/snapview/pkg/config"
+	"github.com/snapview/snapview/pkg/rootfs"
 )
 
 // RuntimeName is the runtime type containerd knows snapview by.
@@ -44,7 +47,9 @@ type shimManager struct {
 // is replaced by the normalised runc options, and without one the default
 // configuration file is read, as Create does. They are dropped when there
 // are none or they cannot be read: a configuration error is reported by
-// Create, with its source. Other extensions pass unchanged. Start must not
+// Create, with its source. Other extensions pass unchanged. The result
+// carries snapview's MountCapabilities, so that containerd 2.3 and later
+// hand a rootfs with those mounts to the shim unperformed. Start must not
 // log: containerd reads its output as the answer.
 func (m *shimManager) Start(ctx context.Context, params *bootapi.BootstrapParams) (*bootapi.BootstrapResult, error) {
 	p := proto.CloneOf(params)
@@ -63,7 +68,36 @@ func (m *shimManager) Start(ctx context.Context, params *bootapi.BootstrapParams
 			p.Extensions = append(p.Extensions, &bootapi.Extension{Value: a})
 		}
 	}
-	return m.Shim.Start(ctx, p)
+	res, err := m.Shim.Start(ctx, p)
+	if err != nil {
+		return nil, err
+	}
+	if err := res.AddExtension(MountCapabilities()); err != nil {
+		return nil, fmt.Errorf("snapview: advertise mount capabilities: %w", err)
+	}
+	return res, nil
+}
+
+// AllowMountsAnnotation is the -info annotation by which containerd 2.2
+// (and 2.3+ as a fallback) learns which mount types and transforms a shim
+// performs itself: comma separated, a transform as "<name>/*".
+const AllowMountsAnnotation = "containerd.io/runtime-allow-mounts"
+
+// MountCapabilities returns what snapview claims from containerd's mount
+// manager (rootfs.ClaimedTypes and ClaimedTransforms), for the bootstrap
+// result of containerd 2.3 and later.
+func MountCapabilities() *types.MountCapabilities {
+	return &types.MountCapabilities{Types: rootfs.ClaimedTypes, Transforms: rootfs.ClaimedTransforms}
+}
+
+// allowMounts is the same claim as MountCapabilities, in the annotation's
+// form.
+func allowMounts() string {
+	entries := slices.Clone(rootfs.ClaimedTypes)
+	for _, t := range rootfs.ClaimedTransforms {
+		entries = append(entries, t+"/*")
+	}
+	return strings.Join(entries, ",")
 }
 
 // Stop is the `delete` action, which containerd runs after every task
@@ -89,8 +123,10 @@ func (m *shimManager) Stop(ctx context.Context, id string) (shim.StopStatus, err
 	return ss, err
 }
 
-// Info reports the runtime's information; runc's manager is handed the
-// normalised runc options, never runtimeoptions, which it would reject.
+// Info reports the runtime's information: runc's, with the mount types and
+// transforms snapview performs itself in the runtime-allow-mounts
+// annotation. runc's manager is handed the normalised runc options, never
+// runtimeoptions, which it would reject.
 func (m *shimManager) Info(ctx context.Context, optionsR io.Reader) (*types.RuntimeInfo, error) {
 	data, err := io.ReadAll(optionsR)
 	if err != nil {
@@ -100,7 +136,15 @@ func (m *shimManager) Info(ctx context.Context, optionsR io.Reader) (*types.Runt
 	if err != nil {
 		return nil, err
 	}
-	return m.Shim.Info(ctx, bytes.NewReader(runc))
+	info, err := m.Shim.Info(ctx, bytes.NewReader(runc))
+	if err != nil {
+		return nil, err
+	}
+	if info.Annotations == nil {
+		info.Annotations = map[string]string{}
+	}
+	info.Annotations[AllowMountsAnnotation] = allowMounts()
+	return info, nil
 }
 
 // runcOptionsBytes turns the runtime options containerd wrote on stdin into

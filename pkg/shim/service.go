@@ -102,7 +102,7 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 		logger.WithError(err).Error("snapview: create refused")
 		return nil, errgrpc.ToGRPC(err)
 	}
-	if skip != "" {
+	if v == nil {
 		resp, err := s.TTRPCTaskService.Create(ctx, r)
 		logger.WithFields(log.Fields{"reason": skip, "config": cfg.Source}).Info("snapview: no view for this container")
 		return resp, err
@@ -125,6 +125,11 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	s.views[key(ns, r.ID)] = &entry{view: v}
 	s.mu.Unlock()
 	st := v.State
+	if skip != "" {
+		logger.WithFields(log.Fields{"reason": skip, "config": cfg.Source, "activation": st.RootfsActivation}).
+			Info("snapview: no view for this container; its rootfs mounts performed through containerd's mount manager")
+		return resp, nil
+	}
 	logger.WithFields(v.Timings()).
 		WithFields(log.Fields{"runc_create_us": time.Since(start).Microseconds(), "goroutines": runtime.NumGoroutine(), "mode": v.State.Mode, "key": st.ViewKey, "lease": st.LeaseID, "target": st.Mountpoint}).
 		Info("snapview: container created with its view")
@@ -205,7 +210,7 @@ func normaliseOptions(r *taskAPI.CreateTaskRequest) (*config.Config, error) {
 func fromTypes(mounts []*types.Mount) []rootfs.Mount {
 	out := make([]rootfs.Mount, 0, len(mounts))
 	for _, m := range mounts {
-		out = append(out, rootfs.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
+		out = append(out, rootfs.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
 	}
 	return out
 }
@@ -213,7 +218,7 @@ func fromTypes(mounts []*types.Mount) []rootfs.Mount {
 func toTypes(mounts []rootfs.Mount) []*types.Mount {
 	out := make([]*types.Mount, 0, len(mounts))
 	for _, m := range mounts {
-		out = append(out, &types.Mount{Type: m.Type, Source: m.Source, Options: m.Options})
+		out = append(out, &types.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
 	}
 	return out
 }

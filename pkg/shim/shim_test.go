@@ -1,9 +1,12 @@
 package shim
 
 import (
+	"bytes"
 	"context"
+	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -191,6 +194,37 @@ type recordingRunc struct {
 func (r *recordingRunc) Start(_ context.Context, p *bootapi.BootstrapParams) (*bootapi.BootstrapResult, error) {
 	r.got = p
 	return &bootapi.BootstrapResult{Version: 3, Address: "unix:///run/s/x", Protocol: "ttrpc"}, nil
+}
+
+func (r *recordingRunc) Info(context.Context, io.Reader) (*types.RuntimeInfo, error) {
+	return &types.RuntimeInfo{Name: "io.containerd.runc.v2", Annotations: map[string]string{"kept": "yes"}}, nil
+}
+
+// TestAdvertisesMountCapabilities checks the claim containerd reads under
+// both start protocols: the MountCapabilities extension of the bootstrap
+// result (2.3+), and the runtime-allow-mounts annotation of -info (2.2, in
+// the form 2.2 and 2.4's fallback both parse), naming exactly what
+// snapview performs.
+func TestAdvertisesMountCapabilities(t *testing.T) {
+	m := &shimManager{Shim: &recordingRunc{}}
+	res, err := m.Start(context.Background(), &bootapi.BootstrapParams{InstanceID: "c1", Namespace: "default"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var caps types.MountCapabilities
+	if found, err := res.FindExtension(&caps); err != nil || !found {
+		t.Fatalf("no MountCapabilities in the bootstrap result: %v %v", found, err)
+	}
+	if !slices.Equal(caps.Types, []string{"erofs"}) || !slices.Equal(caps.Transforms, []string{"format", "mkdir", "mkfs"}) {
+		t.Fatalf("claimed %v", &caps)
+	}
+	info, err := m.Info(context.Background(), bytes.NewReader(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := info.Annotations[AllowMountsAnnotation]; got != "erofs,format/*,mkdir/*,mkfs/*" || info.Annotations["kept"] != "yes" {
+		t.Fatalf("-info annotations %v", info.Annotations)
+	}
 }
 
 // TestStartNormalisesOptions checks what runc's manager is handed at start:

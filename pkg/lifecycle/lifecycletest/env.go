@@ -19,6 +19,7 @@ import (
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/metadata"
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/mount/manager"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/plugins/content/local"
@@ -47,6 +48,8 @@ type Env struct {
 	Snapshotter snapshots.Snapshotter
 	Leases      leases.Manager
 	Containers  containers.Store
+	// Mounts is containerd's mount manager, over its own bolt database.
+	Mounts mount.Manager
 	// Parent is the committed image layer every container's snapshot has.
 	Parent  string
 	Backend *Backend
@@ -92,7 +95,16 @@ func NewEnv(t *testing.T) *Env {
 	if err := db.Init(ctx); err != nil {
 		t.Fatal(err)
 	}
-	e := &Env{Ctx: ctx, Dir: dir, DB: db, Snapshotter: db.Snapshotter("native"), Leases: metadata.NewLeaseManager(db), Containers: metadata.NewContainerStore(db)}
+	mdb, err := bolt.Open(filepath.Join(dir, "mounts.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = mdb.Close() })
+	mm, err := manager.NewManager(mdb, filepath.Join(dir, "mount-targets"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &Env{Ctx: ctx, Dir: dir, DB: db, Snapshotter: db.Snapshotter("native"), Leases: metadata.NewLeaseManager(db), Containers: metadata.NewContainerStore(db), Mounts: mm}
 	e.Backend = &Backend{env: e}
 
 	// The image: one committed layer, held by a lease as an image would be.
@@ -217,6 +229,15 @@ func (e *Env) CheckNothingLeft(t *testing.T, r lifecycle.Request, config []byte)
 	if mounts, _ := mountinfo.GetMounts(mountinfo.PrefixFilter(r.Bundle)); len(mounts) > 0 {
 		t.Errorf("mounts left under the bundle: %v", mounts)
 	}
+	acts, err := e.Mounts.List(e.Ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range acts {
+		if a.Name == r.ID || a.Name == view.Key(r.ID) {
+			t.Errorf("mount activation left: %s %v", a.Name, a.Labels)
+		}
+	}
 	entries, err := os.ReadDir(r.Bundle)
 	if err != nil {
 		t.Fatal(err)
@@ -329,7 +350,7 @@ func (b *Backend) Mounts() (mount.Manager, error) {
 	if err := b.call("Mounts"); err != nil {
 		return nil, err
 	}
-	return noMountManager{}, nil
+	return b.env.Mounts, nil
 }
 
 // lateLeases is the lease manager, with Create reporting a timeout after
@@ -360,24 +381,6 @@ func (s *lateSnapshotter) View(ctx context.Context, key, parent string, opts ...
 		return nil, context.DeadlineExceeded
 	}
 	return ms, err
-}
-
-// noMountManager is a containerd without a mount manager; the native
-// snapshotter's views never need one.
-type noMountManager struct{}
-
-func (noMountManager) Activate(context.Context, string, []mount.Mount, ...mount.ActivateOpt) (mount.ActivationInfo, error) {
-	return mount.ActivationInfo{}, errdefs.ErrNotImplemented
-}
-func (noMountManager) Deactivate(context.Context, string) error { return errdefs.ErrNotFound }
-func (noMountManager) Info(context.Context, string) (mount.ActivationInfo, error) {
-	return mount.ActivationInfo{}, errdefs.ErrNotFound
-}
-func (noMountManager) Update(context.Context, mount.ActivationInfo, ...string) (mount.ActivationInfo, error) {
-	return mount.ActivationInfo{}, errdefs.ErrNotImplemented
-}
-func (noMountManager) List(context.Context, ...string) ([]mount.ActivationInfo, error) {
-	return nil, nil
 }
 
 // Ext4Image makes an ext4 filesystem image of size bytes.
