@@ -297,8 +297,9 @@ func TestBlockRefused(t *testing.T) {
 	}{
 		{name: "overlay rootfs", snapshotter: "overlayfs", want: []string{"block mode (annotation io.snapview.mode) needs a block-backed rootfs", "an overlay mount"}},
 		{name: "directory rootfs", snapshotter: "native", want: []string{"block-backed", "(a directory)"}},
-		// containerd's mount manager mounts an erofs rootfs before the shim
-		// sees it; what arrives is not block-backed either way.
+		// snapview claims the erofs snapshotter's mounts from containerd,
+		// so they arrive unperformed; without block mode (no default_size)
+		// they are no disks (TestLayeredRefused has the message).
 		{name: "erofs rootfs", snapshotter: "erofs", want: []string{"block-backed", "it is "}},
 		{name: "read-only view rootfs", snapshotter: "blockfile", viewSnapshot: true, want: []string{"block-backed", "read-only"}},
 		{name: "user namespace", snapshotter: "blockfile", specOpts: []oci.SpecOpts{oci.WithUserNamespace(

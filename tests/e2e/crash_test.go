@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -18,25 +19,28 @@ import (
 
 // crashPoints are the fault points of the shim's fault build (package
 // fault): after each setup step that leaves something behind, after runc's
-// create, and in teardown after the unmount and after the view's removal.
+// create, and in teardown after the unmount and after the view's removal;
+// each with the modes whose setup has that step.
 var crashPoints = []struct {
-	point     string
-	blockOnly bool
-	erofs     bool // also on erofs, whose multi-layer view needs the mount manager
-	teardown  bool
+	point    string
+	modes    string // space separated; "" for every mode
+	teardown bool
 }{
 	{point: "dir"},
-	{point: "lease"},
-	{point: "view"},
-	{point: "activate", erofs: true},
-	{point: "mount", erofs: true},
-	{point: "device", blockOnly: true},
-	{point: "monitor", blockOnly: true},
+	{point: "lease", modes: "view block erofs layered"},
+	{point: "view", modes: "view block erofs layered"},
+	{point: "activate", modes: "erofs layered"},
+	{point: "mount", modes: "erofs layered"},
+	{point: "rootfs", modes: "erofs erofs-off"},
+	{point: "format", modes: "layered"},
+	{point: "device", modes: "block layered"},
+	{point: "layers", modes: "layered"},
+	{point: "monitor", modes: "block layered"},
 	{point: "state"},
-	{point: "config"},
+	{point: "config", modes: "view block erofs layered"},
 	{point: "runc-created"},
 	{point: "teardown-unmounted", teardown: true},
-	{point: "teardown-removed", teardown: true},
+	{point: "teardown-removed", modes: "view block erofs layered", teardown: true},
 }
 
 // TestCrashMatrix kills the shim (SIGKILL, from inside, as a crash would)
@@ -58,7 +62,7 @@ func TestCrashMatrix(t *testing.T) {
 	faultFile := filepath.Join(suite.dir, "fault")
 	tools := suite.tools
 	tools.Shim = faultShim
-	d, err := harness.StartDaemon(ctx, suite.dir, tools, harness.WithEnv("SNAPVIEW_FAULT_FILE="+faultFile))
+	d, err := harness.StartDaemon(ctx, suite.dir, tools, harness.WithEnv("SNAPVIEW_FAULT_FILE="+faultFile), harness.WithErofsBlock(erofsBlockSize))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,10 +80,15 @@ func TestCrashMatrix(t *testing.T) {
 	}{
 		{"view", "overlayfs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}},
 		{"block", "blockfile", blockAnn},
+		// The erofs snapshotter in block mode: view mode, whose rootfs
+		// mounts snapview has the mount manager perform; no view (mode off),
+		// with only that; and layered block mode.
 		{"erofs", "erofs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}},
+		{"erofs-off", "erofs", map[string]string{"io.snapview.mode": "off"}},
+		{"layered", "erofs", blockAnn},
 	} {
 		for _, cp := range crashPoints {
-			if cp.blockOnly && mode.name != "block" || cp.point == "activate" && mode.name != "erofs" || mode.name == "erofs" && !cp.erofs {
+			if cp.modes != "" && !slices.Contains(strings.Fields(cp.modes), mode.name) {
 				continue
 			}
 			t.Run(mode.name+"/"+cp.point, func(t *testing.T) {

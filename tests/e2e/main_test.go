@@ -71,6 +71,12 @@ func run(m *testing.M) int {
 		return 1
 	}
 	code := m.Run()
+	if err := stopLayeredDaemons(); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e: stop the layered daemons:", err)
+		if code == 0 {
+			code = 1
+		}
+	}
 	if err := suite.daemon.Stop(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e: stop daemon:", err)
 		if code == 0 {

@@ -61,6 +61,9 @@ func newContainer(ctx context.Context, t *testing.T, d *harness.Daemon, id strin
 		return nil, err
 	}
 	if o.snapshotter == "" {
+		o.snapshotter = d.DefaultSnapshotter
+	}
+	if o.snapshotter == "" {
 		o.snapshotter = "overlayfs"
 	}
 	specOpts := []oci.SpecOpts{oci.WithImageConfig(img), oci.WithProcessArgs(o.args...)}

@@ -39,7 +39,10 @@ type viewState struct {
 	Lease       string `json:"lease"`
 	Mountpoint  string `json:"mountpoint"`
 	Activation  string `json:"activation"`
-	Rootfs      struct {
+	// RootfsActivation is the mount-manager activation of the container's
+	// own rootfs, when snapview claimed its mounts (erofs).
+	RootfsActivation string `json:"rootfs_activation"`
+	Rootfs           struct {
 		Kind   string `json:"kind"`
 		FSType string `json:"fstype"`
 	} `json:"rootfs"`
@@ -54,7 +57,7 @@ func checkView(ctx context.Context, t *testing.T, d *harness.Daemon, id, sn, run
 	c := d.Client()
 	b := bundleDir(d, id)
 
-	// State file: mode 0600, version 1, naming everything.
+	// State file: mode 0600, version 2, naming everything.
 	fi, err := os.Stat(filepath.Join(b, "snapview.json"))
 	if err != nil {
 		t.Fatalf("state file: %v", err)
@@ -70,7 +73,7 @@ func checkView(ctx context.Context, t *testing.T, d *harness.Daemon, id, sn, run
 	if err := json.Unmarshal(raw, &st); err != nil {
 		t.Fatalf("state file: %v\n%s", err, raw)
 	}
-	want := viewState{Version: 1, Namespace: ns, ContainerID: id, Snapshotter: sn, ViewKey: "snapview/" + id, Lease: "snapview/" + id,
+	want := viewState{Version: 2, Namespace: ns, ContainerID: id, Snapshotter: sn, ViewKey: "snapview/" + id, Lease: "snapview/" + id,
 		Mountpoint: filepath.Join(b, "snapview", "view")}
 	if st.Version != want.Version || st.Namespace != want.Namespace || st.ContainerID != id || st.Snapshotter != sn ||
 		st.ViewKey != want.ViewKey || st.Lease != want.Lease || st.Mountpoint != want.Mountpoint {
@@ -83,6 +86,11 @@ func checkView(ctx context.Context, t *testing.T, d *harness.Daemon, id, sn, run
 	// templated overlay, which only containerd's mount manager can perform.
 	if wantActivation := sn == "erofs"; (st.Activation != "") != wantActivation {
 		t.Errorf("%s view: mount-manager activation %q, want one: %v", sn, st.Activation, wantActivation)
+	}
+	// The container's own erofs rootfs too, which snapview claimed from
+	// containerd and had the mount manager perform under the task's id.
+	if wantRootfs := map[bool]string{true: id}[sn == "erofs"]; st.RootfsActivation != wantRootfs {
+		t.Errorf("%s rootfs activation %q, want %q", sn, st.RootfsActivation, wantRootfs)
 	}
 
 	// Lease: labelled, holding the view.

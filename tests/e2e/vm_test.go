@@ -3,8 +3,10 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -29,12 +31,16 @@ import (
 //
 // The first case is the project's VM image as both the monitor's root and
 // the guest's disk; the second runs qemu from a host directory (the
-// host-directory monitor rootfs) with an image that holds no monitor.
+// host-directory monitor rootfs) with an image that holds no monitor. The
+// third is the same image on the erofs snapshotter in block mode: qemu
+// gets the container's writable disk and every layer of the image as a
+// read-only disk, and the guest's initrd stacks the layers under an overlay
+// whose upper directory is on the writable disk, where the marker lands;
+// the image's layer files stay byte for byte what they were.
 func TestVM(t *testing.T) {
 	if os.Getenv("SNAPVIEW_GUEST_KERNEL") == "" {
 		t.Skip("SNAPVIEW_GUEST_KERNEL is not set: run through `make e2e`")
 	}
-	d := suite.daemon
 	k, err := harness.GuestKernelFromEnv()
 	if err != nil {
 		t.Fatal(err)
@@ -42,11 +48,17 @@ func TestVM(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		withQemu bool
+		layered  bool
 	}{
-		{"image is the monitor", true},
-		{"host monitor", false},
+		{"image is the monitor", true, false},
+		{"host monitor", false, false},
+		{"layered", true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			d, snapshotter := suite.daemon, "blockfile"
+			if tc.layered {
+				d, snapshotter = layeredDaemon(t, false), "erofs"
+			}
 			ctx := setup(t, d)
 			monitor := "view"
 			if !tc.withQemu {
@@ -57,7 +69,7 @@ func TestVM(t *testing.T) {
 			}
 			id := "vm-" + strings.ReplaceAll(tc.name, " ", "-")
 			ref := "docker.io/snapview/" + id + ":latest"
-			if err := importVMImage(ctx, d, ref, k, tc.withQemu); err != nil {
+			if err := importVMImage(ctx, d, ref, k, tc.withQemu, snapshotter); err != nil {
 				t.Fatal(err)
 			}
 			kvm, accel := harness.KVM(k)
@@ -66,15 +78,27 @@ func TestVM(t *testing.T) {
 				specOpts = append(specOpts, oci.WithLinuxDevice("/dev/kvm", "rwm"))
 			}
 			opts := &runtimeoptions.Options{ConfigBody: fmt.Appendf(nil, "[block]\nmonitor_rootfs = %q\n", monitor)}
+			args, markerPath, wantRoot := harness.QemuArgs(kvm), harness.GuestMarkerPath, " from root=/dev/vda "
+			if tc.layered {
+				args = []string{"sh", "-c", harness.QemuLayeredScript(kvm)}
+				markerPath, wantRoot = "/upper"+harness.GuestMarkerPath, " from root=/dev/vda snapview.layers=3 "
+			}
 			started := time.Now()
 			r, err := start(ctx, t, d, id, runOpts{
-				runtime: snapviewRT, runtimeOpts: opts, snapshotter: "blockfile", image: ref,
-				annotations: harness.VMAnnotations(), args: harness.QemuArgs(kvm), specOpts: specOpts,
+				runtime: snapviewRT, runtimeOpts: opts, snapshotter: snapshotter, image: ref,
+				annotations: harness.VMAnnotations(), args: args, specOpts: specOpts,
 			})
 			if err != nil {
 				t.Fatal(err)
 			}
-			st := readBlockState(t, d, id)
+			var st blockState
+			var layers map[string]string
+			if tc.layered {
+				ls := readLayeredState(t, d, id)
+				st, layers = ls.blockState, layerFiles(t, ls)
+			} else {
+				st = readBlockState(t, d, id)
+			}
 			watch := watchNeverMounted(st)
 			code, err := r.wait(t)
 			violations := watch()
@@ -87,8 +111,8 @@ func TestVM(t *testing.T) {
 			if code != 0 {
 				t.Fatalf("qemu exited %d; stderr:\n%s", code, r.stderr.String())
 			}
-			if !strings.Contains(out, harness.GuestBootedLine+k.Version+" from root=/dev/vda") {
-				t.Errorf("the guest did not report booting kernel %s from /dev/vda", k.Version)
+			if !strings.Contains(out, harness.GuestBootedLine+k.Version+wantRoot) {
+				t.Errorf("the guest did not report booting kernel %s%s", k.Version, wantRoot)
 			}
 			for _, v := range violations {
 				t.Errorf("during the run: %s", v)
@@ -96,17 +120,22 @@ func TestVM(t *testing.T) {
 			if _, err := r.task.Delete(ctx); err != nil {
 				t.Fatal(err)
 			}
-			marker := readGuestMarker(t, st.Block.Rootfs.Source)
+			marker := readGuestMarker(t, st.Block.Rootfs.Source, markerPath)
 			if !strings.Contains(marker, "kernel="+k.Version) {
 				t.Errorf("marker on the container's disk %q, want kernel=%s", marker, k.Version)
+			}
+			if tc.layered {
+				after := hashFiles(t, slices.Collect(maps.Keys(layers)))
+				if !maps.Equal(layers, after) {
+					t.Errorf("the image's layer files changed: %v, then %v", layers, after)
+				}
 			}
 		})
 	}
 }
 
-// importVMImage builds the VM image and imports it for the blockfile
-// snapshotter.
-func importVMImage(ctx context.Context, d *harness.Daemon, ref string, k *harness.GuestKernel, withQemu bool) error {
+// importVMImage builds the VM image and imports it for snapshotter.
+func importVMImage(ctx context.Context, d *harness.Daemon, ref string, k *harness.GuestKernel, withQemu bool, snapshotter string) error {
 	img, err := harness.VMImage(ref, k, withQemu)
 	if err != nil {
 		return err
@@ -116,7 +145,7 @@ func importVMImage(ctx context.Context, d *harness.Daemon, ref string, k *harnes
 		return err
 	}
 	defer os.Remove(archive)
-	_, err = d.Import(ctx, ns, &harness.Image{Ref: ref, Archive: archive, Files: img.Files}, "blockfile")
+	_, err = d.Import(ctx, ns, &harness.Image{Ref: ref, Archive: archive, Files: img.Files}, snapshotter)
 	return err
 }
 
@@ -166,10 +195,11 @@ func watchNeverMounted(st blockState) func() []string {
 	}
 }
 
-// readGuestMarker reads the guest's marker from a snapshot file, mounting it
-// read-only (and without replaying its journal) in a temporary directory:
-// only once the task is gone, never while a guest could write it.
-func readGuestMarker(t *testing.T, file string) string {
+// readGuestMarker reads the guest's marker at path from a snapshot file,
+// mounting it read-only (and without replaying its journal) in a temporary
+// directory: only once the task is gone, never while a guest could write
+// it.
+func readGuestMarker(t *testing.T, file, path string) string {
 	t.Helper()
 	dir := t.TempDir()
 	if err := mount.All([]mount.Mount{{Type: "ext4", Source: file, Options: []string{"loop", "ro", "noload"}}}, dir); err != nil {
@@ -180,7 +210,7 @@ func readGuestMarker(t *testing.T, file string) string {
 			t.Error(err)
 		}
 	}()
-	b, err := os.ReadFile(filepath.Join(dir, harness.GuestMarkerPath))
+	b, err := os.ReadFile(filepath.Join(dir, path))
 	if err != nil {
 		t.Fatalf("the guest's marker is not on the container's disk: %v", err)
 	}

@@ -74,11 +74,18 @@ type Daemon struct {
 	Tools   Tools
 	// SnapshotterNames are the snapshotters this daemon serves and the tests use.
 	Snapshotters []string
+	// DefaultSnapshotter, when set, is the snapshotter of a test container
+	// that names none (else overlayfs).
+	DefaultSnapshotter string
 
 	// LogLevel is containerd's (and so the shims') log level.
 	LogLevel string
 	// CRI, when set, enables containerd's CRI plugin with snapview runtimes.
 	CRI *CRIConfig
+	// ErofsBlockSize, when set, runs the erofs snapshotter in block mode:
+	// every container's snapshot gets a writable ext4 image of this size
+	// (its default_size) over the image's erofs layer files.
+	ErofsBlockSize string
 
 	cmd     *exec.Cmd
 	logFile *os.File
@@ -156,9 +163,24 @@ disabled_plugins = [
     container_annotations = ["io.snapview.*"]
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-block.options]
       SystemdCgroup = false
+  # Layered block mode: the erofs snapshotter (in block mode if the daemon's
+  # erofs snapshotter has a default_size).
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-layered]
+    runtime_type = "io.containerd.snapview.v2"
+    snapshotter = "erofs"
+    pod_annotations = ["io.snapview.*"]
+    container_annotations = ["io.snapview.*"]
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-layered.options]
+      SystemdCgroup = false
 
 [plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
+{{- end}}
+
+{{- if .ErofsBlockSize}}
+
+[plugins."io.containerd.snapshotter.v1.erofs"]
+  default_size = "{{.ErofsBlockSize}}"
 {{- end}}
 
 [plugins."io.containerd.snapshotter.v1.blockfile"]
@@ -180,6 +202,7 @@ type options struct {
 	logLevel       string
 	cri            *CRIConfig
 	snapviewConfig *string
+	erofsBlockSize string
 }
 
 // WithSnapviewConfig writes body as snapview's configuration file in the
@@ -189,12 +212,19 @@ func WithSnapviewConfig(body string) Option {
 	return func(o *options) { o.snapviewConfig = &body }
 }
 
+// WithErofsBlock runs the daemon's erofs snapshotter in block mode, with
+// writable images of size (e.g. "64M"): the layered block-backed rootfs.
+func WithErofsBlock(size string) Option {
+	return func(o *options) { o.erofsBlockSize = size }
+}
+
 // CRIConfig configures containerd's CRI plugin for a daemon. Its runtime
 // handlers are "snapview" (runtime_type io.containerd.snapview.v2 with an
 // inline options table, which CRI sends as runtimeoptions ConfigBody),
 // "snapview-runc-path" (runtime_type io.containerd.runc.v2 with runtime_path
 // set to the shim, which CRI sends runc options), "snapview-block"
-// (snapview on the blockfile snapshotter, for block mode), "snapview-off"
+// (snapview on the blockfile snapshotter, for block mode), "snapview-layered"
+// (snapview on the erofs snapshotter), "snapview-off"
 // (snapview with views off) and "runc". Pods must use host
 // networking: no CNI plugin is configured.
 type CRIConfig struct {
@@ -250,7 +280,9 @@ func StartDaemon(ctx context.Context, parent string, tools Tools, opts ...Option
 		Tools:    tools,
 		LogLevel: o.logLevel,
 		CRI:      o.cri,
-		waitErr:  make(chan error, 1),
+
+		ErofsBlockSize: o.erofsBlockSize,
+		waitErr:        make(chan error, 1),
 	}
 	defer func() {
 		if retErr != nil {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
 	"github.com/moby/sys/mountinfo"
 )
 
@@ -22,8 +23,8 @@ const LeaseLabel = "snapview.io/container"
 const ViewPrefix = "snapview/"
 
 // CheckLeaks reports everything a finished test may have left behind, in
-// every namespace: snapview leases, snapview/ snapshots, containers, mounts
-// under the daemon's directory, loop devices backed by its files, and shim
+// every namespace: snapview leases, snapview/ snapshots, containerd mount
+// manager activations, containers, mounts under the daemon's directory, loop devices backed by its files, and shim
 // processes. It waits up to 10 s for what is left to go, since shims exit
 // only after answering the last Delete and Shutdown.
 func (d *Daemon) CheckLeaks(ctx context.Context) error {
@@ -68,6 +69,13 @@ func (d *Daemon) leaks(ctx context.Context) []string {
 			if err != nil {
 				leaks = append(leaks, fmt.Sprintf("walk %s snapshots in %s: %v", sn, ns, err))
 			}
+		}
+		acts, err := c.MountManager().List(nctx)
+		if err != nil && !errdefs.IsNotImplemented(err) {
+			leaks = append(leaks, fmt.Sprintf("list mount activations in %s: %v", ns, err))
+		}
+		for _, a := range acts {
+			leaks = append(leaks, fmt.Sprintf("mount activation %s/%s %v", ns, a.Name, a.Labels))
 		}
 		cs, err := c.Containers(nctx)
 		if err != nil {

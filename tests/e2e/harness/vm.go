@@ -41,8 +41,9 @@ const (
 )
 
 // virtioModules are the modules the cloud kernel needs to see a virtio
-// disk, in the order they load.
-var virtioModules = []string{"virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk"}
+// disk, and to stack a layered root (erofs layers under an overlay), in
+// the order they load.
+var virtioModules = []string{"virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk", "libcrc32c", "erofs", "overlay"}
 
 // GuestKernel is an unpacked kernel package.
 type GuestKernel struct {
@@ -70,14 +71,40 @@ func GuestKernelFromEnv() (*GuestKernel, error) {
 	return k, nil
 }
 
-// initScript is the initrd's /init: load the virtio modules, mount the
-// root disk and run the guest's init from it.
+// initScript is the initrd's /init: load the modules, mount the root and
+// run the guest's init from it. The root is the first disk (vda); with
+// snapview.layers=N on the kernel command line it is a layered root, as
+// snapview's params describe it: the writable disk vda holds the overlay's
+// upper and work directories, the next N disks are the read-only erofs
+// layers, top-most first.
 const initScript = `#!/bin/sh
 mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 for m in %s; do insmod /lib/modules/$m.ko || echo "initrd: insmod $m failed"; done
-for i in $(seq 1 100); do [ -b /dev/vda ] && break; sleep 0.05; done
-if ! mount -t ext4 -o rw /dev/vda /newroot; then echo "initrd: cannot mount /dev/vda"; poweroff -f; fi
+waitdisk() { for w in $(seq 1 100); do [ -b $1 ] && return 0; sleep 0.05; done; return 1; }
+fail() { echo "initrd: $*"; poweroff -f; }
+layers=0
+for w in $(cat /proc/cmdline); do case $w in snapview.layers=*) layers=${w#snapview.layers=};; esac; done
+waitdisk /dev/vda || fail "no disk /dev/vda"
+if [ "$layers" -gt 0 ]; then
+  mkdir -p /disk
+  mount -t ext4 -o rw /dev/vda /disk || fail "cannot mount the writable disk /dev/vda"
+  i=0
+  lower=
+  for l in b c d e f g h i j k l m n o p q r s t u v w x y z; do
+    [ $i -lt $layers ] || break
+    mkdir -p /layers/$i
+    waitdisk /dev/vd$l || fail "no disk /dev/vd$l for layer $i"
+    mount -t erofs -o ro /dev/vd$l /layers/$i || fail "cannot mount layer $i (/dev/vd$l)"
+    lower=${lower:+$lower:}/layers/$i
+    i=$((i+1))
+  done
+  mkdir -p /disk/upper /disk/work
+  mount -t overlay overlay -o lowerdir=$lower,upperdir=/disk/upper,workdir=/disk/work /newroot || fail "cannot stack the overlay"
+  echo "initrd: root is an overlay of $layers erofs layers over /dev/vda"
+else
+  mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount /dev/vda"
+fi
 umount /proc
 mount --move /dev /newroot/dev
 exec switch_root /newroot /guest-init
@@ -88,7 +115,7 @@ exec switch_root /newroot /guest-init
 // ends qemu with status 0.
 const guestInit = `#!/bin/sh
 mount -t proc proc /proc
-echo "` + GuestBootedLine + `$(uname -r) from $(tr ' ' '\n' < /proc/cmdline | grep '^root=')"
+echo "` + GuestBootedLine + `$(uname -r) from $(tr ' ' '\n' < /proc/cmdline | grep -E '^(root|snapview.layers)=' | tr '\n' ' ')"
 echo "kernel=$(uname -r) written-at=$(date -u +%Y-%m-%dT%H:%M:%SZ)" > ` + GuestMarkerPath + `
 sync
 echo "snapview-guest: wrote ` + GuestMarkerPath + ` on its disk; powering off"
@@ -107,7 +134,7 @@ func (k *GuestKernel) Initrd() ([]byte, error) {
 		c.dir(d)
 	}
 	c.file("bin/busybox", 0o755, bb)
-	for _, a := range []string{"sh", "insmod", "mount", "umount", "switch_root", "seq", "sleep", "echo", "poweroff"} {
+	for _, a := range []string{"sh", "insmod", "mount", "umount", "switch_root", "seq", "sleep", "echo", "poweroff", "cat", "mkdir"} {
 		c.symlink("bin/"+a, "busybox")
 	}
 	for _, m := range virtioModules {
@@ -277,6 +304,39 @@ func QemuArgs(kvm bool) []string {
 		"-drive", "file=/dev/snapview/rootfs,format=raw,if=virtio,cache=none",
 		"-serial", "stdio",
 	)
+}
+
+// QemuLayeredScript returns the monitor's launcher for a layered rootfs,
+// a shell script (the container's process) that builds qemu's command line
+// from the disks snapview gave the container: the writable disk first, as
+// the guest's vda, then every layer disk, read-only, top-most first, and
+// the number of layers on the guest's kernel command line.
+func QemuLayeredScript(kvm bool) string {
+	args := QemuArgs(kvm)
+	for i, a := range args {
+		if strings.HasPrefix(a, "console=") {
+			args[i] = a + " snapview.layers=$n"
+		}
+	}
+	return `n=0
+for d in /dev/snapview/layers/*; do n=$((n+1)); done
+set -- ` + shellWords(args) + `
+i=0
+while [ $i -lt $n ]; do
+  set -- "$@" -drive file=/dev/snapview/layers/$i,format=raw,if=virtio,readonly=on
+  i=$((i+1))
+done
+exec "$@"
+`
+}
+
+// shellWords quotes args for a shell, leaving $n to expand.
+func shellWords(args []string) string {
+	q := make([]string, len(args))
+	for i, a := range args {
+		q[i] = `"` + a + `"`
+	}
+	return strings.Join(q, " ")
 }
 
 // VMAnnotations are the annotations of a VM container: block mode, and the
