@@ -52,8 +52,12 @@ func ls(ctx context.Context, g global, args []string) error {
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "NAMESPACE\tCONTAINER\tMODE\tSNAPSHOTTER\tVIEW\tLEASE\tMOUNTPOINT\tDEVICE\tAGE\tHEALTH")
 	for _, e := range all {
+		device := e.Device
+		if e.Layers > 0 {
+			device += fmt.Sprintf(" +%d layers", e.Layers)
+		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Namespace, e.Container, dash(e.Mode), dash(e.Snapshotter),
-			dash(e.ViewKey), dash(e.Lease), dash(e.Mountpoint), dash(e.Device), age(e.Age()), e.Health)
+			dash(e.ViewKey), dash(e.Lease), dash(e.Mountpoint), dash(device), age(e.Age()), e.Health)
 	}
 	return w.Flush()
 }
@@ -111,6 +115,9 @@ func describe(ctx context.Context, b *backend.Backend, e *inventory.Entry) error
 	if e.State != nil {
 		if blk := e.State.Block; blk != nil {
 			fmt.Printf("block       %s (%d:%d) from %s; monitor rootfs %s\n", blk.Device, blk.Major, blk.Minor, blk.Rootfs.Source, blk.MonitorRootfs)
+			for _, d := range blk.Layers {
+				fmt.Printf("layer       %s: %s (%d:%d, read-only) from %s%s\n", d.Path, d.Device, d.Major, d.Minor, d.Loop.BackingFile, loopStatus(d.Device))
+			}
 		}
 		for _, a := range e.State.Artifacts {
 			fmt.Printf("bind        %s -> %s (from %s in the image)\n", a.Source, a.Target, a.Path)
@@ -152,6 +159,17 @@ func describe(ctx context.Context, b *backend.Backend, e *inventory.Entry) error
 	}
 	if e.Device != "" {
 		fmt.Printf("device      %s%s\n", e.Device, loopStatus(e.Device))
+	}
+	if e.RootfsActivation != "" {
+		mm, err := b.Mounts()
+		if err != nil {
+			return err
+		}
+		if ai, err := mm.Info(ctx, e.RootfsActivation); err == nil {
+			fmt.Printf("rootfs      mount activation %s: %d mounts performed, labels %v\n", ai.Name, len(ai.Active), ai.Labels)
+		} else {
+			fmt.Printf("rootfs      mount activation %s: %v\n", e.RootfsActivation, err)
+		}
 	}
 	fmt.Println()
 	return nil

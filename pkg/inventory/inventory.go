@@ -36,6 +36,7 @@ const (
 	HealthNoState     = "broken: state file missing"
 	HealthNoLease     = "broken: state file without lease"
 	HealthUnreadState = "broken: state file unreadable"
+	HealthNoRootfs    = "broken: rootfs activation missing"
 )
 
 // Entry is one container's view as found on the node.
@@ -48,6 +49,11 @@ type Entry struct {
 	Lease       string    `json:"lease,omitempty"`
 	Mountpoint  string    `json:"mountpoint,omitempty"`
 	Device      string    `json:"device,omitempty"`
+	// Layers is how many read-only layer disks a layered rootfs has.
+	Layers int `json:"layers,omitempty"`
+	// RootfsActivation is the mount-manager activation snapview made for
+	// the container's rootfs (mode none: all it holds).
+	RootfsActivation string `json:"rootfs_activation,omitempty"`
 	Created     time.Time `json:"created"`
 	Health      string    `json:"health"`
 	// Bundle is the container's bundle directory, if it still exists.
@@ -134,6 +140,8 @@ func List(ctx context.Context, b lifecycle.Backend, ns, state string) ([]Entry, 
 		case err == nil && st.ContainerID == e.Container:
 			e.State = st
 			e.Mode = st.Mode
+			e.Mountpoint = st.Mountpoint
+			e.RootfsActivation = st.RootfsActivation
 			if e.Mode == "" {
 				e.Mode = bundle.ModeView
 			}
@@ -144,7 +152,7 @@ func List(ctx context.Context, b lifecycle.Backend, ns, state string) ([]Entry, 
 				e.Created = st.Created
 			}
 			if st.Block != nil {
-				e.Device = st.Block.Device
+				e.Device, e.Layers = st.Block.Device, len(st.Block.Layers)
 			}
 		case errors.Is(err, bundle.ErrNoState):
 			e.Health = HealthNoState
@@ -165,12 +173,31 @@ func List(ctx context.Context, b lifecycle.Backend, ns, state string) ([]Entry, 
 }
 
 // judge sets e's health from what exists: the container record, the lease,
-// the view, the mount.
+// the view, the mount; for a container that has no view (mode none), its
+// rootfs activation.
 func (e *Entry) judge(ctx context.Context, b lifecycle.Backend) error {
 	_, _, err := b.Container(ctx, e.Container)
 	gone := errdefs.IsNotFound(err)
 	if err != nil && !gone {
 		return fmt.Errorf("look up container %s: %w", e.Container, err)
+	}
+	if e.Mode == bundle.ModeNone {
+		mm, err := b.Mounts()
+		if err != nil {
+			return err
+		}
+		_, err = mm.Info(ctx, e.RootfsActivation)
+		switch {
+		case gone:
+			e.Health = HealthOrphan
+		case errdefs.IsNotFound(err):
+			e.Health = HealthNoRootfs
+		case err != nil:
+			return fmt.Errorf("look up mount activation %s: %w", e.RootfsActivation, err)
+		default:
+			e.Health = HealthOK
+		}
+		return nil
 	}
 	mounted := false
 	if e.Mountpoint != "" {

@@ -258,3 +258,65 @@ func TestSnapviewctlInstallDaemon(t *testing.T) {
 		t.Fatalf("a pod through the uninstalled handler: %v, want an error naming it", err)
 	}
 }
+
+// TestSnapviewctlLsLayered lists and inspects what snapview holds on the
+// erofs snapshotter in block mode: a layered block-mode container with its
+// layer disks, and a container without a view whose rootfs activation is
+// all snapview holds for it.
+func TestSnapviewctlLsLayered(t *testing.T) {
+	d := layeredDaemon(t, false)
+	ctx := setup(t, d)
+	for _, c := range []struct {
+		id  string
+		ann map[string]string
+	}{
+		{"ls-layered", blockAnn},
+		{"ls-none", map[string]string{"io.snapview.mode": "off"}},
+	} {
+		if _, err := start(ctx, t, d, c.id, runOpts{runtime: snapviewRT, snapshotter: "erofs", annotations: c.ann, args: []string{"sleep", "300"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, code := snapviewctl(t, d, "ls", "--json")
+	if code != 0 {
+		t.Fatalf("ls --json exit %d:\n%s", code, out)
+	}
+	var entries []struct {
+		Container, Mode, Device, Health string
+		Layers                          int
+		RootfsActivation                string `json:"rootfs_activation"`
+	}
+	if err := json.Unmarshal([]byte(out), &entries); err != nil {
+		t.Fatalf("ls --json: %v\n%s", err, out)
+	}
+	seen := 0
+	for _, e := range entries {
+		switch e.Container {
+		case "ls-layered":
+			seen++
+			if e.Mode != "block" || e.Layers != 2 || !strings.HasPrefix(e.Device, "/dev/loop") || e.Health != "ok" {
+				t.Errorf("ls-layered %+v", e)
+			}
+		case "ls-none":
+			seen++
+			if e.Mode != "none" || e.RootfsActivation != "ls-none" || e.Health != "ok" {
+				t.Errorf("ls-none %+v", e)
+			}
+		}
+	}
+	if seen != 2 {
+		t.Errorf("ls lists %d of the 2 containers:\n%s", seen, out)
+	}
+	info, code := snapviewctl(t, d, "inspect", "ls-layered")
+	for _, want := range []string{"health      ok", "layer       /dev/snapview/layers/0: /dev/loop", "layer       /dev/snapview/layers/1: /dev/loop", "read-only", " bound to "} {
+		if code != 0 || !strings.Contains(info, want) {
+			t.Errorf("inspect ls-layered (exit %d) lacks %q:\n%s", code, want, info)
+		}
+	}
+	info, code = snapviewctl(t, d, "inspect", "ls-none")
+	for _, want := range []string{"mode        none", "rootfs      mount activation ls-none: 3 mounts performed"} {
+		if code != 0 || !strings.Contains(info, want) {
+			t.Errorf("inspect ls-none (exit %d) lacks %q:\n%s", code, want, info)
+		}
+	}
+}
