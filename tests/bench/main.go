@@ -4,7 +4,9 @@
 // container's first output, block mode on blockfile, a pod's containers
 // created at once in one pod-grouped shim, and the `delete` action
 // containerd runs after every task delete; with views on and with views
-// off; on the newest and the oldest supported containerd. Runs of the
+// off; on the newest and the oldest supported containerd. Then block mode's
+// two shapes by image size, both under snapview: blockfile against the
+// erofs snapshotter's layers. Runs of the
 // two runtimes alternate. -runs N repeats the whole comparison and prints
 // each ratio's minimum, median and maximum, because this kind of machine
 // moves by several percent from one run to the next. It never fails on
@@ -40,7 +42,7 @@ const (
 var (
 	iterations = flag.Int("n", 30, "runs per runtime of each scenario, per comparison")
 	runs       = flag.Int("runs", 1, "repeat the whole comparison this many times and report each ratio's spread")
-	daemons    = flag.String("daemons", "newest,compat", "containerd builds to compare on: newest, compat, or both")
+	daemons    = flag.String("daemons", "newest,compat", "containerd builds to compare on: newest, compat, both, or none (empty)")
 	parallel   = flag.Int("parallel", 32, "containers run at once in the parallel test")
 	logLevel   = flag.String("log-level", "info", "containerd's log level (production runs info; debug logs every request)")
 	rowFilter  = flag.String("rows", "", "run only the rows whose name matches this regular expression")
@@ -135,6 +137,9 @@ func run() error {
 	defer cancel()
 	ratios := map[string]map[string][]float64{} // daemon → row → ratio per run
 	for which := range strings.SplitSeq(*daemons, ",") {
+		if which == "" {
+			continue // -daemons= runs only the block-mode comparison
+		}
 		s, err := harness.NewSession(ctx, "the benchmark (run 'sudo make bench')", "snapview-bench-", which == "compat",
 			harness.WithLogLevel(*logLevel), harness.WithCRI(harness.CRIConfig{SandboxImage: pause}))
 		if err != nil {
@@ -147,6 +152,9 @@ func run() error {
 		if err != nil {
 			return err
 		}
+	}
+	if err := blockBySize(ctx); err != nil {
+		return fmt.Errorf("block mode by image size: %w", err)
 	}
 	if *runs > 1 {
 		fmt.Printf("\nsnapview/runc ratio of the medians over %d runs (min / median / max)\n", *runs)

@@ -203,6 +203,7 @@ type options struct {
 	cri            *CRIConfig
 	snapviewConfig *string
 	erofsBlockSize string
+	scratchSize    int64
 }
 
 // WithSnapviewConfig writes body as snapview's configuration file in the
@@ -210,6 +211,12 @@ type options struct {
 // the system's /etc/containerd/snapview.toml is never read.
 func WithSnapviewConfig(body string) Option {
 	return func(o *options) { o.snapviewConfig = &body }
+}
+
+// WithBlockfileScratch makes the blockfile snapshotter's scratch file, and
+// so every blockfile snapshot, size bytes (default 384 MiB).
+func WithBlockfileScratch(size int64) Option {
+	return func(o *options) { o.scratchSize = size }
 }
 
 // WithErofsBlock runs the daemon's erofs snapshotter in block mode, with
@@ -251,7 +258,7 @@ func WithLogLevel(level string) Option {
 // StartDaemon starts a private containerd under a new directory in parent
 // and returns once it serves and every plugin the tests need is loaded.
 func StartDaemon(ctx context.Context, parent string, tools Tools, opts ...Option) (_ *Daemon, retErr error) {
-	o := options{logLevel: "debug"}
+	o := options{logLevel: "debug", scratchSize: blockfileScratchSize}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -296,7 +303,7 @@ func StartDaemon(ctx context.Context, parent string, tools Tools, opts ...Option
 	if f := strings.Fields(string(out)); len(f) >= 3 {
 		d.Version = f[2]
 	}
-	if err := makeExt4(filepath.Join(dir, "blockfile-scratch.ext4"), blockfileScratchSize); err != nil {
+	if err := makeExt4(filepath.Join(dir, "blockfile-scratch.ext4"), o.scratchSize); err != nil {
 		return nil, err
 	}
 	var cfg bytes.Buffer
