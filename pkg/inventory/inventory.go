@@ -41,21 +41,21 @@ const (
 
 // Entry is one container's view as found on the node.
 type Entry struct {
-	Namespace   string    `json:"namespace"`
-	Container   string    `json:"container"`
-	Mode        string    `json:"mode,omitempty"`
-	Snapshotter string    `json:"snapshotter,omitempty"`
-	ViewKey     string    `json:"view_key,omitempty"`
-	Lease       string    `json:"lease,omitempty"`
-	Mountpoint  string    `json:"mountpoint,omitempty"`
-	Device      string    `json:"device,omitempty"`
+	Namespace   string `json:"namespace"`
+	Container   string `json:"container"`
+	Mode        string `json:"mode,omitempty"`
+	Snapshotter string `json:"snapshotter,omitempty"`
+	ViewKey     string `json:"view_key,omitempty"`
+	Lease       string `json:"lease,omitempty"`
+	Mountpoint  string `json:"mountpoint,omitempty"`
+	Device      string `json:"device,omitempty"`
 	// Layers is how many read-only layer disks a layered rootfs has.
 	Layers int `json:"layers,omitempty"`
 	// RootfsActivation is the mount-manager activation snapview made for
 	// the container's rootfs (mode none: all it holds).
-	RootfsActivation string `json:"rootfs_activation,omitempty"`
-	Created     time.Time `json:"created"`
-	Health      string    `json:"health"`
+	RootfsActivation string    `json:"rootfs_activation,omitempty"`
+	Created          time.Time `json:"created"`
+	Health           string    `json:"health"`
 	// Bundle is the container's bundle directory, if it still exists.
 	Bundle string `json:"bundle,omitempty"`
 	// State is the state file, when it could be read.
