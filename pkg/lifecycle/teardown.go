@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -153,8 +154,8 @@ func (v *View) teardownLocal(logger *log.Entry, fail func(string, error)) {
 		fail(what, err)
 	}
 	if b := st.Block; b != nil {
-		for i := len(b.Layers) - 1; i >= 0; i-- {
-			detach("detach layer disk", b.Layers[i].Device, b.Layers[i].Loop)
+		for _, d := range slices.Backward(b.Layers) {
+			detach("detach layer disk", d.Device, d.Loop)
 		}
 		if b.Loop != nil {
 			detach("detach loop device", b.Device, *b.Loop)

@@ -448,7 +448,7 @@ func (l *Layered) Disks() []string {
 	return append(files, blobs...)
 }
 
-// LayeredParams describes l for a guest, given where each of its disks is:
+// Params describes l for a guest, given where each of its disks is:
 // writable is the writable disk ({host device, container path}), disks the
 // read-only ones in the order of Disks.
 func (l *Layered) Params(writable [2]string, disks [][2]string) Params {
