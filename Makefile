@@ -107,7 +107,7 @@ parity: build deps
 
 # Each fuzz target runs for FUZZTIME; `make test` runs their seed corpora.
 FUZZTIME ?= 60s
-FUZZ_TARGETS := ./pkg/annotations:FuzzParse ./pkg/config:FuzzParse ./pkg/bundle:FuzzParseState
+FUZZ_TARGETS := ./pkg/annotations:FuzzParse ./pkg/annotations:FuzzParseVolume ./pkg/config:FuzzParse ./pkg/bundle:FuzzParseState
 fuzz:
 	@for t in $(FUZZ_TARGETS); do \
 		pkg=$${t%%:*}; fn=$${t##*:}; \

@@ -6,11 +6,13 @@
 //	io.snapview.boot-dir     absolute path inside the container for the artifacts
 //	io.snapview.view-target  absolute path inside the container for the whole view
 //	io.snapview.monitor-rootfs  block mode: "view" or a name from [block.monitors]
+//	io.snapview.volume.<name>  a volume: {"image":"<ref>","target":"<path>","subpath":"<path>"}
 //
 // Annotations come from whoever writes the pod spec, so nothing here is
 // trusted: every value is checked, and an error names the annotation. The
 // annotations snapview writes (io.snapview.view.*, io.snapview.rootfs.params,
-// io.snapview.bound.*) use other prefixes and are never read back as input.
+// io.snapview.bound.*, io.snapview.volumes) use other keys and are never
+// read back as input.
 package annotations
 
 import (
@@ -42,6 +44,8 @@ const (
 	ViewMountpoint  = "io.snapview.view.mountpoint"
 	RootfsParams    = "io.snapview.rootfs.params"
 	BoundPrefix     = "io.snapview.bound."
+	// Volumes describes the container's volumes: JSON, name → volume.
+	Volumes = "io.snapview.volumes"
 	outputView      = "io.snapview.view."
 )
 
@@ -85,6 +89,8 @@ type Request struct {
 	// MonitorRootfs is the monitor rootfs chosen by name, or "" for the
 	// configuration's default.
 	MonitorRootfs string
+	// Volumes are sorted by name.
+	Volumes []Volume
 }
 
 // Parse reads snapview's annotations from ann. defaultBootDir is used when
@@ -133,14 +139,27 @@ func Parse(ann map[string]string, defaultBootDir string) (*Request, error) {
 				return nil, fmt.Errorf("snapview: annotation %s=%q: %w", k, v, err)
 			}
 			r.Artifacts = append(r.Artifacts, Artifact{Name: name, Path: v})
-		case strings.HasPrefix(k, outputView), k == RootfsParams, strings.HasPrefix(k, BoundPrefix):
+		case strings.HasPrefix(k, VolumePrefix):
+			name := strings.TrimPrefix(k, VolumePrefix)
+			if !namePattern.MatchString(name) {
+				return nil, fmt.Errorf("snapview: annotation %s: volume name %q must match %s", k, name, namePattern)
+			}
+			vol, err := parseVolume(name, v)
+			if err != nil {
+				return nil, fmt.Errorf("snapview: annotation %s: %w", k, err)
+			}
+			r.Volumes = append(r.Volumes, vol)
+		case strings.HasPrefix(k, outputView), k == RootfsParams, strings.HasPrefix(k, BoundPrefix), k == Volumes:
 			// snapview's own output: overwritten, never read.
 		default:
-			return nil, fmt.Errorf("snapview: unknown annotation %s (known: %s, %s<name>, %s, %s, %s)", k, Mode, BootPrefix, BootDir, ViewTarget, MonitorRootfs)
+			return nil, fmt.Errorf("snapview: unknown annotation %s (known: %s, %s<name>, %s, %s, %s, %s<name>)", k, Mode, BootPrefix, BootDir, ViewTarget, MonitorRootfs, VolumePrefix)
 		}
 	}
 	if len(r.Artifacts) > MaxArtifacts {
 		return nil, fmt.Errorf("snapview: %d boot artifacts (%s*): at most %d", len(r.Artifacts), BootPrefix, MaxArtifacts)
+	}
+	if len(r.Volumes) > MaxVolumes {
+		return nil, fmt.Errorf("snapview: %d volumes (%s*): at most %d", len(r.Volumes), VolumePrefix, MaxVolumes)
 	}
 	if len(r.Artifacts) > 0 || r.ViewTarget != "" {
 		if err := checkTarget(r.BootDir); err != nil {
@@ -156,8 +175,9 @@ func Parse(ann map[string]string, defaultBootDir string) (*Request, error) {
 	return r, nil
 }
 
-// HasBinds reports whether the request asks for anything to be bound.
-func (r *Request) HasBinds() bool { return len(r.Artifacts) > 0 || r.ViewTarget != "" }
+// HasBinds reports whether the request asks for anything to be bound (or,
+// in block mode, a volume's disks).
+func (r *Request) HasBinds() bool { return len(r.Artifacts) > 0 || r.ViewTarget != "" || len(r.Volumes) > 0 }
 
 // checkPath checks an artifact path: absolute, clean, without "..".
 func checkPath(p string) error {
@@ -207,6 +227,9 @@ func (r *Request) checkOverlaps() error {
 	}
 	for _, a := range r.Artifacts {
 		targets = append(targets, target{a.Target, BootPrefix + a.Name})
+	}
+	for _, v := range r.Volumes {
+		targets = append(targets, target{v.Target, VolumePrefix + v.Name})
 	}
 	for i, a := range targets {
 		for _, b := range targets[i+1:] {

@@ -50,3 +50,48 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseVolume checks that no value of a volume annotation can panic
+// the parser, and that whatever it accepts is a volume within the rules:
+// an image reference that parsed, a target bind-able under the rules of
+// every bind, a subpath that stays inside the volume, and nothing taken
+// from a field other than image, target and subpath.
+func FuzzParseVolume(f *testing.F) {
+	for _, s := range []string{
+		`{"image":"docker.io/acme/models:v3","target":"/models"}`,
+		`{"image":"x","target":"/a","subpath":"usr/bin"}`,
+		`{"image":"x","target":"/a","image":"y"}`,
+		`{"image":"x","target":"/a","source":"/etc"}`,
+		`{"image":"x","target":"/a","subpath":"../../etc"}`,
+		`{"image":"x","target":"/proc"}`,
+		`{"image":["x"],"target":"/a"}`,
+		`{"image":"x","target":"/a"} trailing`,
+		`null`,
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, value string) {
+		r, err := Parse(map[string]string{"io.snapview.volume.v": value}, "/.snapview/boot")
+		if err != nil {
+			if !strings.HasPrefix(err.Error(), "snapview: annotation io.snapview.volume.v: ") {
+				t.Fatalf("error without the annotation's name: %v", err)
+			}
+			return
+		}
+		if len(r.Volumes) != 1 {
+			t.Fatalf("accepted %d volumes", len(r.Volumes))
+		}
+		v := r.Volumes[0]
+		if v.Name != "v" || v.Image == "" || v.Ref == "" || !strings.Contains(value, "image") || !strings.Contains(value, "target") {
+			t.Fatalf("accepted %+v from %q", v, value)
+		}
+		for _, p := range []string{v.Target, v.Subpath} {
+			if !path.IsAbs(p) || path.Clean(p) != p || strings.Contains("/"+p+"/", "/../") {
+				t.Fatalf("accepted path %q in %+v", p, v)
+			}
+		}
+		if checkTarget(v.Target) != nil || v.Target == ParamsTarget || strings.HasPrefix(ParamsTarget, v.Target+"/") {
+			t.Fatalf("accepted target %q", v.Target)
+		}
+	})
+}
