@@ -20,6 +20,7 @@ import (
 	"io/fs"
 	"maps"
 	"os"
+	"path"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -95,8 +96,9 @@ type Config struct {
 	ConfigPath string `toml:"ConfigPath"`
 	TypeURL    string `toml:"TypeUrl"`
 
-	View  View  `toml:"view"`
-	Block Block `toml:"block"`
+	View    View    `toml:"view"`
+	Block   Block   `toml:"block"`
+	Volumes Volumes `toml:"volumes"`
 
 	// Source says where this configuration came from, for logs and errors.
 	Source string `toml:"-"`
@@ -125,6 +127,32 @@ type Block struct {
 	Monitors map[string]string `toml:"monitors"`
 	// Device is where the block device appears inside the container.
 	Device string `toml:"device"`
+}
+
+// Volumes holds the [volumes] table.
+type Volumes struct {
+	// Allow lists the images a container may mount as volumes, as
+	// patterns of normalised references (docker.io/acme/models:v3): a
+	// pattern matches as path.Match does ("*" within one path element,
+	// "docker.io/acme/*" every image of docker.io/acme), and one ending in
+	// "/**" also matches every path below it. Empty, the default, allows
+	// none: a pod could otherwise read any image another tenant pulled
+	// onto the node.
+	Allow []string `toml:"allow"`
+}
+
+// AllowsVolume reports whether the configuration allows image ref (a
+// normalised reference) as a volume.
+func (c *Config) AllowsVolume(ref string) bool {
+	for _, p := range c.Volumes.Allow {
+		if ok, _ := path.Match(p, ref); ok {
+			return true
+		}
+		if base, ok := strings.CutSuffix(p, "/**"); ok && strings.HasPrefix(ref, base+"/") {
+			return true
+		}
+	}
+	return false
 }
 
 // Default returns the built-in configuration.
@@ -238,6 +266,14 @@ func (c *Config) validate() error {
 	}
 	if !strings.HasPrefix(c.Block.Device, "/dev/") {
 		return fmt.Errorf("snapview: invalid block.device %q in %s: must be under /dev/", c.Block.Device, c.Source)
+	}
+	for _, p := range c.Volumes.Allow {
+		if p == "" {
+			return fmt.Errorf("snapview: empty volumes.allow pattern in %s", c.Source)
+		}
+		if _, err := path.Match(strings.TrimSuffix(p, "/**"), ""); err != nil {
+			return fmt.Errorf("snapview: invalid volumes.allow pattern %q in %s: %w", p, c.Source, err)
+		}
 	}
 	if strings.HasPrefix(c.Block.Device+"/", layersDir+"/") {
 		return fmt.Errorf("snapview: invalid block.device %q in %s: %s holds a layered rootfs's layer disks", c.Block.Device, c.Source, layersDir)

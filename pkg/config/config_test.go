@@ -311,3 +311,36 @@ func mustProto(t *testing.T, a *anypb.Any) []byte {
 	}
 	return b
 }
+
+func TestVolumesAllow(t *testing.T) {
+	c, err := Parse([]byte("[volumes]\nallow = ['docker.io/acme/*', 'registry.example/ml/**', 'docker.io/library/busybox:1.36']\n"), "test.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for ref, want := range map[string]bool{
+		"docker.io/acme/models:v3":             true,
+		"docker.io/acme/team/models:v3":        false, // * stays within one path element
+		"registry.example/ml/a/b/weights:1":    true,
+		"registry.example/mlx/weights:1":       false,
+		"docker.io/library/busybox:1.36":       true,
+		"docker.io/library/busybox:latest":     false,
+		"docker.io/acme-evil/models:v3":        false,
+		"evil.example/docker.io/acme/x:latest": false,
+	} {
+		if got := c.AllowsVolume(ref); got != want {
+			t.Errorf("AllowsVolume(%q) = %v, want %v", ref, got, want)
+		}
+	}
+	if Default().AllowsVolume("docker.io/library/alpine:latest") {
+		t.Error("the default configuration allows a volume")
+	}
+	for body, want := range map[string]string{
+		"[volumes]\nallow = ['']\n":            "empty volumes.allow pattern in bad.toml",
+		"[volumes]\nallow = ['docker.io/[']\n": `invalid volumes.allow pattern "docker.io/[" in bad.toml`,
+		"[volumes]\nallowed = ['x']\n":         `unknown configuration key "volumes.allowed" in bad.toml`,
+	} {
+		if _, err := Parse([]byte(body), "bad.toml"); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v, want %q", body, err, want)
+		}
+	}
+}
