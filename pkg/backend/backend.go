@@ -1,6 +1,7 @@
 // Package backend is the connection back to containerd's gRPC API used by
-// the shim and snapviewctl: the raw containers, snapshots, leases, mounts and
-// namespaces clients, which are much lighter than the full containerd client.
+// the shim and snapviewctl: the raw containers, images, content, snapshots,
+// leases, mounts and namespaces clients, which are much lighter than the
+// full containerd client.
 package backend
 
 import (
@@ -13,10 +14,14 @@ import (
 	"time"
 
 	containersapi "github.com/containerd/containerd/api/services/containers/v1"
+	contentapi "github.com/containerd/containerd/api/services/content/v1"
+	imagesapi "github.com/containerd/containerd/api/services/images/v1"
 	leasesapi "github.com/containerd/containerd/api/services/leases/v1"
 	mountsapi "github.com/containerd/containerd/api/services/mounts/v1"
 	namespacesapi "github.com/containerd/containerd/api/services/namespaces/v1"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/core/content"
+	contentproxy "github.com/containerd/containerd/v2/core/content/proxy"
 	"github.com/containerd/containerd/v2/core/leases"
 	leasesproxy "github.com/containerd/containerd/v2/core/leases/proxy"
 	"github.com/containerd/containerd/v2/core/mount"
@@ -25,6 +30,8 @@ import (
 	snproxy "github.com/containerd/containerd/v2/core/snapshots/proxy"
 	"github.com/containerd/containerd/v2/pkg/dialer"
 	"github.com/containerd/errdefs/pkg/errgrpc"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -111,6 +118,33 @@ func (b *Backend) Leases() (leases.Manager, error) {
 		return nil, err
 	}
 	return leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(c)), nil
+}
+
+// Image returns the target of the image called name in ctx's namespace;
+// an image containerd does not know is an error wrapping
+// errdefs.ErrNotFound.
+func (b *Backend) Image(ctx context.Context, name string) (ocispec.Descriptor, error) {
+	c, err := b.client()
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	cctx, cancel := WithTimeout(ctx)
+	defer cancel()
+	resp, err := imagesapi.NewImagesClient(c).Get(cctx, &imagesapi.GetImageRequest{Name: name})
+	if err != nil {
+		return ocispec.Descriptor{}, errgrpc.ToNative(err)
+	}
+	t := resp.Image.GetTarget()
+	return ocispec.Descriptor{MediaType: t.GetMediaType(), Digest: digest.Digest(t.GetDigest()), Size: t.GetSize(), Annotations: t.GetAnnotations()}, nil
+}
+
+// Content returns containerd's content store.
+func (b *Backend) Content() (content.Provider, error) {
+	c, err := b.client()
+	if err != nil {
+		return nil, err
+	}
+	return contentproxy.NewContentStore(contentapi.NewContentClient(c)), nil
 }
 
 // Mounts returns the mount manager.

@@ -17,12 +17,14 @@ import (
 //	<bundle>/snapview/view          the view's mountpoint (Mountpoint)
 //	<bundle>/snapview/params.json   bound at /.snapview/params.json (ParamsFile)
 //	<bundle>/snapview/upper, work   block mode: the monitor rootfs overlay's upper and work dirs
+//	<bundle>/snapview/volumes/<name>  view mode: where volume <name> is mounted (VolumeMountpoint)
 const (
 	dirName    = "snapview"
 	viewName   = "view"
 	paramsName = "params.json"
 	upperName  = "upper"
 	workName   = "work"
+	volumesDir = "volumes"
 )
 
 // Dir returns snapview's directory in bundle. Setup creates it before its
@@ -35,6 +37,12 @@ func Mountpoint(bundle string) string { return filepath.Join(bundle, dirName, vi
 
 // ParamsFile returns the host file bound at /.snapview/params.json.
 func ParamsFile(bundle string) string { return filepath.Join(bundle, dirName, paramsName) }
+
+// VolumesDir returns the directory of the volumes' mountpoints in bundle.
+func VolumesDir(bundle string) string { return filepath.Join(bundle, dirName, volumesDir) }
+
+// VolumeMountpoint returns where volume name is mounted on the host.
+func VolumeMountpoint(bundle, name string) string { return filepath.Join(VolumesDir(bundle), name) }
 
 // UpperDir returns the upper directory of the block-mode monitor rootfs.
 func UpperDir(bundle string) string { return filepath.Join(bundle, dirName, upperName) }

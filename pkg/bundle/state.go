@@ -79,6 +79,37 @@ type State struct {
 	Mode string `json:"mode,omitempty"`
 	// Block is what block mode did with the container's rootfs.
 	Block *Block `json:"block,omitempty"`
+	// Volumes are the container's volumes, read-only views of other
+	// images, by name. Version 2.
+	Volumes []Volume `json:"volumes,omitempty"`
+}
+
+// Volume is one volume of a container: a read-only view of another image,
+// under the container's lease, mounted and bound (view mode) or attached as
+// read-only disks (block mode).
+type Volume struct {
+	// Name is the <name> of io.snapview.volume.<name>.
+	Name string `json:"name"`
+	// Image is the image's normalised reference; Parent the snapshot it
+	// views (the chain id of the image's layers).
+	Image  string `json:"image"`
+	Parent string `json:"parent"`
+	// ViewKey is the volume's view, snapview/<id>/volumes/<name>.
+	ViewKey string `json:"view_key"`
+	// Target is where the volume is inside the container, and Subpath the
+	// directory of the volume bound there (absolute inside the volume).
+	Target  string `json:"target"`
+	Subpath string `json:"subpath"`
+	// Activation names the mount-manager activation the view needed.
+	Activation string `json:"activation,omitempty"`
+	// View mode: the volume's mount on the host, its mounts and loop
+	// devices, and Source, the host directory bound at Target.
+	Mountpoint  string   `json:"mountpoint,omitempty"`
+	Mounts      []Mount  `json:"mounts,omitempty"`
+	LoopDevices []string `json:"loop_devices,omitempty"`
+	Source      string   `json:"source,omitempty"`
+	// Block mode: the volume's read-only disks.
+	Disks []Disk `json:"disks,omitempty"`
 }
 
 // Modes recorded in the state file.
@@ -122,7 +153,8 @@ type Disk struct {
 	Device string `json:"device"`
 	Major  uint32 `json:"major"`
 	Minor  uint32 `json:"minor"`
-	// Loop identifies the file the device is bound to.
+	// Loop identifies the file the device is bound to; for a block
+	// device snapview did not attach (a devmapper view), it is empty.
 	Loop Loop `json:"loop"`
 }
 
@@ -208,14 +240,14 @@ func ParseState(data []byte) (*State, error) {
 	if dec.More() {
 		return nil, errors.New("malformed: trailing data")
 	}
-	if s.Version == 1 && (s.RootfsActivation != "" || s.Mode == ModeNone || s.Block != nil && s.Block.Layers != nil) {
+	if s.Version == 1 && (s.RootfsActivation != "" || s.Mode == ModeNone || s.Block != nil && s.Block.Layers != nil || s.Volumes != nil) {
 		return nil, errors.New("malformed: a field of version 2 in a version 1 file")
 	}
 	if s.Namespace == "" || s.ContainerID == "" {
 		return nil, errors.New("missing namespace or container_id")
 	}
 	if s.Mode == ModeNone {
-		if s.RootfsActivation == "" || s.Snapshotter != "" || s.ViewKey != "" || s.LeaseID != "" || s.Mountpoint != "" || s.Block != nil {
+		if s.RootfsActivation == "" || s.Snapshotter != "" || s.ViewKey != "" || s.LeaseID != "" || s.Mountpoint != "" || s.Block != nil || s.Volumes != nil {
 			return nil, fmt.Errorf("mode %q records a view, or no rootfs activation", ModeNone)
 		}
 		return &s, nil
@@ -230,6 +262,11 @@ func ParseState(data []byte) (*State, error) {
 	if !filepath.IsAbs(s.Mountpoint) || filepath.Clean(s.Mountpoint) != s.Mountpoint ||
 		Mountpoint(filepath.Dir(filepath.Dir(s.Mountpoint))) != s.Mountpoint || s.Mountpoint == Mountpoint("/") {
 		return nil, fmt.Errorf("mountpoint %q is not a view mountpoint in a bundle", s.Mountpoint)
+	}
+	for i, v := range s.Volumes {
+		if err := v.check(filepath.Dir(filepath.Dir(s.Mountpoint)), s.Mode == ModeBlock); err != nil {
+			return nil, fmt.Errorf("volume %d: %w", i, err)
+		}
 	}
 	switch s.Mode {
 	case "", ModeView:
@@ -271,6 +308,32 @@ func (b *Block) check() error {
 	}
 	return nil
 }
+
+// check checks a volume's record: a name, a view, and its place on this
+// host (below the bundle's snapview directory) or its disks, by mode.
+func (v Volume) check(bundle string, block bool) error {
+	if !volumeName.MatchString(v.Name) || v.ViewKey == "" || v.Image == "" {
+		return fmt.Errorf("%q is not identified (name, view key, image)", v.Name)
+	}
+	if v.Mountpoint != "" && v.Mountpoint != VolumeMountpoint(bundle, v.Name) {
+		return fmt.Errorf("volume %q: mountpoint %q is not %q", v.Name, v.Mountpoint, VolumeMountpoint(bundle, v.Name))
+	}
+	if block && (v.Mountpoint != "" || v.Source != "") {
+		return fmt.Errorf("volume %q of a block-mode container is mounted on the host", v.Name)
+	}
+	if !block && v.Disks != nil {
+		return fmt.Errorf("volume %q has disks outside block mode", v.Name)
+	}
+	for i, d := range v.Disks {
+		if !isDevPath(d.Path) || !isDevPath(d.Device) || d.Loop.BackingFile != "" && (!loopPath.MatchString(d.Device) || d.Loop.BackingIno == 0) {
+			return fmt.Errorf("volume %q: disk %d (%s on %q) is not identified", v.Name, i, d.Path, d.Device)
+		}
+	}
+	return nil
+}
+
+// volumeName is what a volume's name matches (config.NamePattern).
+var volumeName = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
 
 var loopPath = regexp.MustCompile(`^/dev/loop[0-9]+$`)
 

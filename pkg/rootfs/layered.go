@@ -453,12 +453,12 @@ func (l *Layered) Disks() []string {
 // read-only ones in the order of Disks.
 func (l *Layered) Params(writable [2]string, disks [][2]string) Params {
 	p := Params{
-		Kind: KindBlock, FSType: l.FSType, Source: writable[0], Options: guestOptions(l.Writable.Options), Device: writable[1],
+		Kind: KindBlock, FSType: l.FSType, Source: writable[0], Options: GuestOptions(l.Writable.Options), Device: writable[1],
 		UpperDir: l.UpperDir, WorkDir: l.WorkDir, OverlayOptions: l.OverlayOptions,
 	}
 	next := len(l.Layers)
 	for i, ly := range l.Layers {
-		d := DiskParams{Device: disks[i][1], FSType: ly.Mount.Type, Source: disks[i][0], Options: guestOptions(ly.Mount.Options)}
+		d := DiskParams{Device: disks[i][1], FSType: ly.Mount.Type, Source: disks[i][0], Options: GuestOptions(ly.Mount.Options)}
 		for range ly.Blobs {
 			d.Devices = append(d.Devices, disks[next][1])
 			next++
@@ -468,9 +468,9 @@ func (l *Layered) Params(writable [2]string, disks [][2]string) Params {
 	return p
 }
 
-// guestOptions are a mount's options as a guest mounts the disk: without
+// GuestOptions are a mount's options as a guest mounts the disk: without
 // loop, device= and containerd's own X-containerd. options.
-func guestOptions(opts []string) []string {
+func GuestOptions(opts []string) []string {
 	out := []string{}
 	for _, o := range opts {
 		if o != "loop" && !strings.HasPrefix(o, "device=") && !strings.HasPrefix(o, "X-containerd.") {
@@ -483,6 +483,96 @@ func guestOptions(opts []string) []string {
 // LayersDir holds a layered rootfs's read-only disks inside the container.
 const LayersDir = "/dev/snapview/layers"
 
+// VolumesDir holds the volumes' read-only disks inside a block-mode
+// container.
+const VolumesDir = "/dev/snapview/volumes"
+
+// VolumeDevice returns where disk i of volume name is inside a block-mode
+// container: /dev/snapview/volumes/<name>/<i>, 0 its top-most layer.
+func VolumeDevice(name string, i int) string { return fmt.Sprintf("%s/%s/%d", VolumesDir, name, i) }
+
 // LayerDevice returns where read-only disk i of a layered rootfs is inside
 // the container: /dev/snapview/layers/<i>, 0 the top-most layer.
 func LayerDevice(i int) string { return fmt.Sprintf("%s/%d", LayersDir, i) }
+
+// ReadOnlyDisks returns the disks of a read-only view, as a guest gets a
+// volume: a blockfile view (one image file with the loop option), a
+// devmapper view (one block device), or an erofs view (each layer file, in
+// the order of its overlay's lowerdir, top-most first). Each is a Layer:
+// its mount (Source the file or device) and any blob files it reads. A
+// view that is a directory tree (overlayfs, native) has no disks.
+func ReadOnlyDisks(mounts []Mount) ([]Layer, error) {
+	fail := func(format string, args ...any) ([]Layer, error) {
+		return nil, fmt.Errorf("it is %s, not disks: %s", describe(mounts), fmt.Sprintf(format, args...))
+	}
+	switch {
+	case len(mounts) == 0:
+		return fail("no mounts")
+	case len(mounts) == 1:
+		m := mounts[0]
+		if m.Type == "erofs" {
+			ly, err := layer(m)
+			if err != nil {
+				return fail("%v", err)
+			}
+			return []Layer{ly}, nil
+		}
+		if !filepath.IsAbs(m.Source) {
+			return fail("a filesystem tree")
+		}
+		if _, err := detectDisk(m); err != nil {
+			return fail("%v", err)
+		}
+		return []Layer{{Mount: m}}, nil
+	}
+	ov := mounts[len(mounts)-1]
+	if base, prefixes := splitType(ov.Type); base != "overlay" || slices.ContainsFunc(prefixes, func(p string) bool { return p != "format" && p != "mkdir" }) {
+		return fail("its last mount is not an overlay of erofs layers")
+	}
+	var lowerRef string
+	for _, o := range ov.Options {
+		switch {
+		case strings.HasPrefix(o, "lowerdir="):
+			lowerRef = strings.TrimPrefix(o, "lowerdir=")
+		case strings.HasPrefix(o, "upperdir="), strings.HasPrefix(o, "workdir="):
+			return fail("it is writable")
+		}
+	}
+	lowers, err := lowerIndexes(lowerRef)
+	if err != nil {
+		return fail("lowerdir: %v", err)
+	}
+	if len(lowers) != len(mounts)-1 {
+		return fail("lowerdir names %d of its %d layers", len(lowers), len(mounts)-1)
+	}
+	var out []Layer
+	seen := map[int]bool{}
+	for n, i := range lowers {
+		if i >= len(mounts)-1 || seen[i] {
+			return fail("lowerdir names mount %d", i)
+		}
+		seen[i] = true
+		ly, err := layer(mounts[i])
+		if err != nil {
+			return fail("layer %d (mount %d): %v", n, i, err)
+		}
+		out = append(out, ly)
+	}
+	return out, nil
+}
+
+// detectDisk is DetectBlock's check of one mount's source, whatever its
+// options: a block device, or a regular file with the loop option.
+func detectDisk(m Mount) (BlockSource, error) {
+	fi, err := os.Stat(m.Source)
+	if err != nil {
+		return BlockSource{}, err
+	}
+	switch {
+	case fi.Mode()&fs.ModeDevice != 0 && fi.Mode()&fs.ModeCharDevice == 0:
+		return BlockSource{Mount: m}, nil
+	case fi.Mode().IsRegular() && slices.Contains(m.Options, "loop"):
+		return BlockSource{Mount: m, Loop: true}, nil
+	}
+	return BlockSource{}, fmt.Errorf("%s is %s", m.Source, kind(fi.Mode(), m.Options))
+}

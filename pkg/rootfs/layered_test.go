@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -149,4 +150,48 @@ func TestDetectLayered(t *testing.T) {
 			t.Fatalf("got %v", err)
 		}
 	})
+}
+
+func TestReadOnlyDisks(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "snapshot")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ms := erofsBlock(t, dir, 3)
+	view := append(slices.Clone(ms[1:4]), Mount{Type: "format/mkdir/overlay", Source: "overlay", Options: []string{"lowerdir={{ overlay 0 2 }}"}})
+	for _, tc := range []struct {
+		name   string
+		mounts []Mount
+		want   []string // the disks' sources
+		err    string
+	}{
+		{"erofs view of three layers", view, []string{ms[1].Source, ms[2].Source, ms[3].Source}, ""},
+		{"erofs view of one layer", ms[1:2], []string{ms[1].Source}, ""},
+		{"blockfile view", []Mount{{Type: "ext4", Source: file, Options: []string{"ro", "loop"}}}, []string{file}, ""},
+		{"overlayfs view", []Mount{{Type: "overlay", Source: "overlay", Options: []string{"lowerdir=/a:/b"}}}, nil, "a filesystem tree"},
+		{"native view", []Mount{{Type: "bind", Source: dir, Options: []string{"ro", "rbind"}}}, nil, "a directory"},
+		{"writable erofs", ms, nil, "it is writable"},
+		{"lowerdir misses a layer", append(slices.Clone(ms[1:4]), Mount{Type: "format/overlay", Source: "overlay", Options: []string{"lowerdir={{ overlay 0 1 }}"}}), nil, "names 2 of its 3 layers"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ReadOnlyDisks(tc.mounts)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("got %v %v, want an error saying %q", got, err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			var srcs []string
+			for _, l := range got {
+				srcs = append(srcs, l.Mount.Source)
+			}
+			if !slices.Equal(srcs, tc.want) {
+				t.Fatalf("disks %v, want %v", srcs, tc.want)
+			}
+		})
+	}
 }

@@ -37,6 +37,17 @@ const LabelGCBackRef = "containerd.io/gc.bref.container"
 // Key returns the view's snapshot key for a container.
 func Key(containerID string) string { return "snapview/" + containerID }
 
+// VolumeKey returns the snapshot key of a container's volume name: a view
+// of another image, under the container's lease.
+func VolumeKey(containerID, name string) string { return Key(containerID) + "/volumes/" + name }
+
+// VolumeName returns the volume name of a container's volume view key, and
+// whether key is one.
+func VolumeName(containerID, key string) (string, bool) {
+	name, ok := strings.CutPrefix(key, Key(containerID)+"/volumes/")
+	return name, ok && name != "" && !strings.Contains(name, "/")
+}
+
 // Labels returns the labels of o's view: o's ownership labels and the
 // back-reference that lets containerd's GC take it with the container.
 func Labels(o lease.Owner) map[string]string {
@@ -49,7 +60,11 @@ func Labels(o lease.Owner) map[string]string {
 // same key is verified as snapview's, for the same container, by its labels
 // and replaced.
 func Create(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner, parent, leaseID string) ([]mount.Mount, error) {
-	key := Key(o.Container)
+	return CreateKey(ctx, sn, o, Key(o.Container), parent, leaseID)
+}
+
+// CreateKey is Create for a view of o's under another key (a volume's).
+func CreateKey(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner, key, parent, leaseID string) ([]mount.Mount, error) {
 	ctx = leases.WithLease(ctx, leaseID)
 	opt := snapshots.WithLabels(Labels(o))
 	mounts, err := sn.View(ctx, key, parent, opt)
@@ -69,7 +84,7 @@ func Create(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner, parent
 	}
 	log.G(ctx).WithFields(log.Fields{"id": o.Container, "key": key, "parent": info.Parent, "created": info.Labels[lease.LabelCreated]}).
 		Warn("snapview: replacing a leftover view of an earlier run")
-	if err := Remove(ctx, sn, o.Container); err != nil {
+	if err := RemoveKey(ctx, sn, key); err != nil {
 		return nil, err
 	}
 	mounts, err = sn.View(ctx, key, parent, opt)
@@ -83,7 +98,11 @@ func Create(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner, parent
 // a caller that created it and still holds it; a view already gone is
 // success.
 func Remove(ctx context.Context, sn snapshots.Snapshotter, containerID string) error {
-	key := Key(containerID)
+	return RemoveKey(ctx, sn, Key(containerID))
+}
+
+// RemoveKey is Remove for a view of another key (a volume's).
+func RemoveKey(ctx context.Context, sn snapshots.Snapshotter, key string) error {
 	if err := sn.Remove(ctx, key); err != nil {
 		if errdefs.IsNotFound(err) {
 			return nil
@@ -98,7 +117,11 @@ func Remove(ctx context.Context, sn snapshots.Snapshotter, containerID string) e
 // left alone and reported with lease.ErrNotOwner. A view already gone is
 // success.
 func RemoveOwned(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner) error {
-	key := Key(o.Container)
+	return RemoveOwnedKey(ctx, sn, o, Key(o.Container))
+}
+
+// RemoveOwnedKey is RemoveOwned for a view of another key (a volume's).
+func RemoveOwnedKey(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner, key string) error {
 	info, err := sn.Stat(ctx, key)
 	if err != nil {
 		if errdefs.IsNotFound(err) {
@@ -109,7 +132,7 @@ func RemoveOwned(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner) e
 	if !o.Owns(info.Labels) {
 		return fmt.Errorf("view %s (created %s, not %s): %w", key, info.Labels[lease.LabelCreated], o.Created, lease.ErrNotOwner)
 	}
-	return Remove(ctx, sn, o.Container)
+	return RemoveKey(ctx, sn, key)
 }
 
 // NeedsManager reports whether mounts need containerd's mount manager:
