@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -50,14 +51,14 @@ func ls(ctx context.Context, g global, args []string) error {
 		return enc.Encode(all)
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "NAMESPACE\tCONTAINER\tMODE\tSNAPSHOTTER\tVIEW\tLEASE\tMOUNTPOINT\tDEVICE\tAGE\tHEALTH")
+	fmt.Fprintln(w, "NAMESPACE\tCONTAINER\tMODE\tSNAPSHOTTER\tVIEW\tLEASE\tMOUNTPOINT\tDEVICE\tVOLUMES\tAGE\tHEALTH")
 	for _, e := range all {
 		device := e.Device
 		if e.Layers > 0 {
 			device += fmt.Sprintf(" +%d layers", e.Layers)
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Namespace, e.Container, dash(e.Mode), dash(e.Snapshotter),
-			dash(e.ViewKey), dash(e.Lease), dash(e.Mountpoint), dash(device), age(e.Age()), e.Health)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Namespace, e.Container, dash(e.Mode), dash(e.Snapshotter),
+			dash(e.ViewKey), dash(e.Lease), dash(e.Mountpoint), dash(device), dash(strings.Join(e.Volumes, ",")), age(e.Age()), e.Health)
 	}
 	return w.Flush()
 }
@@ -121,6 +122,16 @@ func describe(ctx context.Context, b *backend.Backend, e *inventory.Entry) error
 		}
 		for _, a := range e.State.Artifacts {
 			fmt.Printf("bind        %s -> %s (from %s in the image)\n", a.Source, a.Target, a.Path)
+		}
+		for _, v := range e.State.Volumes {
+			fmt.Printf("volume      %s: image %s at %s (subpath %s), view %s\n", v.Name, v.Image, v.Target, v.Subpath, v.ViewKey)
+			if v.Mountpoint != "" {
+				mounted, _ := mountinfo.Mounted(v.Mountpoint)
+				fmt.Printf("  mount     %s (mounted: %v), bound from %s\n", v.Mountpoint, mounted, v.Source)
+			}
+			for _, d := range v.Disks {
+				fmt.Printf("  disk      %s: %s (%d:%d, read-only)%s\n", d.Path, d.Device, d.Major, d.Minor, loopStatus(d.Device))
+			}
 		}
 	}
 	if e.Lease != "" {

@@ -37,6 +37,7 @@ const (
 	HealthNoLease     = "broken: state file without lease"
 	HealthUnreadState = "broken: state file unreadable"
 	HealthNoRootfs    = "broken: rootfs activation missing"
+	HealthNoVolume    = "broken: volume without its view or mount"
 )
 
 // Entry is one container's view as found on the node.
@@ -53,9 +54,11 @@ type Entry struct {
 	Layers int `json:"layers,omitempty"`
 	// RootfsActivation is the mount-manager activation snapview made for
 	// the container's rootfs (mode none: all it holds).
-	RootfsActivation string    `json:"rootfs_activation,omitempty"`
-	Created          time.Time `json:"created"`
-	Health           string    `json:"health"`
+	RootfsActivation string `json:"rootfs_activation,omitempty"`
+	// Volumes are the container's volumes, by name.
+	Volumes []string  `json:"volumes,omitempty"`
+	Created time.Time `json:"created"`
+	Health  string    `json:"health"`
 	// Bundle is the container's bundle directory, if it still exists.
 	Bundle string `json:"bundle,omitempty"`
 	// State is the state file, when it could be read.
@@ -154,6 +157,9 @@ func List(ctx context.Context, b lifecycle.Backend, ns, state string) ([]Entry, 
 			if st.Block != nil {
 				e.Device, e.Layers = st.Block.Device, len(st.Block.Layers)
 			}
+			for _, v := range st.Volumes {
+				e.Volumes = append(e.Volumes, v.Name)
+			}
 		case errors.Is(err, bundle.ErrNoState):
 			e.Health = HealthNoState
 		default:
@@ -216,8 +222,38 @@ func (e *Entry) judge(ctx context.Context, b lifecycle.Backend) error {
 		e.Health = HealthNoMount
 	default:
 		e.Health = HealthOK
+		if ok, err := e.volumesHealthy(ctx, b); err != nil {
+			return err
+		} else if !ok {
+			e.Health = HealthNoVolume
+		}
 	}
 	return nil
+}
+
+// volumesHealthy reports whether each of e's volumes has its view and, in
+// view mode, its mount.
+func (e *Entry) volumesHealthy(ctx context.Context, b lifecycle.Backend) (bool, error) {
+	if e.State == nil || len(e.State.Volumes) == 0 {
+		return true, nil
+	}
+	sn, err := b.Snapshotter(e.Snapshotter)
+	if err != nil {
+		return false, err
+	}
+	for _, v := range e.State.Volumes {
+		if _, err := sn.Stat(ctx, v.ViewKey); errdefs.IsNotFound(err) {
+			return false, nil
+		} else if err != nil {
+			return false, fmt.Errorf("stat volume view %s: %w", v.ViewKey, err)
+		}
+		if v.Mountpoint != "" {
+			if mounted, _ := mountinfo.Mounted(v.Mountpoint); !mounted {
+				return false, nil
+			}
+		}
+	}
+	return true, nil
 }
 
 // Find returns container id's entry in namespace ns, or an error wrapping

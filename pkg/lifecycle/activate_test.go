@@ -6,10 +6,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/snapview/snapview/pkg/lease"
 	"github.com/snapview/snapview/pkg/view"
@@ -70,6 +72,10 @@ func (b mountsOnly) Snapshotter(string) (snapshots.Snapshotter, error) {
 }
 func (b mountsOnly) Leases() (leases.Manager, error) { return nil, errdefs.ErrNotImplemented }
 func (b mountsOnly) Mounts() (mount.Manager, error)  { return b.mm, nil }
+func (b mountsOnly) Image(context.Context, string) (ocispec.Descriptor, error) {
+	return ocispec.Descriptor{}, errdefs.ErrNotImplemented
+}
+func (b mountsOnly) Content() (content.Provider, error) { return nil, errdefs.ErrNotImplemented }
 
 // TestActivateReplacesLeftover checks that a mount-manager activation of the
 // container's name left by a crash is replaced when it is the container's

@@ -39,10 +39,12 @@ import (
 	"runtime/debug"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/log"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/snapview/snapview/pkg/fault"
 )
@@ -57,6 +59,12 @@ type Backend interface {
 	Snapshotter(name string) (snapshots.Snapshotter, error)
 	Leases() (leases.Manager, error)
 	Mounts() (mount.Manager, error)
+	// Image returns the target of image name in the namespace of ctx; a
+	// missing image is an error wrapping errdefs.ErrNotFound.
+	Image(ctx context.Context, name string) (ocispec.Descriptor, error)
+	// Content reads containerd's content store (images' manifests and
+	// configs).
+	Content() (content.Provider, error)
 }
 
 // Lifecycle runs the lifecycle of views against one containerd.
@@ -75,20 +83,24 @@ func New(b Backend) *Lifecycle {
 
 // Setup steps, in order; the names appear in logs and errors.
 const (
-	StepDir       = "dir"
-	StepLease     = "lease"
-	StepView      = "view"
-	StepActivate  = "activate"
-	StepMount     = "mount"
-	StepRootfs    = "rootfs"
-	StepFormat    = "format"
-	StepDevice    = "device"
-	StepLayers    = "layers"
-	StepArtifacts = "artifacts"
-	StepMonitor   = "monitor"
-	StepState     = "state"
-	StepParams    = "params"
-	StepConfig    = "config"
+	StepDir      = "dir"
+	StepLease    = "lease"
+	StepView     = "view"
+	StepActivate = "activate"
+	StepMount    = "mount"
+	StepRootfs   = "rootfs"
+	StepFormat   = "format"
+	StepDevice   = "device"
+	StepLayers   = "layers"
+	// StepVolumeViews creates the volumes' views; StepVolumes mounts them
+	// (view mode) or attaches their disks (block mode).
+	StepVolumeViews = "volume-views"
+	StepVolumes     = "volumes"
+	StepArtifacts   = "artifacts"
+	StepMonitor     = "monitor"
+	StepState       = "state"
+	StepParams      = "params"
+	StepConfig      = "config"
 )
 
 // callTimeout bounds each call into containerd.

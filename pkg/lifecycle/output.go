@@ -16,7 +16,7 @@ import (
 // container with a view, the binds it asked for, and in block mode each
 // disk with the cgroup rule that lets the container open it: read-write
 // for the writable disk, read-only for a layer.
-func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Config) (bundle.ConfigPatch, error) {
+func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Config, volumes map[string]volumeDoc) (bundle.ConfigPatch, error) {
 	params, err := json.Marshal(st.Rootfs)
 	if err != nil {
 		return bundle.ConfigPatch{}, err
@@ -34,9 +34,21 @@ func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Co
 	for _, a := range st.Artifacts {
 		patch.Annotations[annotations.BoundPrefix+a.Name] = a.Target
 	}
+	if volumes != nil {
+		doc, err := json.Marshal(volumes)
+		if err != nil {
+			return bundle.ConfigPatch{}, err
+		}
+		patch.Annotations[annotations.Volumes] = string(doc)
+	}
 	if b := st.Block; b != nil {
 		patch.AddDisk(cfg.Block.Device, b.Major, b.Minor, false, p.spec.UID, p.spec.GID)
 		for _, d := range b.Layers {
+			patch.AddDisk(d.Path, d.Major, d.Minor, true, p.spec.UID, p.spec.GID)
+		}
+	}
+	for _, v := range st.Volumes {
+		for _, d := range v.Disks {
 			patch.AddDisk(d.Path, d.Major, d.Minor, true, p.spec.UID, p.spec.GID)
 		}
 	}
@@ -45,14 +57,15 @@ func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Co
 
 // paramsDoc is the content of /.snapview/params.json.
 type paramsDoc struct {
-	Rootfs     rootfs.Params     `json:"rootfs"`
-	Artifacts  map[string]string `json:"artifacts"`
-	ViewTarget string            `json:"view_target,omitempty"`
+	Rootfs     rootfs.Params        `json:"rootfs"`
+	Artifacts  map[string]string    `json:"artifacts"`
+	ViewTarget string               `json:"view_target,omitempty"`
+	Volumes    map[string]volumeDoc `json:"volumes,omitempty"`
 }
 
 // writeParams writes the params file bound read-only into the container.
-func writeParams(path string, st *bundle.State, viewTarget string) error {
-	doc := paramsDoc{Rootfs: st.Rootfs, Artifacts: map[string]string{}, ViewTarget: viewTarget}
+func writeParams(path string, st *bundle.State, viewTarget string, volumes map[string]volumeDoc) error {
+	doc := paramsDoc{Rootfs: st.Rootfs, Artifacts: map[string]string{}, ViewTarget: viewTarget, Volumes: volumes}
 	for _, a := range st.Artifacts {
 		doc.Artifacts[a.Name] = a.Target
 	}

@@ -51,6 +51,8 @@ type Plan struct {
 	// to a guest, so the shim has the mount manager perform them, as
 	// containerd would have.
 	claimRootfs bool
+	// volumes are the container's volumes; lookup finds their snapshots.
+	volumes []volumePlan
 	// monitor is block mode's monitor rootfs: "view" or a host directory
 	// of the configuration; monitorFrom names the setting it came from,
 	// for errors.
@@ -109,6 +111,9 @@ func decideLocal(r Request) (*Plan, error) {
 	if ann.MonitorRootfs != "" && mode != config.ModeBlock {
 		return nil, fmt.Errorf("snapview: annotation %s=%q applies only in block mode, but the mode is %s (%s)", annotations.MonitorRootfs, ann.MonitorRootfs, mode, modeFrom)
 	}
+	if err := p.checkVolumes(); err != nil {
+		return nil, err
+	}
 	switch mode {
 	case config.ModeOff:
 		if ann.HasBinds() {
@@ -161,6 +166,9 @@ func (l *Lifecycle) lookup(ctx context.Context, p *Plan) (*Plan, error) {
 		return p.noView("the container's snapshot has no parent image")
 	}
 	p.snapshotter, p.parent = sn, info.Parent
+	if err := l.resolveVolumes(ctx, p); err != nil {
+		return nil, err
+	}
 	return p, nil
 }
 
@@ -236,6 +244,9 @@ func bindAnnotations(req *annotations.Request) string {
 	}
 	if req.ViewTarget != "" {
 		names = append(names, annotations.ViewTarget)
+	}
+	for _, v := range req.Volumes {
+		names = append(names, annotations.VolumePrefix+v.Name)
 	}
 	return "annotation " + strings.Join(names, ", ")
 }

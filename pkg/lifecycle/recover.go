@@ -96,6 +96,20 @@ func validate(st *bundle.State, ns, id, bundlePath string) error {
 	if st.RootfsActivation != "" && st.RootfsActivation != id {
 		return fmt.Errorf("rootfs activation %q does not match %q", st.RootfsActivation, id)
 	}
+	seen := map[string]bool{}
+	for _, v := range st.Volumes {
+		switch {
+		case seen[v.Name]:
+			return fmt.Errorf("volume %q recorded twice", v.Name)
+		case v.ViewKey != view.VolumeKey(id, v.Name):
+			return fmt.Errorf("volume %q: view key %q does not match %q", v.Name, v.ViewKey, view.VolumeKey(id, v.Name))
+		case v.Activation != "" && v.Activation != v.ViewKey:
+			return fmt.Errorf("volume %q: activation %q does not match %q", v.Name, v.Activation, v.ViewKey)
+		case v.Mountpoint != "" && v.Mountpoint != bundle.VolumeMountpoint(bundlePath, v.Name):
+			return fmt.Errorf("volume %q: mountpoint %q does not match %q", v.Name, v.Mountpoint, bundle.VolumeMountpoint(bundlePath, v.Name))
+		}
+		seen[v.Name] = true
+	}
 	if st.Block != nil && st.Block.Loop != nil && st.Block.Loop.BackingFile != st.Block.Rootfs.Source {
 		return fmt.Errorf("loop backing file %q is not the rootfs source %q", st.Block.Loop.BackingFile, st.Block.Rootfs.Source)
 	}
@@ -170,8 +184,23 @@ func (l *Lifecycle) adoptLease(ctx context.Context, v *View, ls leases.Lease) er
 		return fmt.Errorf("list resources of lease %s: %w", ls.ID, err)
 	}
 	for _, r := range res {
-		if sn, ok := strings.CutPrefix(r.Type, "snapshots/"); ok && r.ID == view.Key(st.ContainerID) {
+		sn, ok := strings.CutPrefix(r.Type, "snapshots/")
+		if !ok {
+			continue
+		}
+		if r.ID == view.Key(st.ContainerID) {
 			st.Snapshotter, st.ViewKey = sn, r.ID
+		}
+		// A volume's view, its activation and its mountpoint are named
+		// after it; deactivating or unmounting what is not there is
+		// success.
+		if name, ok := view.VolumeName(st.ContainerID, r.ID); ok {
+			st.Snapshotter = sn
+			vol := bundle.Volume{Name: name, ViewKey: r.ID, Activation: r.ID}
+			if v.Bundle != "" {
+				vol.Mountpoint = bundle.VolumeMountpoint(v.Bundle, name)
+			}
+			st.Volumes = append(st.Volumes, vol)
 		}
 	}
 	return nil

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/containerd/log"
@@ -32,6 +33,8 @@ type View struct {
 	// layers the read-only layer disks of a layered rootfs.
 	device *blockdev.Device
 	layers []*blockdev.Device
+	// volumeDisks are the volumes' disks this process attached and holds.
+	volumeDisks []*blockdev.Device
 	// owned: this process set the view up completely, so the lease and
 	// the view are known to be its own and are removed without re-reading
 	// their labels. A recovered or partial view is always re-checked.
@@ -192,7 +195,7 @@ func (l *Lifecycle) Undo(ctx context.Context, v *View) error {
 // view show the same image, so the view answers.
 func checkReadOnlyTargets(viewRoot string, binds []specs.Mount) error {
 	for _, b := range binds {
-		wantDir := b.Source == viewRoot
+		wantDir := slices.Contains(b.Options, "rbind") // the view, a volume
 		p, err := securejoin.SecureJoin(viewRoot, b.Destination)
 		if err == nil {
 			var fi os.FileInfo

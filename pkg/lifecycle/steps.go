@@ -13,6 +13,7 @@ import (
 	"github.com/snapview/snapview/pkg/boot"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/lease"
+	"github.com/snapview/snapview/pkg/rootfs"
 	"github.com/snapview/snapview/pkg/view"
 )
 
@@ -38,6 +39,8 @@ var setupSteps = []setupStep{
 	{name: StepFormat, applies: (*setupRun).layered, do: (*setupRun).formatImage},
 	{name: StepDevice, applies: (*setupRun).blockMode, do: (*setupRun).attachDevice},
 	{name: StepLayers, applies: (*setupRun).layered, do: (*setupRun).attachLayers},
+	{name: StepVolumeViews, applies: (*setupRun).withVolumes, do: (*setupRun).createVolumeViews},
+	{name: StepVolumes, applies: (*setupRun).withVolumes, do: (*setupRun).prepareVolumes},
 	{name: StepArtifacts, applies: (*setupRun).withView, do: (*setupRun).resolveArtifacts},
 	{name: StepMonitor, applies: (*setupRun).blockMode, do: (*setupRun).prepareMonitor},
 	{name: StepState, do: (*setupRun).writeState},
@@ -64,6 +67,10 @@ type setupRun struct {
 	// paramsSource is the host file bound at /.snapview/params.json, or ""
 	// when the container gets none.
 	paramsSource string
+	// volumeMounts are each volume's view mounts; volumeLayers, in block
+	// mode, each volume's disks as found in them.
+	volumeMounts [][]mount.Mount
+	volumeLayers [][]rootfs.Layer
 }
 
 func (s *setupRun) withView() bool         { return s.p.Skip == "" }
@@ -72,6 +79,7 @@ func (s *setupRun) layered() bool          { return s.p.layered != nil }
 func (s *setupRun) claimRootfs() bool      { return s.p.claimRootfs }
 func (s *setupRun) viewNeedsManager() bool { return view.NeedsManager(s.mounts) }
 func (s *setupRun) withParams() bool       { return s.paramsSource != "" }
+func (s *setupRun) withVolumes() bool      { return len(s.p.volumes) > 0 }
 
 // callContext bounds one call into containerd.
 func callContext(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -203,7 +211,7 @@ func (s *setupRun) resolveArtifacts(context.Context) error {
 	if p.ann.HasBinds() || p.blockMode() {
 		s.paramsSource = bundle.ParamsFile(s.v.Bundle)
 	}
-	s.binds = boot.Mounts(arts, st.Mountpoint, p.ann.ViewTarget, s.paramsSource)
+	s.binds = append(boot.Mounts(arts, st.Mountpoint, p.ann.ViewTarget, s.paramsSource), volumeBinds(st)...)
 	if p.readOnlyRootfs {
 		return checkReadOnlyTargets(st.Mountpoint, s.binds)
 	}
@@ -220,13 +228,13 @@ func (s *setupRun) writeState(context.Context) error {
 
 // writeParams writes the params file bound into the container.
 func (s *setupRun) writeParams(context.Context) error {
-	return writeParams(s.paramsSource, s.v.State, s.p.ann.ViewTarget)
+	return writeParams(s.paramsSource, s.v.State, s.p.ann.ViewTarget, s.volumeDocs())
 }
 
 // patchConfig adds snapview's annotations, binds and devices to
 // config.json, last: the OCI runtime reads it after Create returns.
 func (s *setupRun) patchConfig(context.Context) error {
-	patch, err := s.p.configPatch(s.v.State, s.binds, s.p.req.Config)
+	patch, err := s.p.configPatch(s.v.State, s.binds, s.p.req.Config, s.volumeDocs())
 	if err != nil {
 		return err
 	}

@@ -54,8 +54,8 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) (retErr error) {
 
 	// On this host (a view rebuilt without its bundle has nothing here).
 	fail("close block device", v.device.Close())
-	for _, d := range v.layers {
-		fail("close layer disk", d.Close())
+	for _, d := range append(slices.Clone(v.layers), v.volumeDisks...) {
+		fail("close disk", d.Close())
 	}
 	if v.Bundle != "" {
 		v.teardownLocal(logger, fail)
@@ -85,7 +85,7 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) (retErr error) {
 			fail("deactivate", fmt.Errorf("deactivate %s: %w", st.Activation, err))
 		}
 	}
-	viewRemoved := true
+	viewRemoved := l.removeVolumes(cctx, v, fail)
 	if st.ViewKey != "" {
 		sn, err := l.backend.Snapshotter(st.Snapshotter)
 		if err == nil {
@@ -95,7 +95,7 @@ func (l *Lifecycle) Teardown(ctx context.Context, v *View) (retErr error) {
 				err = view.RemoveOwned(cctx, sn, owner)
 			}
 		}
-		viewRemoved = err == nil || errors.Is(err, lease.ErrNotOwner)
+		viewRemoved = viewRemoved && (err == nil || errors.Is(err, lease.ErrNotOwner))
 		fail("remove view", err)
 		sw.lap("remove")
 		fault.Point(PointTeardownRemoved, st.ContainerID)
@@ -153,6 +153,7 @@ func (v *View) teardownLocal(logger *log.Entry, fail func(string, error)) {
 		}
 		fail(what, err)
 	}
+	v.teardownVolumes(fail, detach)
 	if b := st.Block; b != nil {
 		for _, d := range slices.Backward(b.Layers) {
 			detach("detach layer disk", d.Device, d.Loop)

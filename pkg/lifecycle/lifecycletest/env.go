@@ -5,6 +5,7 @@
 package lifecycletest
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,8 @@ import (
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/containers"
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/metadata"
 	"github.com/containerd/containerd/v2/core/mount"
@@ -25,7 +28,11 @@ import (
 	"github.com/containerd/containerd/v2/plugins/content/local"
 	"github.com/containerd/containerd/v2/plugins/snapshots/native"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/platforms"
 	"github.com/moby/sys/mountinfo"
+	"github.com/opencontainers/go-digest"
+	imagespecs "github.com/opencontainers/image-spec/specs-go"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	bolt "go.etcd.io/bbolt"
 	"golang.org/x/sys/unix"
@@ -135,6 +142,63 @@ func NewEnv(t *testing.T) *Env {
 	return e
 }
 
+// Image creates the image name in namespace ns, as an import would leave
+// it: its manifest and config in the content store (for linux on this
+// machine's architecture), and its one layer, holding files (path →
+// content; a value starting with "->" is a symlink), unpacked in the native
+// snapshotter as the committed snapshot of its chain id, which it returns.
+// With unpacked false, the layer is left out of the snapshotter.
+func (e *Env) Image(t *testing.T, ns, name string, files map[string]string, unpacked bool) string {
+	t.Helper()
+	ctx := leases.WithLease(namespaces.WithNamespace(context.Background(), ns), "image")
+	if _, err := e.Leases.Create(ctx, leases.WithID("image")); err != nil && !errdefs.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	diffID := digest.FromString("layer of " + name)
+	cfg, _ := json.Marshal(ocispec.Image{Platform: platforms.DefaultSpec(), RootFS: ocispec.RootFS{Type: "layers", DiffIDs: []digest.Digest{diffID}}})
+	cs := e.DB.ContentStore()
+	write := func(mediaType string, data []byte) ocispec.Descriptor {
+		d := ocispec.Descriptor{MediaType: mediaType, Digest: digest.FromBytes(data), Size: int64(len(data))}
+		if err := content.WriteBlob(ctx, cs, d.Digest.String(), bytes.NewReader(data), d); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	config := write(ocispec.MediaTypeImageConfig, cfg)
+	man, _ := json.Marshal(ocispec.Manifest{Versioned: specsVersioned(), MediaType: ocispec.MediaTypeImageManifest, Config: config,
+		Layers: []ocispec.Descriptor{{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromString("blob of " + name), Size: 1}}})
+	target := write(ocispec.MediaTypeImageManifest, man)
+	if _, err := metadata.NewImageStore(e.DB).Create(ctx, images.Image{Name: name, Target: target}); err != nil {
+		t.Fatal(err)
+	}
+	if unpacked {
+		ms, err := e.Snapshotter.Prepare(ctx, "unpack-"+name, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for p, data := range files {
+			host := filepath.Join(ms[0].Source, p)
+			if err := os.MkdirAll(filepath.Dir(host), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if link, ok := strings.CutPrefix(data, "->"); ok {
+				err = os.Symlink(link, host)
+			} else {
+				err = os.WriteFile(host, []byte(data), 0o644)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := e.Snapshotter.Commit(ctx, diffID.String(), "unpack-"+name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return diffID.String()
+}
+
+func specsVersioned() imagespecs.Versioned { return imagespecs.Versioned{SchemaVersion: 2} }
+
 // ContainerWithoutSnapshot creates a container record that has no snapshot,
 // and a bundle, as a container whose rootfs mounts come from elsewhere; it
 // returns a create request with rootfs mounts.
@@ -225,6 +289,14 @@ func (e *Env) CheckNothingLeft(t *testing.T, r lifecycle.Request, config []byte)
 	}
 	if _, err := e.Snapshotter.Stat(e.Ctx, view.Key(r.ID)); !errdefs.IsNotFound(err) {
 		t.Errorf("view left: %v", err)
+	}
+	if err := e.Snapshotter.Walk(e.Ctx, func(_ context.Context, info snapshots.Info) error {
+		if strings.HasPrefix(info.Name, view.Key(r.ID)+"/") {
+			t.Errorf("volume view left: %s", info.Name)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
 	if mounts, _ := mountinfo.GetMounts(mountinfo.PrefixFilter(r.Bundle)); len(mounts) > 0 {
 		t.Errorf("mounts left under the bundle: %v", mounts)
@@ -343,6 +415,26 @@ func (b *Backend) Leases() (leases.Manager, error) {
 		return nil, err
 	}
 	return &lateLeases{Manager: b.env.Leases, b: b}, nil
+}
+
+// Image implements lifecycle.Backend.
+func (b *Backend) Image(ctx context.Context, name string) (ocispec.Descriptor, error) {
+	if err := b.call("Image"); err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	img, err := metadata.NewImageStore(b.env.DB).Get(ctx, name)
+	if err != nil {
+		return ocispec.Descriptor{}, err
+	}
+	return img.Target, nil
+}
+
+// Content implements lifecycle.Backend.
+func (b *Backend) Content() (content.Provider, error) {
+	if err := b.call("Content"); err != nil {
+		return nil, err
+	}
+	return b.env.DB.ContentStore(), nil
 }
 
 // Mounts implements lifecycle.Backend.

@@ -1,0 +1,378 @@
+package lifecycle
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/containerd/platforms"
+	securejoin "github.com/cyphar/filepath-securejoin"
+	"github.com/moby/sys/mountinfo"
+	"github.com/opencontainers/image-spec/identity"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/snapview/snapview/pkg/annotations"
+	"github.com/snapview/snapview/pkg/blockdev"
+	"github.com/snapview/snapview/pkg/bundle"
+	"github.com/snapview/snapview/pkg/rootfs"
+	"github.com/snapview/snapview/pkg/view"
+)
+
+// Volumes: a volume is a read-only view of another image's root
+// filesystem, under the container's lease, in the container's
+// snapshotter. Only its name and image come from the annotation; its
+// source, the image's top snapshot, is looked up in containerd (the image
+// in the container's namespace, its manifest for this platform, the chain
+// id of its layers, the snapshot of that id), and must exist: a volume is
+// never created empty.
+
+// volumePlan is one volume of a plan: what the annotation asks, and the
+// snapshot it is a view of, found by the lookup.
+type volumePlan struct {
+	annotations.Volume
+	parent string
+}
+
+// checkVolumes refuses, before any call into containerd, a volume whose
+// image the configuration does not allow: whether such an image exists on
+// the node is not the container's business.
+func (p *Plan) checkVolumes() error {
+	cfg := p.req.Config
+	for _, v := range p.ann.Volumes {
+		if !cfg.AllowsVolume(v.Ref) {
+			allowed := "none: it is empty, the default"
+			if len(cfg.Volumes.Allow) > 0 {
+				allowed = fmt.Sprintf("%q", cfg.Volumes.Allow)
+			}
+			return fmt.Errorf("snapview: annotation %s%s: image %s is not allowed as a volume by [volumes] allow in %s (%s); an operator adds a pattern that matches it",
+				annotations.VolumePrefix, v.Name, v.Ref, cfg.Source, allowed)
+		}
+		p.volumes = append(p.volumes, volumePlan{Volume: v})
+	}
+	return nil
+}
+
+// resolveVolumes finds each volume's snapshot: the chain id of its image's
+// layers for this platform, which must be unpacked in snapshotter sn. It
+// changes nothing.
+func (l *Lifecycle) resolveVolumes(ctx context.Context, p *Plan) error {
+	if len(p.volumes) == 0 {
+		return nil
+	}
+	sn, err := l.backend.Snapshotter(p.snapshotter)
+	if err != nil {
+		return fmt.Errorf("snapview: %w", err)
+	}
+	cs, err := l.backend.Content()
+	if err != nil {
+		return fmt.Errorf("snapview: %w", err)
+	}
+	for i := range p.volumes {
+		v := &p.volumes[i]
+		if v.parent, err = l.volumeSource(ctx, cs, sn, p, v.Volume); err != nil {
+			return fmt.Errorf("snapview: annotation %s%s: image %s: %w", annotations.VolumePrefix, v.Name, v.Ref, err)
+		}
+	}
+	return nil
+}
+
+// volumeSource returns the snapshot volume v views: its image's top
+// snapshot in sn. Each way it can fail says what to do.
+func (l *Lifecycle) volumeSource(ctx context.Context, cs content.Provider, sn snapshots.Snapshotter, p *Plan, v annotations.Volume) (string, error) {
+	r := p.req
+	cctx, cancel := callContext(ctx)
+	defer cancel()
+	target, err := l.backend.Image(cctx, v.Ref)
+	if errdefs.IsNotFound(err) {
+		return "", fmt.Errorf("no such image in namespace %s; pull or import it there first (ctr -n %s images pull --snapshotter %s %s)", r.Namespace, r.Namespace, p.snapshotter, v.Ref)
+	}
+	if err != nil {
+		return "", fmt.Errorf("look up the image: %w", err)
+	}
+	config, err := images.Config(cctx, cs, target, platforms.Default())
+	if err != nil {
+		if errdefs.IsNotFound(err) {
+			return "", fmt.Errorf("it has no manifest for this platform (%s) in the content store: %w", platforms.DefaultString(), err)
+		}
+		return "", fmt.Errorf("read its manifest for this platform (%s): %w", platforms.DefaultString(), err)
+	}
+	diffIDs, err := images.RootFS(cctx, cs, config)
+	if err != nil {
+		return "", fmt.Errorf("read its config %s: %w", config.Digest, err)
+	}
+	if len(diffIDs) == 0 {
+		return "", fmt.Errorf("it has no layers for this platform (%s): nothing to mount", platforms.DefaultString())
+	}
+	chain := identity.ChainID(diffIDs).String()
+	if _, err := sn.Stat(cctx, chain); err != nil {
+		if errdefs.IsNotFound(err) {
+			return "", fmt.Errorf("not unpacked in snapshotter %s, the container's (no snapshot %s); unpack it there (ctr -n %s images pull --snapshotter %s %s, or ctr images import --snapshotter %s, or a CRI pull for a runtime handler of that snapshotter)",
+				p.snapshotter, chain, r.Namespace, p.snapshotter, v.Ref, p.snapshotter)
+		}
+		return "", fmt.Errorf("stat snapshot %s in %s: %w", chain, p.snapshotter, err)
+	}
+	return chain, nil
+}
+
+// createVolumeViews creates each volume's read-only view, keyed
+// snapview/<id>/volumes/<name>, under the container's lease and with the
+// view's labels, recording each before it is created.
+func (s *setupRun) createVolumeViews(ctx context.Context) error {
+	st, id := s.v.State, s.p.req.ID
+	sn, err := s.l.backend.Snapshotter(s.p.snapshotter)
+	if err != nil {
+		return fmt.Errorf("snapview: %w", err)
+	}
+	for _, vp := range s.p.volumes {
+		key := view.VolumeKey(id, vp.Name)
+		st.Volumes = append(st.Volumes, bundle.Volume{Name: vp.Name, Image: vp.Ref, Parent: vp.parent, ViewKey: key, Target: vp.Target, Subpath: vp.Subpath})
+		cctx, cancel := callContext(ctx)
+		ms, err := view.CreateKey(cctx, sn, s.owner, key, vp.parent, st.LeaseID)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("snapview: volume %s: %w", vp.Name, err)
+		}
+		s.volumeMounts = append(s.volumeMounts, ms)
+		s.logger.WithFields(log.Fields{"volume": vp.Name, "image": vp.Ref, "key": key, "parent": vp.parent, "target": vp.Target}).Info("snapview: volume created")
+	}
+	return nil
+}
+
+// prepareVolumes readies each volume for the container: in view mode it is
+// mounted read-only under the bundle (through the mount manager if its
+// mounts need it) and its subpath resolved inside it, for a bind; in block
+// mode it is never mounted, and each of its disks is attached read-only.
+func (s *setupRun) prepareVolumes(ctx context.Context) error {
+	for i := range s.v.State.Volumes {
+		var err error
+		if s.blockMode() {
+			err = s.attachVolume(i)
+		} else {
+			err = s.mountVolume(ctx, i)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// mountVolume mounts volume i read-only on its mountpoint and resolves its
+// subpath inside it, without leaving it: the source of its bind.
+func (s *setupRun) mountVolume(ctx context.Context, i int) error {
+	st := s.v.State
+	vol := &st.Volumes[i]
+	ms := s.volumeMounts[i]
+	if view.NeedsManager(ms) {
+		vol.Activation = vol.ViewKey
+		cctx, cancel := callContext(ctx)
+		var err error
+		ms, err = s.l.activate(cctx, s.owner, activation{name: vol.ViewKey, what: "mounts of volume " + vol.Name, leaseID: st.LeaseID}, ms)
+		cancel()
+		if err != nil {
+			return err
+		}
+	}
+	mp := bundle.VolumeMountpoint(s.v.Bundle, vol.Name)
+	if m, err := mountinfo.Mounted(mp); err == nil && m {
+		return fmt.Errorf("snapview: volume %s: its mountpoint %s is already a mount point, not made by this setup", vol.Name, mp)
+	}
+	vol.Mountpoint = mp
+	loops, err := view.Mount(ms, mp)
+	vol.LoopDevices = loops
+	if err != nil {
+		return fmt.Errorf("snapview: volume %s: %w", vol.Name, err)
+	}
+	for _, m := range ms {
+		vol.Mounts = append(vol.Mounts, bundle.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
+	}
+	src, err := securejoin.SecureJoin(mp, vol.Subpath)
+	if err == nil {
+		var fi os.FileInfo
+		if fi, err = os.Lstat(src); err == nil && !fi.IsDir() {
+			err = errors.New("not a directory")
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("snapview: annotation %s%s: subpath %q in image %s: %w (symlinks are resolved inside the image)", annotations.VolumePrefix, vol.Name, vol.Subpath, vol.Image, err)
+	}
+	vol.Source = src
+	s.logger.WithFields(log.Fields{"volume": vol.Name, "target": mp, "source": src, "loop": loops}).Info("snapview: volume mounted")
+	return nil
+}
+
+// attachVolume attaches each disk of volume i read-only: the file of a
+// blockfile view or of each erofs layer to a read-only loop device held by
+// this process, a devmapper view's device as it is; the guest gets them
+// at /dev/snapview/volumes/<name>/<j>.
+func (s *setupRun) attachVolume(i int) error {
+	vol := &s.v.State.Volumes[i]
+	layers, err := rootfs.ReadOnlyDisks(fromMounts(s.volumeMounts[i]))
+	if err != nil {
+		return fmt.Errorf("snapview: volume %s: block mode hands a volume to the guest as disks, but its view in snapshotter %s %w (use the blockfile, devmapper or erofs snapshotter)", vol.Name, s.p.snapshotter, err)
+	}
+	var files []string
+	for _, l := range layers {
+		files = append(files, l.Mount.Source)
+	}
+	for _, l := range layers {
+		files = append(files, l.Blobs...)
+	}
+	vol.Disks = []bundle.Disk{}
+	for j, f := range files {
+		d, err := attachReadOnly(f)
+		if err != nil {
+			return fmt.Errorf("snapview: volume %s: disk %d (%s): %w", vol.Name, j, f, err)
+		}
+		disk := bundle.Disk{Path: rootfs.VolumeDevice(vol.Name, j), Device: d.Path, Major: d.Major, Minor: d.Minor}
+		if d.Backing != nil {
+			s.v.volumeDisks = append(s.v.volumeDisks, d)
+			disk.Loop = bundle.Loop{BackingFile: d.Backing.Path, BackingDev: d.Backing.Dev, BackingIno: d.Backing.Ino}
+		}
+		vol.Disks = append(vol.Disks, disk)
+	}
+	s.volumeLayers = append(s.volumeLayers, layers)
+	s.logger.WithFields(log.Fields{"volume": vol.Name, "disks": len(vol.Disks)}).Info("snapview: volume disks ready for the container")
+	return nil
+}
+
+// attachReadOnly attaches a regular file to a read-only loop device, or
+// resolves a block device.
+func attachReadOnly(path string) (*blockdev.Device, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if fi.Mode().IsRegular() {
+		return blockdev.Attach(path, true)
+	}
+	return blockdev.Resolve(path)
+}
+
+// volumeBinds are the binds of the volumes of a view-mode container: each
+// read-only, nosuid, nodev at its target.
+func volumeBinds(st *bundle.State) []specs.Mount {
+	var ms []specs.Mount
+	for _, v := range st.Volumes {
+		if v.Source != "" {
+			ms = append(ms, specs.Mount{Destination: v.Target, Type: "bind", Source: v.Source, Options: []string{"rbind", "ro", "nosuid", "nodev"}})
+		}
+	}
+	return ms
+}
+
+// volumeDoc describes a volume for the container: the image, where it is
+// (view mode) or where the guest should mount it (block mode), and in
+// block mode its disks, top-most layer first.
+type volumeDoc struct {
+	Image   string              `json:"image"`
+	Target  string              `json:"target"`
+	Subpath string              `json:"subpath,omitempty"`
+	Layers  []rootfs.DiskParams `json:"layers,omitempty"`
+}
+
+// volumeDocs describes the volumes of the setup, by name, and nil for none.
+func (s *setupRun) volumeDocs() map[string]volumeDoc {
+	st := s.v.State
+	if len(st.Volumes) == 0 {
+		return nil
+	}
+	out := map[string]volumeDoc{}
+	for i, v := range st.Volumes {
+		vp := volumeDoc{Image: v.Image, Target: v.Target}
+		if v.Subpath != "/" {
+			vp.Subpath = v.Subpath
+		}
+		if i < len(s.volumeLayers) {
+			next := len(s.volumeLayers[i])
+			for j, l := range s.volumeLayers[i] {
+				d := diskParams(v.Disks[j], l.Mount)
+				for range l.Blobs {
+					d.Devices = append(d.Devices, v.Disks[next].Path)
+					next++
+				}
+				vp.Layers = append(vp.Layers, d)
+			}
+		}
+		out[v.Name] = vp
+	}
+	return out
+}
+
+// diskParams describes disk d, of mount m, for a guest.
+func diskParams(d bundle.Disk, m rootfs.Mount) rootfs.DiskParams {
+	return rootfs.DiskParams{Device: d.Path, FSType: m.Type, Source: d.Device, Options: rootfs.GuestOptions(m.Options)}
+}
+
+// teardownVolumes undoes on this host what the volume steps did, in
+// reverse: each volume's disks (loop devices still bound to the recorded
+// backing inode) or mount (and the loop devices it attached).
+func (v *View) teardownVolumes(fail func(string, error), detach func(string, string, bundle.Loop)) {
+	st := v.State
+	for i := len(st.Volumes) - 1; i >= 0; i-- {
+		vol := st.Volumes[i]
+		for j := len(vol.Disks) - 1; j >= 0; j-- {
+			if d := vol.Disks[j]; d.Loop.BackingFile != "" {
+				detach("detach volume disk", d.Device, d.Loop)
+			}
+		}
+		if vol.Mountpoint == "" {
+			continue
+		}
+		fail("unmount volume "+vol.Name, view.Unmount(vol.Mountpoint))
+		fail("detach volume loop devices", view.DetachLoops(vol.LoopDevices, func(backing string) bool {
+			for _, m := range vol.Mounts {
+				if m.Source == backing {
+					return true
+				}
+			}
+			return false
+		}))
+	}
+	if err := os.Remove(bundle.VolumesDir(v.Bundle)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		fail("remove the volumes' directory", err)
+	}
+}
+
+// removeVolumes removes, in containerd, each volume's activation and view:
+// by name when this process made them, else only while their labels say
+// they are the view's owner's.
+func (l *Lifecycle) removeVolumes(ctx context.Context, v *View, fail func(string, error)) bool {
+	st := v.State
+	removed := true
+	if len(st.Volumes) == 0 {
+		return removed
+	}
+	sn, err := l.backend.Snapshotter(st.Snapshotter)
+	if err != nil {
+		fail("remove volumes", err)
+		return false
+	}
+	for i := len(st.Volumes) - 1; i >= 0; i-- {
+		vol := st.Volumes[i]
+		if vol.Activation != "" {
+			if mm, err := l.backend.Mounts(); err != nil {
+				fail("deactivate volume "+vol.Name, err)
+			} else if err := mm.Deactivate(ctx, vol.Activation); err != nil && !errdefs.IsNotFound(err) && !errdefs.IsNotImplemented(err) {
+				fail("deactivate volume "+vol.Name, fmt.Errorf("deactivate %s: %w", vol.Activation, err))
+			}
+		}
+		if v.owned {
+			err = view.RemoveKey(ctx, sn, vol.ViewKey)
+		} else {
+			err = view.RemoveOwnedKey(ctx, sn, v.owner(), vol.ViewKey)
+		}
+		removed = removed && err == nil
+		fail("remove volume "+vol.Name, err)
+		if err == nil {
+			log.G(ctx).WithFields(log.Fields{"id": st.ContainerID, "volume": vol.Name, "key": vol.ViewKey}).Info("snapview: volume removed")
+		}
+	}
+	return removed
+}
