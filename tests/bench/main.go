@@ -245,6 +245,11 @@ func onDaemon(ctx context.Context, s *harness.Session, which string, ratios map[
 			return err
 		}
 	}
+	if *volumeRows && which == strings.Split(*daemons, ",")[0] {
+		if err := b.volumes(ctx); err != nil {
+			return fmt.Errorf("volumes: %w", err)
+		}
+	}
 	return d.CheckLeaks(ctx)
 }
 

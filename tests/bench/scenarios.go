@@ -37,12 +37,17 @@ type bench struct {
 type variant struct {
 	rt       string
 	viewsOff bool
+	// config, for snapview, is a configuration body for its options.
+	config string
 }
 
 // runtimeOpts returns the runtime options of v for the client.
 func (v variant) runtimeOpts() any {
-	if v.rt == snapview && v.viewsOff {
+	switch {
+	case v.rt == snapview && v.viewsOff:
 		return &runtimeoptions.Options{ConfigBody: []byte("[view]\nmode = \"off\"\n")}
+	case v.rt == snapview && v.config != "":
+		return &runtimeoptions.Options{ConfigBody: []byte(v.config)}
 	}
 	return nil
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/errdefs"
 
@@ -27,20 +28,22 @@ var crashPoints = []struct {
 	teardown bool
 }{
 	{point: "dir"},
-	{point: "lease", modes: "view block erofs layered"},
-	{point: "view", modes: "view block erofs layered"},
+	{point: "lease", modes: "view block erofs layered volumes"},
+	{point: "view", modes: "view block erofs layered volumes"},
 	{point: "activate", modes: "erofs layered"},
-	{point: "mount", modes: "erofs layered"},
+	{point: "mount", modes: "erofs layered volumes"},
 	{point: "rootfs", modes: "erofs erofs-off"},
 	{point: "format", modes: "layered"},
 	{point: "device", modes: "block layered"},
 	{point: "layers", modes: "layered"},
+	{point: "volume-views", modes: "volumes volumes-block"},
+	{point: "volumes", modes: "volumes volumes-block"},
 	{point: "monitor", modes: "block layered"},
-	{point: "state"},
-	{point: "config", modes: "view block erofs layered"},
+	{point: "state", modes: "view block erofs erofs-off layered volumes"},
+	{point: "config", modes: "view block erofs layered volumes"},
 	{point: "runc-created"},
 	{point: "teardown-unmounted", teardown: true},
-	{point: "teardown-removed", modes: "view block erofs layered", teardown: true},
+	{point: "teardown-removed", modes: "view block erofs layered volumes volumes-block", teardown: true},
 }
 
 // TestCrashMatrix kills the shim (SIGKILL, from inside, as a crash would)
@@ -74,6 +77,11 @@ func TestCrashMatrix(t *testing.T) {
 	if _, err := d.Import(ctx, ns, suite.image, "overlayfs", "blockfile", "erofs"); err != nil {
 		t.Fatal(err)
 	}
+	for _, img := range volumeImages(t) {
+		if _, err := d.Import(ctx, ns, img, "overlayfs", "erofs"); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, mode := range []struct {
 		name, snapshotter string
 		ann               map[string]string
@@ -86,6 +94,9 @@ func TestCrashMatrix(t *testing.T) {
 		{"erofs", "erofs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}},
 		{"erofs-off", "erofs", map[string]string{"io.snapview.mode": "off"}},
 		{"layered", "erofs", blockAnn},
+		// Volumes, mounted (view mode) and as disks (layered block mode).
+		{"volumes", "overlayfs", volumeAnn},
+		{"volumes-block", "erofs", withVolumes(blockAnn)},
 	} {
 		for _, cp := range crashPoints {
 			if cp.modes != "" && !slices.Contains(strings.Fields(cp.modes), mode.name) {
@@ -98,7 +109,8 @@ func TestCrashMatrix(t *testing.T) {
 					t.Fatal(err)
 				}
 				defer os.Remove(faultFile + ".fired")
-				opts := runOpts{runtime: snapviewRT, snapshotter: mode.snapshotter, annotations: mode.ann, args: []string{"sleep", "300"}}
+				opts := runOpts{runtime: snapviewRT, snapshotter: mode.snapshotter, annotations: mode.ann, args: []string{"sleep", "300"},
+					runtimeOpts: &runtimeoptions.Options{ConfigBody: []byte(volumeAllow)}}
 				r, err := start(ctx, t, d, id, opts)
 				switch {
 				case cp.teardown && err != nil:

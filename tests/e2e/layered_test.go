@@ -43,7 +43,7 @@ var layeredDaemons struct {
 
 // layeredDaemon returns the daemon of the newest containerd (or, with
 // compat, of the oldest supported) whose erofs snapshotter runs in block
-// mode, with the test image unpacked for erofs and overlayfs.
+// mode, with the test image unpacked for erofs, overlayfs and blockfile.
 func layeredDaemon(t *testing.T, compat bool) *harness.Daemon {
 	t.Helper()
 	if suite.skip != "" {
@@ -65,7 +65,7 @@ func layeredDaemon(t *testing.T, compat bool) *harness.Daemon {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := d.Import(ctx, ns, suite.image, "erofs", "overlayfs"); err != nil {
+	if _, err := d.Import(ctx, ns, suite.image, "erofs", "overlayfs", "blockfile"); err != nil {
 		d.Stop()
 		t.Fatal(err)
 	}

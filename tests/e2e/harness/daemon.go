@@ -141,6 +141,8 @@ disabled_plugins = [
       SystemdCgroup = false
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview.options.view]
         mode = "view"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview.options.volumes]
+        allow = ["docker.io/snapview/vol-*"]
   [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-runc-path]
     runtime_type = "io.containerd.runc.v2"
     runtime_path = "{{.Tools.Shim}}"
@@ -172,6 +174,8 @@ disabled_plugins = [
     container_annotations = ["io.snapview.*"]
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-layered.options]
       SystemdCgroup = false
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-layered.options.volumes]
+        allow = ["docker.io/snapview/vol-*"]
 
 [plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
