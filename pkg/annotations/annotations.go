@@ -45,8 +45,8 @@ const (
 	RootfsParams    = "io.snapview.rootfs.params"
 	BoundPrefix     = "io.snapview.bound."
 	// Volumes describes the container's volumes: JSON, name → volume.
-	Volumes = "io.snapview.volumes"
-	outputView      = "io.snapview.view."
+	Volumes    = "io.snapview.volumes"
+	outputView = "io.snapview.view."
 )
 
 // Prefix starts every snapview annotation.
@@ -177,7 +177,9 @@ func Parse(ann map[string]string, defaultBootDir string) (*Request, error) {
 
 // HasBinds reports whether the request asks for anything to be bound (or,
 // in block mode, a volume's disks).
-func (r *Request) HasBinds() bool { return len(r.Artifacts) > 0 || r.ViewTarget != "" || len(r.Volumes) > 0 }
+func (r *Request) HasBinds() bool {
+	return len(r.Artifacts) > 0 || r.ViewTarget != "" || len(r.Volumes) > 0
+}
 
 // checkPath checks an artifact path: absolute, clean, without "..".
 func checkPath(p string) error {
