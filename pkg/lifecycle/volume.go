@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
@@ -315,10 +316,9 @@ func diskParams(d bundle.Disk, m rootfs.Mount) rootfs.DiskParams {
 // backing inode) or mount (and the loop devices it attached).
 func (v *View) teardownVolumes(fail func(string, error), detach func(string, string, bundle.Loop)) {
 	st := v.State
-	for i := len(st.Volumes) - 1; i >= 0; i-- {
-		vol := st.Volumes[i]
-		for j := len(vol.Disks) - 1; j >= 0; j-- {
-			if d := vol.Disks[j]; d.Loop.BackingFile != "" {
+	for _, vol := range slices.Backward(st.Volumes) {
+		for _, d := range slices.Backward(vol.Disks) {
+			if d.Loop.BackingFile != "" {
 				detach("detach volume disk", d.Device, d.Loop)
 			}
 		}
@@ -354,8 +354,7 @@ func (l *Lifecycle) removeVolumes(ctx context.Context, v *View, fail func(string
 		fail("remove volumes", err)
 		return false
 	}
-	for i := len(st.Volumes) - 1; i >= 0; i-- {
-		vol := st.Volumes[i]
+	for _, vol := range slices.Backward(st.Volumes) {
 		if vol.Activation != "" {
 			if mm, err := l.backend.Mounts(); err != nil {
 				fail("deactivate volume "+vol.Name, err)

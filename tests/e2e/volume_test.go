@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -82,12 +83,8 @@ var volumeAnn = map[string]string{
 }
 
 func withVolumes(ann map[string]string) map[string]string {
-	out := map[string]string{}
-	for _, m := range []map[string]string{ann, volumeAnn} {
-		for k, v := range m {
-			out[k] = v
-		}
-	}
+	out := maps.Clone(ann)
+	maps.Copy(out, volumeAnn)
 	return out
 }
 
