@@ -123,15 +123,22 @@ func (b *bench) ctrRun(ctx context.Context, v variant, ref, id string) (time.Dur
 // RunPodSandbox, CreateContainer and StartContainer until the container's
 // first output is in its log; the pod is removed outside the timing.
 func (b *bench) criRun(ctx context.Context, handler string, i int) (time.Duration, error) {
+	return b.podToOutput(ctx, handler, fmt.Sprintf("%s-%d", handler, i), nil, nil, []string{"echo", "first-output"}, "first-output")
+}
+
+// podToOutput runs pod name of handler, with pod annotations ann, whose
+// container runs cmd with mounts, and times it until want is in the
+// container's log.
+func (b *bench) podToOutput(ctx context.Context, handler, name string, ann map[string]string, mounts []*cri.Mount, cmd []string, want string) (time.Duration, error) {
 	logDir, err := os.MkdirTemp(b.dir, "cri-logs-")
 	if err != nil {
 		return 0, err
 	}
 	defer os.RemoveAll(logDir)
-	name := fmt.Sprintf("%s-%d", handler, i)
 	pod := &cri.PodSandboxConfig{
 		Metadata:     &cri.PodSandboxMetadata{Name: name, Namespace: "bench", Uid: name},
 		LogDirectory: logDir,
+		Annotations:  ann,
 		Linux: &cri.LinuxPodSandboxConfig{SecurityContext: &cri.LinuxSandboxSecurityContext{
 			NamespaceOptions: &cri.NamespaceOption{Network: cri.NamespaceMode_NODE},
 		}},
@@ -151,7 +158,8 @@ func (b *bench) criRun(ctx context.Context, handler string, i int) (time.Duratio
 		Config: &cri.ContainerConfig{
 			Metadata: &cri.ContainerMetadata{Name: "app"},
 			Image:    &cri.ImageSpec{Image: small},
-			Command:  []string{"echo", "first-output"},
+			Command:  cmd,
+			Mounts:   mounts,
 			LogPath:  "app.log",
 		},
 		SandboxConfig: pod,
@@ -164,7 +172,7 @@ func (b *bench) criRun(ctx context.Context, handler string, i int) (time.Duratio
 	}
 	logFile := filepath.Join(logDir, "app.log")
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Millisecond) {
-		if data, _ := os.ReadFile(logFile); bytes.Contains(data, []byte("first-output")) {
+		if data, _ := os.ReadFile(logFile); bytes.Contains(data, []byte(want)) {
 			return time.Since(t0), nil
 		}
 		if time.Now().After(deadline) {

@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"time"
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -108,54 +107,5 @@ func (b *bench) volumes(ctx context.Context) error {
 // /v0/data/blob: the volume asked for by pod annotation (snapview) or as
 // an image mount (containerd's own image volumes).
 func (b *bench) criVolume(ctx context.Context, handler string, i int, ann map[string]string, mounts []*cri.Mount) (time.Duration, error) {
-	logDir, err := os.MkdirTemp(b.dir, "cri-logs-")
-	if err != nil {
-		return 0, err
-	}
-	defer os.RemoveAll(logDir)
-	name := fmt.Sprintf("vol-%s-%d", handler, i)
-	pod := &cri.PodSandboxConfig{
-		Metadata:     &cri.PodSandboxMetadata{Name: name, Namespace: "bench", Uid: name},
-		LogDirectory: logDir,
-		Annotations:  ann,
-		Linux: &cri.LinuxPodSandboxConfig{SecurityContext: &cri.LinuxSandboxSecurityContext{
-			NamespaceOptions: &cri.NamespaceOption{Network: cri.NamespaceMode_NODE},
-		}},
-	}
-	t0 := time.Now()
-	p, err := b.rs.RunPodSandbox(ctx, &cri.RunPodSandboxRequest{Config: pod, RuntimeHandler: handler})
-	if err != nil {
-		return 0, fmt.Errorf("RunPodSandbox %s: %w", name, err)
-	}
-	defer func() {
-		cctx := context.WithoutCancel(ctx)
-		_, _ = b.rs.StopPodSandbox(cctx, &cri.StopPodSandboxRequest{PodSandboxId: p.PodSandboxId})
-		_, _ = b.rs.RemovePodSandbox(cctx, &cri.RemovePodSandboxRequest{PodSandboxId: p.PodSandboxId})
-	}()
-	c, err := b.rs.CreateContainer(ctx, &cri.CreateContainerRequest{
-		PodSandboxId: p.PodSandboxId,
-		Config: &cri.ContainerConfig{
-			Metadata: &cri.ContainerMetadata{Name: "app"},
-			Image:    &cri.ImageSpec{Image: small},
-			Command:  []string{"head", "-c", "1", "/v0/data/blob"},
-			Mounts:   mounts,
-			LogPath:  "app.log",
-		},
-		SandboxConfig: pod,
-	})
-	if err != nil {
-		return 0, fmt.Errorf("CreateContainer %s: %w", name, err)
-	}
-	if _, err := b.rs.StartContainer(ctx, &cri.StartContainerRequest{ContainerId: c.ContainerId}); err != nil {
-		return 0, fmt.Errorf("StartContainer %s: %w", name, err)
-	}
-	logFile := filepath.Join(logDir, "app.log")
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Millisecond) {
-		if data, _ := os.ReadFile(logFile); bytes.Contains(data, []byte(" a")) {
-			return time.Since(t0), nil
-		}
-		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("no output from %s", name)
-		}
-	}
+	return b.podToOutput(ctx, handler, fmt.Sprintf("vol-%s-%d", handler, i), ann, mounts, []string{"head", "-c", "1", "/v0/data/blob"}, " a")
 }

@@ -39,32 +39,7 @@ func TestCRI(t *testing.T) {
 	if suite.skip != "" {
 		t.Skip(suite.skip)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	pause, err := harness.BuildImage(suite.dir, harness.ImageSpec{Ref: pauseImage, KernelSize: 1 << 10, Cmd: []string{"sleep", "86400"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := harness.StartDaemon(ctx, suite.dir, suite.tools, harness.WithCRI(harness.CRIConfig{SandboxImage: pauseImage}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := d.Stop(); err != nil {
-			t.Errorf("stop CRI daemon: %v", err)
-		}
-	})
-	for _, img := range []*harness.Image{pause, suite.image} {
-		if _, err := d.Import(ctx, criNamespace, img, "overlayfs", "blockfile"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	conn, err := grpc.NewClient("unix://"+d.Address, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	rs := runtime.NewRuntimeServiceClient(conn)
+	d, rs := startCRIDaemon(t, suite.tools, nil, []*harness.Image{suite.image}, "overlayfs", "blockfile")
 
 	for _, handler := range []string{"snapview", "snapview-runc-path"} {
 		t.Run(handler, func(t *testing.T) {
@@ -76,6 +51,40 @@ func TestCRI(t *testing.T) {
 		setup(t, d)
 		criBlockPod(t, d, rs)
 	})
+}
+
+// startCRIDaemon starts a daemon of tools with containerd's CRI plugin and
+// opts, imports the pause image and imgs into CRI's namespace for
+// snapshotters, and returns it with a CRI client. Both are closed when the
+// test ends, after the test's own cleanups (the pods') have run.
+func startCRIDaemon(t *testing.T, tools harness.Tools, opts []harness.Option, imgs []*harness.Image, snapshotters ...string) (*harness.Daemon, runtime.RuntimeServiceClient) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	pause, err := harness.BuildImage(suite.dir, harness.ImageSpec{Ref: pauseImage, KernelSize: 1 << 10, Cmd: []string{"sleep", "86400"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := harness.StartDaemon(ctx, suite.dir, tools, append([]harness.Option{harness.WithCRI(harness.CRIConfig{SandboxImage: pauseImage})}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := d.Stop(); err != nil {
+			t.Errorf("stop CRI daemon: %v", err)
+		}
+	})
+	for _, img := range append([]*harness.Image{pause}, imgs...) {
+		if _, err := d.Import(ctx, criNamespace, img, snapshotters...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn, err := grpc.NewClient("unix://"+d.Address, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return d, runtime.NewRuntimeServiceClient(conn)
 }
 
 // runPod runs a pod sandbox with handler and pod annotations ann, on the

@@ -22,8 +22,6 @@ import (
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/moby/sys/mountinfo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
@@ -480,30 +478,7 @@ func TestLayeredCRI(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		pause, err := harness.BuildImage(suite.dir, harness.ImageSpec{Ref: pauseImage, KernelSize: 1 << 10, Cmd: []string{"sleep", "86400"}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		d, err := harness.StartDaemon(ctx, suite.dir, tools, harness.WithCRI(harness.CRIConfig{SandboxImage: pauseImage}), harness.WithErofsBlock(erofsBlockSize))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if err := d.Stop(); err != nil {
-				t.Errorf("stop CRI daemon: %v", err)
-			}
-		})
-		for _, img := range []*harness.Image{pause, suite.image} {
-			if _, err := d.Import(ctx, criNamespace, img, "overlayfs", "erofs"); err != nil {
-				t.Fatal(err)
-			}
-		}
-		conn, err := grpc.NewClient("unix://"+d.Address, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() }) // after the pod's cleanup, which uses it
-		rs := runtime.NewRuntimeServiceClient(conn)
+		d, rs := startCRIDaemon(t, tools, []harness.Option{harness.WithErofsBlock(erofsBlockSize)}, []*harness.Image{suite.image}, "overlayfs", "erofs")
 		setup(t, d)
 
 		podID, podConfig, logDir := runPod(ctx, t, rs, "snapview-layered", nil)

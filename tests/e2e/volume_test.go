@@ -17,8 +17,6 @@ import (
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/containerd/v2/client"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
@@ -439,30 +437,7 @@ func TestVolumesCRI(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		pause, err := harness.BuildImage(suite.dir, harness.ImageSpec{Ref: pauseImage, KernelSize: 1 << 10, Cmd: []string{"sleep", "86400"}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		d, err := harness.StartDaemon(ctx, suite.dir, tools, harness.WithCRI(harness.CRIConfig{SandboxImage: pauseImage}), harness.WithErofsBlock(erofsBlockSize))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if err := d.Stop(); err != nil {
-				t.Errorf("stop CRI daemon: %v", err)
-			}
-		})
-		for _, img := range append([]*harness.Image{pause, suite.image}, volumeImages(t)...) {
-			if _, err := d.Import(ctx, criNamespace, img, "overlayfs", "erofs"); err != nil {
-				t.Fatal(err)
-			}
-		}
-		conn, err := grpc.NewClient("unix://"+d.Address, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
-		rs := runtime.NewRuntimeServiceClient(conn)
+		d, rs := startCRIDaemon(t, tools, []harness.Option{harness.WithErofsBlock(erofsBlockSize)}, append([]*harness.Image{suite.image}, volumeImages(t)...), "overlayfs", "erofs")
 		setup(t, d)
 		imgs := volumeImages(t)
 		for _, tc := range []struct {
