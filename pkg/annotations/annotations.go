@@ -22,30 +22,35 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/snapview/snapview/params"
+
 	"github.com/snapview/snapview/pkg/config"
 )
 
-// Input annotation keys.
+// Input annotation keys (defined for runtime authors in package params).
 const (
-	Mode       = "io.snapview.mode"
-	BootPrefix = "io.snapview.boot."
-	BootDir    = "io.snapview.boot-dir"
-	ViewTarget = "io.snapview.view-target"
+	Mode       = params.Mode
+	BootPrefix = params.BootPrefix
+	BootDir    = params.BootDir
+	ViewTarget = params.ViewTarget
 	// MonitorRootfs chooses block mode's monitor rootfs by name, among
 	// those the configuration offers; it never names a host path.
-	MonitorRootfs = "io.snapview.monitor-rootfs"
+	MonitorRootfs = params.MonitorRootfs
 )
 
-// Output annotation keys and prefixes (written by snapview into config.json).
+// Output annotation keys and prefixes (written by snapview into
+// config.json; package params defines them for runtime authors).
 const (
-	ViewSnapshotter = "io.snapview.view.snapshotter"
-	ViewKey         = "io.snapview.view.key"
-	ViewLease       = "io.snapview.view.lease"
-	ViewMountpoint  = "io.snapview.view.mountpoint"
-	RootfsParams    = "io.snapview.rootfs.params"
-	BoundPrefix     = "io.snapview.bound."
+	ViewSnapshotter = params.ViewSnapshotter
+	ViewKey         = params.ViewKey
+	ViewLease       = params.ViewLease
+	ViewMountpoint  = params.ViewMountpoint
+	RootfsParams    = params.RootfsParams
+	BoundPrefix     = params.BoundPrefix
 	// Volumes describes the container's volumes: JSON, name → volume.
-	Volumes    = "io.snapview.volumes"
+	Volumes = params.Volumes
+	// Doc is the whole params document.
+	Doc        = params.DocAnnotation
 	outputView = "io.snapview.view."
 )
 
@@ -56,7 +61,7 @@ const Prefix = "io.snapview."
 const MaxArtifacts = 16
 
 // ParamsTarget is where the rootfs params file is bound in the container.
-const ParamsTarget = "/.snapview/params.json"
+const ParamsTarget = params.File
 
 // maxPath bounds every path value (PATH_MAX).
 const maxPath = 4096
@@ -149,7 +154,7 @@ func Parse(ann map[string]string, defaultBootDir string) (*Request, error) {
 				return nil, fmt.Errorf("snapview: annotation %s: %w", k, err)
 			}
 			r.Volumes = append(r.Volumes, vol)
-		case strings.HasPrefix(k, outputView), k == RootfsParams, strings.HasPrefix(k, BoundPrefix), k == Volumes:
+		case strings.HasPrefix(k, outputView), k == RootfsParams, strings.HasPrefix(k, BoundPrefix), k == Volumes, k == Doc:
 			// snapview's own output: overwritten, never read.
 		default:
 			return nil, fmt.Errorf("snapview: unknown annotation %s (known: %s, %s<name>, %s, %s, %s, %s<name>)", k, Mode, BootPrefix, BootDir, ViewTarget, MonitorRootfs, VolumePrefix)

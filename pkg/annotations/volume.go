@@ -10,11 +10,13 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/snapview/snapview/params"
+
 	"github.com/distribution/reference"
 )
 
 // VolumePrefix starts the annotation of a volume: io.snapview.volume.<name>.
-const VolumePrefix = "io.snapview.volume."
+const VolumePrefix = params.VolumePrefix
 
 // MaxVolumes is the most volumes one container may ask for.
 const MaxVolumes = 16

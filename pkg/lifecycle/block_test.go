@@ -115,9 +115,8 @@ func TestBlockDevmapper(t *testing.T) {
 	if !reflect.DeepEqual(params, want) {
 		t.Fatalf("rootfs params %+v, want %+v", params, want)
 	}
-	doc := lifecycletest.ReadFile(t, bundle.ParamsFile(r.Bundle))
-	if !strings.Contains(string(doc), `"kind": "block"`) || !strings.Contains(string(doc), `"device": "/dev/snapview/rootfs"`) {
-		t.Fatalf("params.json %s", doc)
+	if doc := lifecycletest.CheckParams(t, bundle.ParamsFile(r.Bundle)); !reflect.DeepEqual(doc.Rootfs, want) {
+		t.Fatalf("params.json rootfs %+v, want %+v", doc.Rootfs, want)
 	}
 	wantRootfs := []rootfs.Mount{{Type: "overlay", Source: "overlay", Options: []string{
 		"lowerdir=" + bundle.Mountpoint(r.Bundle), "upperdir=" + bundle.UpperDir(r.Bundle), "workdir=" + bundle.WorkDir(r.Bundle)}}}

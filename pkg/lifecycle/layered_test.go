@@ -111,12 +111,7 @@ func TestLayered(t *testing.T) {
 		}
 	}
 
-	var doc struct {
-		Rootfs rootfs.Params `json:"rootfs"`
-	}
-	if err := json.Unmarshal(lifecycletest.ReadFile(t, bundle.ParamsFile(r.Bundle)), &doc); err != nil {
-		t.Fatal(err)
-	}
+	doc := lifecycletest.CheckParams(t, bundle.ParamsFile(r.Bundle))
 	want := rootfs.Params{Kind: "block", FSType: "ext4", Source: b.Device, Options: []string{"rw"}, Device: "/dev/snapview/rootfs",
 		Layers: []rootfs.DiskParams{
 			{Device: "/dev/snapview/layers/0", FSType: "erofs", Source: b.Layers[0].Device, Options: []string{"ro"}},

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -15,6 +16,7 @@ import (
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
 
+	"github.com/snapview/snapview/params"
 	"github.com/snapview/snapview/pkg/annotations"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/lease"
@@ -60,9 +62,16 @@ func TestSetupTeardown(t *testing.T) {
 	if err != nil || saved.Mountpoint != bundle.Mountpoint(r.Bundle) || !saved.Created.Equal(st.Created) || saved.Mode != "view" {
 		t.Fatalf("state %+v %v", saved, err)
 	}
+	// What a runtime author reads: the params file, and the same document
+	// in config.json, through package params.
+	doc := lifecycletest.CheckParams(t, bundle.ParamsFile(r.Bundle))
 	var spec specs.Spec
 	if err := json.Unmarshal(lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json")), &spec); err != nil {
 		t.Fatal(err)
+	}
+	fromSpec, err := params.FromSpec(&spec)
+	if err != nil || !reflect.DeepEqual(fromSpec, doc) || doc.Artifacts["kernel"] != "/.snapview/boot/kernel" || doc.Rootfs.Kind != params.KindFS {
+		t.Fatalf("params from config.json %+v %v, want the file's %+v", fromSpec, err, doc)
 	}
 	if spec.Annotations[annotations.ViewKey] != "snapview/c1" || spec.Annotations[annotations.BoundPrefix+"kernel"] != "/.snapview/boot/kernel" {
 		t.Fatalf("annotations %v", spec.Annotations)

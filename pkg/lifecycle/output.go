@@ -6,18 +6,23 @@ import (
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/snapview/snapview/params"
 	"github.com/snapview/snapview/pkg/annotations"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/config"
-	"github.com/snapview/snapview/pkg/rootfs"
 )
 
 // configPatch is what Setup adds to config.json: the annotations for every
-// container with a view, the binds it asked for, and in block mode each
-// disk with the cgroup rule that lets the container open it: read-write
-// for the writable disk, read-only for a layer.
-func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Config, volumes map[string]volumeDoc) (bundle.ConfigPatch, error) {
-	params, err := json.Marshal(st.Rootfs)
+// container with a view (the params document, and its rootfs and volumes
+// alone), the binds it asked for, and in block mode each disk with the
+// cgroup rule that lets the container open it: read-write for the writable
+// disk, read-only for a layer or a volume's disk.
+func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Config, doc *params.Doc) (bundle.ConfigPatch, error) {
+	whole, err := json.Marshal(doc)
+	if err != nil {
+		return bundle.ConfigPatch{}, err
+	}
+	rootfsParams, err := json.Marshal(doc.Rootfs)
 	if err != nil {
 		return bundle.ConfigPatch{}, err
 	}
@@ -27,19 +32,20 @@ func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Co
 			annotations.ViewKey:         st.ViewKey,
 			annotations.ViewLease:       st.LeaseID,
 			annotations.ViewMountpoint:  st.Mountpoint,
-			annotations.RootfsParams:    string(params),
+			annotations.RootfsParams:    string(rootfsParams),
+			annotations.Doc:             string(whole),
 		},
 		Mounts: binds,
 	}
 	for _, a := range st.Artifacts {
 		patch.Annotations[annotations.BoundPrefix+a.Name] = a.Target
 	}
-	if volumes != nil {
-		doc, err := json.Marshal(volumes)
+	if doc.Volumes != nil {
+		vols, err := json.Marshal(doc.Volumes)
 		if err != nil {
 			return bundle.ConfigPatch{}, err
 		}
-		patch.Annotations[annotations.Volumes] = string(doc)
+		patch.Annotations[annotations.Volumes] = string(vols)
 	}
 	if b := st.Block; b != nil {
 		patch.AddDisk(cfg.Block.Device, b.Major, b.Minor, false, p.spec.UID, p.spec.GID)
@@ -55,20 +61,19 @@ func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Co
 	return patch, nil
 }
 
-// paramsDoc is the content of /.snapview/params.json.
-type paramsDoc struct {
-	Rootfs     rootfs.Params        `json:"rootfs"`
-	Artifacts  map[string]string    `json:"artifacts"`
-	ViewTarget string               `json:"view_target,omitempty"`
-	Volumes    map[string]volumeDoc `json:"volumes,omitempty"`
-}
-
-// writeParams writes the params file bound read-only into the container.
-func writeParams(path string, st *bundle.State, viewTarget string, volumes map[string]volumeDoc) error {
-	doc := paramsDoc{Rootfs: st.Rootfs, Artifacts: map[string]string{}, ViewTarget: viewTarget, Volumes: volumes}
+// paramsDoc is the params document of a setup: the content of
+// /.snapview/params.json, and of the io.snapview.params annotation.
+func (s *setupRun) paramsDoc() *params.Doc {
+	st := s.v.State
+	doc := &params.Doc{Version: params.Version, Rootfs: st.Rootfs, Artifacts: map[string]string{}, ViewTarget: s.p.ann.ViewTarget, Volumes: s.volumeDocs()}
 	for _, a := range st.Artifacts {
 		doc.Artifacts[a.Name] = a.Target
 	}
+	return doc
+}
+
+// writeParams writes the params file bound read-only into the container.
+func writeParams(path string, doc *params.Doc) error {
 	data, err := json.MarshalIndent(doc, "", "  ")
 	if err != nil {
 		return err

@@ -228,13 +228,13 @@ func (s *setupRun) writeState(context.Context) error {
 
 // writeParams writes the params file bound into the container.
 func (s *setupRun) writeParams(context.Context) error {
-	return writeParams(s.paramsSource, s.v.State, s.p.ann.ViewTarget, s.volumeDocs())
+	return writeParams(s.paramsSource, s.paramsDoc())
 }
 
 // patchConfig adds snapview's annotations, binds and devices to
 // config.json, last: the OCI runtime reads it after Create returns.
 func (s *setupRun) patchConfig(context.Context) error {
-	patch, err := s.p.configPatch(s.v.State, s.binds, s.p.req.Config, s.volumeDocs())
+	patch, err := s.p.configPatch(s.v.State, s.binds, s.p.req.Config, s.paramsDoc())
 	if err != nil {
 		return err
 	}

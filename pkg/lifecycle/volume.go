@@ -7,6 +7,8 @@ import (
 	"os"
 	"slices"
 
+	"github.com/snapview/snapview/params"
+
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -268,25 +270,18 @@ func volumeBinds(st *bundle.State) []specs.Mount {
 	return ms
 }
 
-// volumeDoc describes a volume for the container: the image, where it is
-// (view mode) or where the guest should mount it (block mode), and in
-// block mode its disks, top-most layer first.
-type volumeDoc struct {
-	Image   string              `json:"image"`
-	Target  string              `json:"target"`
-	Subpath string              `json:"subpath,omitempty"`
-	Layers  []rootfs.DiskParams `json:"layers,omitempty"`
-}
-
-// volumeDocs describes the volumes of the setup, by name, and nil for none.
-func (s *setupRun) volumeDocs() map[string]volumeDoc {
+// volumeDocs describes the volumes of the setup for the container, by
+// name, and nil for none: the image, where it is (view mode) or where the
+// guest should mount it (block mode), and in block mode its disks,
+// top-most layer first.
+func (s *setupRun) volumeDocs() map[string]params.Volume {
 	st := s.v.State
 	if len(st.Volumes) == 0 {
 		return nil
 	}
-	out := map[string]volumeDoc{}
+	out := map[string]params.Volume{}
 	for i, v := range st.Volumes {
-		vp := volumeDoc{Image: v.Image, Target: v.Target}
+		vp := params.Volume{Image: v.Image, Target: v.Target}
 		if v.Subpath != "/" {
 			vp.Subpath = v.Subpath
 		}

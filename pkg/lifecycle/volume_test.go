@@ -83,8 +83,8 @@ func TestVolumes(t *testing.T) {
 		vols["models"].Image != "docker.io/acme/models:v3" || vols["tools"].Subpath != "/usr/bin" || vols["tools"].Target != "/opt/tools" {
 		t.Fatalf("annotation %s = %q: %v", annotations.Volumes, spec.Annotations[annotations.Volumes], err)
 	}
-	if doc := lifecycletest.ReadFile(t, bundle.ParamsFile(r.Bundle)); !strings.Contains(string(doc), `"volumes": {`) || !strings.Contains(string(doc), `"target": "/models"`) {
-		t.Fatalf("params.json %s", doc)
+	if doc := lifecycletest.CheckParams(t, bundle.ParamsFile(r.Bundle)); doc.Volumes["models"].Target != "/models" || doc.Volumes["tools"].Subpath != "/usr/bin" {
+		t.Fatalf("params.json volumes %+v", doc.Volumes)
 	}
 
 	if err := l.Teardown(e.Ctx, v); err != nil {

@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/snapview/snapview/params"
+
 	"github.com/docker/go-units"
 )
 
@@ -481,11 +483,11 @@ func GuestOptions(opts []string) []string {
 }
 
 // LayersDir holds a layered rootfs's read-only disks inside the container.
-const LayersDir = "/dev/snapview/layers"
+const LayersDir = params.LayersDir
 
 // VolumesDir holds the volumes' read-only disks inside a block-mode
 // container.
-const VolumesDir = "/dev/snapview/volumes"
+const VolumesDir = params.VolumesDir
 
 // VolumeDevice returns where disk i of volume name is inside a block-mode
 // container: /dev/snapview/volumes/<name>/<i>, 0 its top-most layer.

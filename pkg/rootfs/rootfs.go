@@ -14,12 +14,14 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+
+	"github.com/snapview/snapview/params"
 )
 
 // Kinds of rootfs.
 const (
-	KindFS    = "fs"
-	KindBlock = "block"
+	KindFS    = params.KindFS
+	KindBlock = params.KindBlock
 )
 
 // Mount is one rootfs mount as containerd sends it.
@@ -32,40 +34,13 @@ type Mount struct {
 	Options []string
 }
 
-// Params describe a container's rootfs.
-type Params struct {
-	Kind    string   `json:"kind"`
-	FSType  string   `json:"fstype"`
-	Source  string   `json:"source"`
-	Options []string `json:"options"`
-	// Device is where the block device appears inside the container (block mode only).
-	Device string `json:"device,omitempty"`
-
-	// A layered rootfs (block mode on the erofs snapshotter) has, besides
-	// the writable disk above: its read-only layer disks, top-most first
-	// (the order of overlay's lowerdir); overlay's upper and work
-	// directories inside the writable disk's filesystem; and the overlay's
-	// other options. A guest stacks them itself.
-	Layers         []DiskParams `json:"layers,omitempty"`
-	UpperDir       string       `json:"upperdir,omitempty"`
-	WorkDir        string       `json:"workdir,omitempty"`
-	OverlayOptions []string     `json:"overlay_options,omitempty"`
-}
+// Params describe a container's rootfs, as the OCI runtime and a guest see
+// it: the type runtime authors read (package params), which the shim
+// writes.
+type Params = params.Rootfs
 
 // DiskParams describe a read-only disk a guest mounts.
-type DiskParams struct {
-	// Device is where the disk appears inside the container.
-	Device string `json:"device"`
-	// FSType is its filesystem (erofs, ext4).
-	FSType string `json:"fstype"`
-	// Source is the host block device.
-	Source string `json:"source"`
-	// Options are its mount options for the guest.
-	Options []string `json:"options"`
-	// Devices are further disks its filesystem reads (erofs's device=
-	// options of a merged layer), in order, as paths inside the container.
-	Devices []string `json:"devices,omitempty"`
-}
+type DiskParams = params.Disk
 
 // ErrNotBlock is returned by DetectBlock for a rootfs that is not block-backed.
 var ErrNotBlock = errors.New("rootfs is not block-backed")

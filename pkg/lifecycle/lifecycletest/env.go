@@ -34,10 +34,12 @@ import (
 	imagespecs "github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"github.com/santhosh-tekuri/jsonschema/v6"
 	bolt "go.etcd.io/bbolt"
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/snapview/snapview/params"
 	"github.com/snapview/snapview/pkg/config"
 	"github.com/snapview/snapview/pkg/lease"
 	"github.com/snapview/snapview/pkg/lifecycle"
@@ -489,4 +491,28 @@ func Ext4Image(t *testing.T, path string, size int64) {
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", path).CombinedOutput(); err != nil {
 		t.Skipf("mkfs.ext4 (e2fsprogs): %v: %s", err, out)
 	}
+}
+
+// CheckParams checks the params file at path (the host side of
+// /.snapview/params.json) as a runtime author's reader and the published
+// JSON Schema (docs/params.schema.json) see it, and returns it.
+func CheckParams(t *testing.T, path string) *params.Doc {
+	t.Helper()
+	data := ReadFile(t, path)
+	doc, err := params.Parse(data)
+	if err != nil {
+		t.Fatalf("params file %s: %v", path, err)
+	}
+	schema, err := jsonschema.NewCompiler().Compile("../../docs/params.schema.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := jsonschema.UnmarshalJSON(bytes.NewReader(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := schema.Validate(v); err != nil {
+		t.Fatalf("params file %s does not follow docs/params.schema.json:\n%s\n%v", path, data, err)
+	}
+	return doc
 }
