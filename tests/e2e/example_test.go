@@ -42,7 +42,7 @@ func TestRuntimeAuthorExample(t *testing.T) {
 	r.task.IO().Wait()
 	out := r.stdout.String()
 	t.Logf("the example's output:\n%s", out)
-	qemu := strings.Split(out, "\n")[0]
+	qemu, _, _ := strings.Cut(out, "\n")
 	want := []string{
 		"-kernel /.snapview/boot/kernel",
 		"-append console=ttyS0 snapview.layers=2 snapview.upperdir=/upper snapview.workdir=/work",
