@@ -376,3 +376,31 @@ func toMounts(ms []rootfs.Mount) []mount.Mount {
 	}
 	return out
 }
+
+// TestBlockRefusesGVisor refuses block mode under an OCI runtime that says
+// it is gVisor's runsc, which would start the container without its
+// disks, and accepts one that says it is runc.
+func TestBlockRefusesGVisor(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	dir := t.TempDir()
+	for name, version := range map[string]string{"runsc-wrapper": "runsc version 0.0~20221219.0\nspec: 1.0.2-dev", "runc": "runc version 1.5.2\ncommit: x"} {
+		bin := filepath.Join(dir, name)
+		if err := os.WriteFile(bin, []byte("#!/bin/sh\nprintf '"+strings.ReplaceAll(version, "\n", `\n`)+"\\n'\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		r := e.Container(t, "gvisor-"+strings.TrimSuffix(name, "-wrapper"), blockAnn)
+		r.Rootfs = layeredRootfs(t, 2)
+		r.Config.BinaryName = bin
+		_, err := l.Decide(e.Ctx, r)
+		if name == "runc" {
+			if err != nil {
+				t.Fatalf("runc: %v", err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), `snapview: block mode (annotation io.snapview.mode) needs an OCI runtime that creates the container's block devices (linux.devices), but BinaryName "`+bin+`" is gVisor ("runsc version 0.0~20221219.0")`) {
+			t.Fatalf("runsc: %v", err)
+		}
+	}
+}

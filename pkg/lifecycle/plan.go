@@ -200,6 +200,9 @@ func (p *Plan) checkBlock(modeFrom string) error {
 	if p.spec.UserNamespace {
 		return fmt.Errorf("snapview: block mode (%s) is refused for a container with a user namespace: runc would bind the host's device node, which the remapped root cannot open", modeFrom)
 	}
+	if err := checkDeviceRuntime(p.req.Config.BinaryName); err != nil {
+		return fmt.Errorf("snapview: block mode (%s) %w", modeFrom, err)
+	}
 	return nil
 }
 
