@@ -321,16 +321,8 @@ func TestBlockRefused(t *testing.T) {
 			}
 			ann := maps.Clone(blockAnn)
 			maps.Copy(ann, tc.annotations)
-			_, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, runtimeOpts: opts, snapshotter: tc.snapshotter, viewSnapshot: tc.viewSnapshot,
-				annotations: ann, specOpts: tc.specOpts, args: []string{"true"}})
-			if err == nil {
-				t.Fatal("create succeeded")
-			}
-			for _, w := range append([]string{"snapview: "}, tc.want...) {
-				if !strings.Contains(err.Error(), w) {
-					t.Errorf("error %q does not say %q", err, w)
-				}
-			}
+			refused(ctx, t, d, id, runOpts{runtime: snapviewRT, runtimeOpts: opts, snapshotter: tc.snapshotter, viewSnapshot: tc.viewSnapshot,
+				annotations: ann, specOpts: tc.specOpts, args: []string{"true"}}, tc.want...)
 		})
 	}
 }

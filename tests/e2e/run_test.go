@@ -126,6 +126,22 @@ func start(ctx context.Context, t *testing.T, d *harness.Daemon, id string, o ru
 	return r, nil
 }
 
+// refused creates a container that snapview must refuse, and checks that
+// the create fails with a snapview: error that says each of want; the
+// test's leak check then finds that nothing was left.
+func refused(ctx context.Context, t *testing.T, d *harness.Daemon, id string, o runOpts, want ...string) {
+	t.Helper()
+	_, err := start(ctx, t, d, id, o)
+	if err == nil {
+		t.Fatal("create succeeded")
+	}
+	for _, w := range append([]string{"snapview: "}, want...) {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("error %q does not say %q", err, w)
+		}
+	}
+}
+
 // wait waits for the task to exit and returns its exit code.
 func (r *running) wait(t *testing.T) (uint32, error) {
 	t.Helper()
