@@ -31,3 +31,30 @@ func TestSoakShort(t *testing.T) {
 
 // testWriter collects output for t.Log.
 type testWriter struct{ harness.SafeBuffer }
+
+// TestSoakFlat checks the soak's judgement on samples: a transient rise
+// of the kind a loaded machine shows (CI, 2026-12-01) is level, a leak of
+// one goroutine or file per container is not.
+func TestSoakFlat(t *testing.T) {
+	samples := func(fds, gs []int) *harness.SoakReport {
+		r := &harness.SoakReport{}
+		for i := range fds {
+			r.Pod = append(r.Pod, harness.ShimSample{Cycle: 10 * (i + 1), FDs: fds[i], Goroutines: gs[i]})
+		}
+		return r
+	}
+	for _, tc := range []struct {
+		name    string
+		fds, gs []int
+		flat    bool
+	}{
+		{"level", []int{21, 21, 22, 21, 21}, []int{28, 27, 27, 27, 27}, true},
+		{"events in flight under load", []int{19, 20, 21, 19, 21}, []int{28, 28, 32, 32, 34}, true},
+		{"a goroutine per container", []int{21, 21, 21, 21, 21}, []int{28, 38, 48, 58, 68}, false},
+		{"a file per container", []int{21, 31, 41, 51, 61}, []int{28, 28, 28, 28, 28}, false},
+	} {
+		if flat, how := samples(tc.fds, tc.gs).Flat(); flat != tc.flat {
+			t.Errorf("%s: flat %v (%s), want %v", tc.name, flat, how, tc.flat)
+		}
+	}
+}
