@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	taskAPI "github.com/containerd/containerd/api/runtime/task/v3"
@@ -49,6 +50,12 @@ type service struct {
 	// creating counts Creates in progress, which runc does not know of
 	// until its own Create.
 	creating int
+
+	// started is when the shim's server came up; firstCreate is set by
+	// the first Create, which logs how long after that it arrived (what
+	// containerd does between starting a shim and creating its task).
+	started     time.Time
+	firstCreate atomic.Bool
 }
 
 type entry struct {
@@ -57,7 +64,7 @@ type entry struct {
 }
 
 func newService(inner taskAPI.TTRPCTaskService, lc *lifecycle.Lifecycle) *service {
-	return &service{TTRPCTaskService: inner, lc: lc, views: map[string]*entry{}}
+	return &service{TTRPCTaskService: inner, lc: lc, views: map[string]*entry{}, started: time.Now()}
 }
 
 func key(ns, id string) string { return ns + "/" + id }
@@ -86,6 +93,9 @@ func (s *service) Create(ctx context.Context, r *taskAPI.CreateTaskRequest) (*ta
 	}()
 
 	logger := log.G(ctx).WithField("id", r.ID)
+	if !s.firstCreate.Swap(true) {
+		logger = logger.WithField("since_shim_start_us", time.Since(s.started).Microseconds())
+	}
 	cfg, err := normaliseOptions(r)
 	if err != nil {
 		logger.WithError(err).Error("snapview: rejected runtime options")

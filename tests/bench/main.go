@@ -306,6 +306,7 @@ func (b *bench) extras(ctx context.Context, seqLog string) error {
 
 	fmt.Println("\nwhere snapview's time goes (median per container over the comparison runs, from the shim log)")
 	breakdown(seqLog)
+	shimStartToCreate(seqLog)
 	return nil
 }
 

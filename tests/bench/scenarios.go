@@ -333,6 +333,51 @@ var (
 	podRe = regexp.MustCompile(` id=pod-`)
 )
 
+// sinceStartRe matches the first Create of a shim, which logs how long
+// after the shim's server came up it arrived, and the container's id.
+var (
+	sinceStartRe = regexp.MustCompile(`id=(\S+) .*since_shim_start_us=(\d+)|since_shim_start_us=(\d+) .*id=(\S+)`)
+	sandboxIDRe  = regexp.MustCompile(`^[0-9a-f]{64}$`)
+)
+
+// shimStartToCreate prints, from the shim log, how long containerd took
+// from starting a shim to creating its task (connecting, reading the
+// bootstrap result, activating the rootfs mounts, validating runtime
+// features): time a view's calls could use, for the client's task
+// lifecycle, `ctr run --rm`, and CRI (a pod sandbox's shim; a pod's later
+// containers arrive on a shim already running).
+func shimStartToCreate(log string) {
+	groups := map[string][]time.Duration{}
+	for _, m := range sinceStartRe.FindAllStringSubmatch(log, -1) {
+		id, us := m[1], m[2]
+		if id == "" {
+			id, us = m[4], m[3]
+		}
+		n, _ := strconv.ParseInt(us, 10, 64)
+		var group string
+		switch {
+		case strings.HasPrefix(id, "lc-"):
+			group = "task create (client)"
+		case strings.HasPrefix(id, "ctr-"):
+			group = "ctr run --rm"
+		case sandboxIDRe.MatchString(id):
+			group = "CRI pod sandbox"
+		default:
+			continue
+		}
+		groups[group] = append(groups[group], time.Duration(n)*time.Microsecond)
+	}
+	if len(groups) == 0 {
+		return
+	}
+	fmt.Println("\nfrom a shim's start to its first Create (median, from the shim log):")
+	for _, g := range []string{"task create (client)", "ctr run --rm", "CRI pod sandbox"} {
+		if d := groups[g]; len(d) > 0 {
+			fmt.Printf("  %-22s %s over %d shims\n", g, ms(median(d)), len(d))
+		}
+	}
+}
+
 // breakdown prints the median of each step the shim timed in log, over the
 // containers created one at a time.
 func breakdown(log string) {
