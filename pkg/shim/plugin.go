@@ -3,7 +3,6 @@ package shim
 import (
 	"context"
 	"os"
-	"path/filepath"
 
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/task"
 	"github.com/containerd/containerd/v2/pkg/shim"
@@ -48,9 +47,9 @@ func init() {
 			sd.RegisterCallback(func(context.Context) error { return b.Close() })
 			s := newService(inner, lifecycle.New(b))
 			// runc's manager starts the shim in the bundle directory of the
-			// container that started it; its siblings are the namespace's bundles.
+			// container that started it, in containerd's task state directory.
 			if cwd, err := os.Getwd(); err == nil {
-				go sweepOnStart(ic.Context, b, filepath.Dir(cwd))
+				go sweepOnStart(ic.Context, b, cwd)
 			}
 			return s, nil
 		},

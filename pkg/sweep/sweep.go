@@ -5,7 +5,8 @@
 // Orphans exist only when every other cleanup path failed: task Delete, and
 // the dead-shim `delete` action (for example because containerd was
 // unreachable at that moment). The sweep runs in the background when a shim
-// starts, for its namespace, and on demand with `snapviewctl gc`.
+// starts, over every namespace, if it is that shim's turn (TakeTurn), and on
+// demand with `snapviewctl gc`.
 //
 // A lease is an orphan only if its snapview.io/container label names a
 // container that containerd does not know: snapview creates a lease after the

@@ -155,6 +155,54 @@ func TestCrashMatrix(t *testing.T) {
 			})
 		}
 	}
+	// A shim that dies with the node's sweep turn (after taking it, before
+	// sweeping) has recorded nothing and holds no lock: the next shim to
+	// start sweeps at once.
+	t.Run("sweep-turn", func(t *testing.T) {
+		ctx := setup(t, d)
+		makeOrphan(ctx, t, d, "ghost-turn", false)
+		id := "crash-sweep-turn"
+		if err := os.WriteFile(faultFile, []byte("sweep-turn "+id), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		defer os.Remove(faultFile + ".fired")
+		sweepDue(t, d, time.Time{})
+		opts := runOpts{runtime: snapviewRT, args: []string{"sleep", "300"}}
+		r, err := start(ctx, t, d, id, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			if _, err := os.Stat(faultFile + ".fired"); err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the shim never took the sweep's turn")
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if !leaseExists(ctx, t, d, "ghost-turn") {
+			t.Fatal("the orphan went before the sweeper died")
+		}
+		deleteTaskAsUser(ctx, t, r.ctr)
+		if err := r.ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
+			t.Fatalf("container delete: %v", err)
+		}
+		next, err := start(ctx, t, d, id+"-next", opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _, _ = next.task.Delete(ctx, client.WithProcessKill) }()
+		deadline = time.Now().Add(15 * time.Second)
+		for leaseExists(ctx, t, d, "ghost-turn") {
+			if time.Now().After(deadline) {
+				t.Fatal("the next shim did not take the turn the dead one left")
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		checkOrphanGone(ctx, t, d, "ghost-turn", "")
+	})
 }
 
 // deleteTaskAsUser deletes the container's task as a user would after its

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"maps"
 	"os"
 	"os/exec"
@@ -14,9 +15,11 @@ import (
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/image-spec/identity"
 
+	"github.com/snapview/snapview/pkg/sweep"
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
 
@@ -26,6 +29,7 @@ import (
 func makeOrphan(ctx context.Context, t *testing.T, d *harness.Daemon, id string, mounted bool) string {
 	t.Helper()
 	c := d.Client()
+	orphanNS, _ := namespaces.Namespace(ctx)
 	img, err := c.GetImage(ctx, testImageID)
 	if err != nil {
 		t.Fatal(err)
@@ -64,7 +68,7 @@ func makeOrphan(ctx context.Context, t *testing.T, d *harness.Daemon, id string,
 		}
 		_ = mount.UnmountAll(mp, 0)
 		_ = os.RemoveAll(bundleDir(d, id))
-		cctx := harness.Context(context.Background(), ns)
+		cctx := harness.Context(context.Background(), orphanNS)
 		_ = c.SnapshotService("overlayfs").Remove(cctx, "snapview/"+id)
 		_ = c.LeasesService().Delete(cctx, l, leases.SynchronousDelete)
 	})
@@ -148,24 +152,84 @@ func TestSnapviewctlGC(t *testing.T) {
 	checkOrphanGone(ctx, t, d, "ghost", mp)
 }
 
-// TestSweepOnShimStart checks that a starting shim sweeps its namespace.
+// TestSweepOnShimStart checks that a starting shim, when the node's sweep is
+// due, sweeps every namespace of the node: here an orphan in a namespace
+// other than its own.
 func TestSweepOnShimStart(t *testing.T) {
 	d := suite.daemon
 	ctx := setup(t, d)
-	makeOrphan(ctx, t, d, "ghost-2", false)
+	other := harness.Context(ctx, "snapview-e2e-other")
+	if _, err := d.Import(other, "snapview-e2e-other", suite.image, "overlayfs"); err != nil {
+		t.Fatal(err)
+	}
+	makeOrphan(other, t, d, "ghost-2", false)
+	logStart := len(d.Log())
+	sweepDue(t, d, time.Time{})
 	r, err := start(ctx, t, d, "sweeper", runOpts{runtime: snapviewRT, args: []string{"sleep", "300"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(15 * time.Second)
-	for leaseExists(ctx, t, d, "ghost-2") {
+	for leaseExists(other, t, d, "ghost-2") {
 		if time.Now().After(deadline) {
 			t.Fatal("the shim did not sweep the orphan within 15s")
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	checkOrphanGone(ctx, t, d, "ghost-2", "")
+	checkOrphanGone(other, t, d, "ghost-2", "")
+	if !strings.Contains(d.Log()[logStart:], "snapview: node swept") {
+		t.Error(`no "snapview: node swept" in the shim log`)
+	}
 	if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestSweepOncePerInterval checks that shims starting within the interval
+// of the node's last sweep leave the sweep to the next turn: the orphan
+// stays, and it goes only once the sweep is due again.
+func TestSweepOncePerInterval(t *testing.T) {
+	d := suite.daemon
+	ctx := setup(t, d)
+	makeOrphan(ctx, t, d, "ghost-3", false)
+	sweepDue(t, d, time.Now())
+	for i := range 2 {
+		if _, err := start(ctx, t, d, fmt.Sprintf("late-%d", i), runOpts{runtime: snapviewRT, args: []string{"sleep", "300"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Twice the start-up delay, and more.
+	time.Sleep(5 * time.Second)
+	if !leaseExists(ctx, t, d, "ghost-3") {
+		t.Fatal("a shim swept within the interval of the last sweep")
+	}
+	if got := sweepOutput(t, d); !strings.HasSuffix(got, "1 orphan(s) removed") {
+		t.Fatalf("snapviewctl gc, which keeps no turn: %s", got)
+	}
+	checkOrphanGone(ctx, t, d, "ghost-3", "")
+}
+
+// sweepDue records, as a shim would after a sweep, that the node was last
+// swept at last (the zero time: never, so that the next starting shim
+// sweeps), taking the turn as a shim does, from whichever shim has it.
+func sweepDue(t *testing.T, d *harness.Daemon, last time.Time) {
+	t.Helper()
+	root := filepath.Join(d.State, "io.containerd.runtime.v2.task")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		turn, why, err := sweep.TakeTurn(root, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if turn != nil {
+			if err := turn.Finish(last); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the sweep's turn: %s", why)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
