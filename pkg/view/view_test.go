@@ -1,14 +1,17 @@
 package view
 
 import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
 	"time"
 
-	"github.com/snapview/snapview/pkg/lease"
-
-	"reflect"
-	"testing"
-
 	"github.com/containerd/containerd/v2/core/mount"
+
+	"github.com/snapview/snapview/pkg/lease"
 )
 
 // The mount shapes each snapshotter returns for a view (see docs/architecture.md).
@@ -91,5 +94,52 @@ func TestNames(t *testing.T) {
 	l := Labels(o)
 	if l[LabelGCBackRef] != "c1" || l["snapview.io/container"] != "c1" || l["snapview.io/created"] != "2026-11-23T12:00:00.000000005Z" {
 		t.Fatal(l)
+	}
+}
+
+// TestMountLoopDevices mounts a bind view and a loop-backed ext4 view for
+// real: only the second reports a loop device, the one backing its file.
+func TestMountLoopDevices(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: mounts and loop devices")
+	}
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.img")
+	if out, err := exec.Command("mkfs.ext4", "-q", img, "8M").CombinedOutput(); err != nil {
+		t.Skipf("mkfs.ext4: %v: %s", err, out)
+	}
+	src := filepath.Join(dir, "src")
+	if err := os.Mkdir(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name   string
+		mounts []mount.Mount
+		loops  int
+	}{
+		{"bind", []mount.Mount{{Type: "bind", Source: src, Options: []string{"rbind", "ro"}}}, 0},
+		{"ext4 on a loop device", []mount.Mount{{Type: "ext4", Source: img, Options: []string{"loop", "ro"}}}, 1},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			target := filepath.Join(dir, "target")
+			loops, err := Mount(c.mounts, target)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				if err := Unmount(target); err != nil {
+					t.Error(err)
+				}
+			}()
+			if len(loops) != c.loops {
+				t.Fatalf("loop devices %v, want %d", loops, c.loops)
+			}
+			for _, l := range loops {
+				b, err := os.ReadFile("/sys/block/" + strings.TrimPrefix(l, "/dev/") + "/loop/backing_file")
+				if err != nil || strings.TrimSpace(string(b)) != img {
+					t.Fatalf("%s backs %q (%v), want %s", l, b, err, img)
+				}
+			}
+		})
 	}
 }
