@@ -4,7 +4,8 @@
 // container's first output, block mode on blockfile, a pod's containers
 // created at once in one pod-grouped shim, and the `delete` action
 // containerd runs after every task delete; with views on and with views
-// off; on the newest and the oldest supported containerd. Then block mode's
+// off; on the newest and the oldest supported containerd, each also with
+// 100 containers of each runtime running (busy.go). Then block mode's
 // two shapes by image size, both under snapview: blockfile against the
 // erofs snapshotter's layers. Runs of the
 // two runtimes alternate. -runs N repeats the whole comparison and prints
