@@ -13,7 +13,7 @@ import (
 )
 
 // installFlags are the flags install and uninstall share.
-func installFlags(name string) (*flag.FlagSet, *installer.Options, *bool, *bool) {
+func installFlags(name string) (*flag.FlagSet, *installer.Options, *bool, *restartFlags) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	o := installer.Defaults()
 	self, _ := os.Executable()
@@ -25,9 +25,24 @@ func installFlags(name string) (*flag.FlagSet, *installer.Options, *bool, *bool)
 	fs.StringVar(&o.SnapviewConfig, "snapview-config", o.SnapviewConfig, "snapview's own configuration file (created with the defaults if missing)")
 	fs.StringVar(&o.Shim, "shim", filepath.Join(filepath.Dir(self), "containerd-shim-snapview-v2"), "the shim binary to install")
 	fs.StringVar(&o.Ctl, "ctl", self, "the snapviewctl binary to install")
+	fs.StringVar(&o.Snapshotter, "snapshotter", "", "the handler's snapshotter (e.g. blockfile or erofs for a block-mode handler; default containerd's)")
 	dryRun := fs.Bool("dry-run", false, "print what would change, change nothing")
-	restart := fs.Bool("restart", false, "restart containerd (systemctl) if anything changed")
-	return fs, &o, dryRun, restart
+	var r restartFlags
+	fs.BoolVar(&r.restart, "restart", false, "restart containerd if anything changed")
+	fs.StringVar(&r.command, "restart-command", defaultRestart, "the shell command that restarts containerd, run inside --root")
+	return fs, &o, dryRun, &r
+}
+
+// defaultRestart restarts a containerd that systemd runs as containerd.service.
+const defaultRestart = "systemctl restart containerd"
+
+// restartFlags say whether and how containerd is restarted after a change.
+type restartFlags struct {
+	restart bool
+	// command runs with sh -c, chrooted into the node's root when that is
+	// not /: the node's service manager, whatever it is (systemctl,
+	// rc-service, a k3s unit, a supervisor's signal).
+	command string
 }
 
 // install puts the shim and snapviewctl in place and registers a CRI
@@ -41,7 +56,7 @@ func install(_ context.Context, _ global, args []string) error {
 	if err != nil {
 		return err
 	}
-	return carryOut(*o, changes, *dryRun, *restart, "snapview is installed as asked")
+	return carryOut(*o, changes, *dryRun, restart, "snapview is installed as asked")
 }
 
 // uninstall takes back what install did.
@@ -54,10 +69,10 @@ func uninstall(_ context.Context, _ global, args []string) error {
 	if err != nil {
 		return err
 	}
-	return carryOut(*o, changes, *dryRun, *restart, "snapview is not installed")
+	return carryOut(*o, changes, *dryRun, restart, "snapview is not installed")
 }
 
-func carryOut(o installer.Options, changes []installer.Change, dryRun, restart bool, done string) error {
+func carryOut(o installer.Options, changes []installer.Change, dryRun bool, restart *restartFlags, done string) error {
 	if len(changes) == 0 {
 		fmt.Printf("%s: nothing to change\n", done)
 		return nil
@@ -81,19 +96,19 @@ func carryOut(o installer.Options, changes []installer.Change, dryRun, restart b
 	if err := installer.Apply(o.Root, changes); err != nil {
 		return err
 	}
-	if !restart {
+	if !restart.restart {
 		fmt.Println("restart containerd for it to take effect (or run again with --restart)")
 		return nil
 	}
-	cmd := exec.Command("systemctl", "restart", "containerd")
+	cmd := exec.Command("sh", "-c", restart.command)
 	if o.Root != "/" {
-		cmd = exec.Command("chroot", o.Root, "systemctl", "restart", "containerd")
+		cmd = exec.Command("chroot", o.Root, "sh", "-c", restart.command)
 	}
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("restart containerd: %w", err)
+		return fmt.Errorf("restart containerd (%s): %w", restart.command, err)
 	}
-	fmt.Println("containerd restarted")
+	fmt.Printf("containerd restarted (%s)\n", restart.command)
 	return nil
 }
 

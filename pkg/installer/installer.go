@@ -47,6 +47,10 @@ type Options struct {
 	// SnapviewConfig is snapview's own configuration file, created with
 	// the defaults if missing and named by the handler's ConfigPath.
 	SnapviewConfig string
+	// Snapshotter, when set, is the handler's snapshotter (its runtime
+	// table's snapshotter key): a block-backed one (blockfile, devmapper,
+	// erofs in block mode) for a block-mode handler.
+	Snapshotter string
 	// Shim and Ctl are the binaries to install.
 	Shim, Ctl string
 }
@@ -92,6 +96,9 @@ func (o Options) check() error {
 	}
 	if o.Handler == "" || strings.ContainsAny(o.Handler, " \t\n\"'.[]=") {
 		return fmt.Errorf("--handler %q is not a valid runtime handler name", o.Handler)
+	}
+	if strings.ContainsAny(o.Snapshotter, " \t\n\"'[]=\\") {
+		return fmt.Errorf("--snapshotter %q is not a valid snapshotter name", o.Snapshotter)
 	}
 	return nil
 }
@@ -231,6 +238,9 @@ func (o Options) dropIn(version int) ([]byte, error) {
 	fmt.Fprintf(&b, "version = %d\n\n[%s]\n", v, plugin)
 	b.WriteString("  runtime_type = \"io.containerd.snapview.v2\"\n")
 	fmt.Fprintf(&b, "  runtime_path = %q\n", o.ShimPath())
+	if o.Snapshotter != "" {
+		fmt.Fprintf(&b, "  snapshotter = %q\n", o.Snapshotter)
+	}
 	b.WriteString("  pod_annotations = [\"io.snapview.*\"]\n")
 	b.WriteString("  container_annotations = [\"io.snapview.*\"]\n")
 	fmt.Fprintf(&b, "  [%s.options]\n", plugin)

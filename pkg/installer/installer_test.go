@@ -187,3 +187,31 @@ func TestPlanApply(t *testing.T) {
 		})
 	}
 }
+
+// TestDropInSnapshotter: a handler of its own snapshotter (a block-mode
+// handler on blockfile) gets it in its runtime table, and a name that would
+// break the TOML is refused.
+func TestDropInSnapshotter(t *testing.T) {
+	o := Defaults()
+	o.Handler, o.Snapshotter = "snapview-block", "blockfile"
+	data, err := o.dropIn(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d map[string]any
+	if err := toml.Unmarshal(data, &d); err != nil {
+		t.Fatal(err)
+	}
+	rt := d["plugins"].(map[string]any)["io.containerd.cri.v1.runtime"].(map[string]any)["containerd"].(map[string]any)["runtimes"].(map[string]any)["snapview-block"].(map[string]any)
+	if rt["snapshotter"] != "blockfile" {
+		t.Fatalf("drop-in without the snapshotter:\n%s", data)
+	}
+	o.Snapshotter = ""
+	if data, _ := o.dropIn(3); strings.Contains(string(data), "snapshotter") {
+		t.Fatalf("a drop-in that names no snapshotter has one:\n%s", data)
+	}
+	o.Snapshotter = `blockfile"]`
+	if err := o.check(); err == nil || !strings.Contains(err.Error(), "--snapshotter") {
+		t.Fatalf("check of snapshotter %q: %v", o.Snapshotter, err)
+	}
+}
