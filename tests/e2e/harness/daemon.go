@@ -13,7 +13,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"text/template"
 	"time"
@@ -94,6 +96,8 @@ type Daemon struct {
 	// argv and env start the daemon process (again, on Restart).
 	argv []string
 	env  []string
+	// mu orders Supervise's restarts with Stop.
+	mu sync.Mutex
 }
 
 const configTemplate = `version = 3
@@ -133,6 +137,12 @@ disabled_plugins = [
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{{.Dir}}/cni/bin"]
     conf_dir = "{{.Dir}}/cni/net.d"
+{{- if .CRI.Bare}}
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+      SystemdCgroup = false
+{{- else}}
   [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview]
     runtime_type = "io.containerd.snapview.v2"
     pod_annotations = ["io.snapview.*"]
@@ -176,6 +186,7 @@ disabled_plugins = [
       SystemdCgroup = false
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-layered.options.volumes]
         allow = ["docker.io/snapview/vol-*"]
+{{- end}}
 
 [plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
@@ -202,6 +213,7 @@ const blockfileScratchSize = 384 << 20
 type Option func(*options)
 
 type options struct {
+	netns          string
 	env            []string
 	logLevel       string
 	cri            *CRIConfig
@@ -241,11 +253,23 @@ func WithErofsBlock(size string) Option {
 type CRIConfig struct {
 	// SandboxImage is the pause image, imported by the test into k8s.io.
 	SandboxImage string
+	// Bare configures only the runc handler, as a node's containerd is
+	// before `snapviewctl install` adds snapview's (the Kubernetes test);
+	// CNI plugins, if any, go in <Dir>/cni/bin and their configuration in
+	// <Dir>/cni/net.d.
+	Bare bool
 }
 
 // WithCRI enables containerd's CRI plugin.
 func WithCRI(c CRIConfig) Option {
 	return func(o *options) { o.cri = &c }
+}
+
+// WithNetNS runs the daemon (and so its shims and CNI plugins) in the
+// network namespace bound at path (an `ip netns add` name's file), through
+// nsenter, which changes nothing else.
+func WithNetNS(path string) Option {
+	return func(o *options) { o.netns = path }
 }
 
 // WithEnv adds variables to the daemon's (and so the shims') environment.
@@ -339,6 +363,9 @@ func StartDaemon(ctx context.Context, parent string, tools Tools, opts ...Option
 		os.Getenv("PATH"),
 	}, string(os.PathListSeparator))
 	d.argv = []string{tools.Containerd, "--config", cfgPath}
+	if o.netns != "" {
+		d.argv = append([]string{"nsenter", "--net=" + o.netns, "--"}, d.argv...)
+	}
 	d.env = append(append(os.Environ(), "PATH="+path), o.env...)
 	if err := d.launch(ctx); err != nil {
 		return nil, err
@@ -360,8 +387,46 @@ func (d *Daemon) launch(ctx context.Context) error {
 		return fmt.Errorf("start containerd: %w", err)
 	}
 	d.waitErr = make(chan error, 1)
-	go func() { d.waitErr <- d.cmd.Wait() }()
+	go func(cmd *exec.Cmd, w chan error) { w <- cmd.Wait() }(d.cmd, d.waitErr)
+	// What a node's service manager knows: the pid, for a restart by signal.
+	if err := os.WriteFile(d.PidFile(), []byte(strconv.Itoa(d.cmd.Process.Pid)+"\n"), 0o644); err != nil {
+		return err
+	}
 	return d.waitServing(ctx, 30*time.Second)
+}
+
+// PidFile holds the pid of the daemon process.
+func (d *Daemon) PidFile() string { return filepath.Join(d.Dir, "containerd.pid") }
+
+// Supervise starts the daemon process again whenever it exits by itself
+// (a signal from a test, an installer's restart), as a node's service
+// manager does, until the returned stop is called; call it before Stop.
+func (d *Daemon) Supervise(ctx context.Context, logf func(format string, args ...any)) (stop func()) {
+	done, finished := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(finished)
+		for {
+			d.mu.Lock()
+			w := d.waitErr
+			d.mu.Unlock()
+			select {
+			case <-done:
+				return
+			case err := <-w:
+				d.mu.Lock()
+				logf("containerd exited (%v): starting it again", err)
+				d.cmd = nil
+				err = d.launch(ctx)
+				d.mu.Unlock()
+				if err != nil {
+					logf("containerd did not start again: %v", err)
+					return
+				}
+				logf("containerd started again (pid %d)", d.Pid())
+			}
+		}
+	}()
+	return func() { close(done); <-finished }
 }
 
 // StopProcess stops the daemon process with SIGTERM (SIGKILL after 10 s),
