@@ -3,7 +3,8 @@ SHELL := /bin/bash
 #
 #   make demo    build, start a private containerd, run a container with snapview, clean up
 #   make test    every test: unit, e2e against real containerd + runc, and containerd's own
-#                client suite on runc and snapview (e2e and parity need root)
+#                client suite on runc and snapview, and a Kubernetes cluster
+#                (e2e, parity and k8s-e2e need root)
 
 GO        ?= go
 PREFIX    ?= /usr/local
@@ -18,6 +19,8 @@ FAULT_SHIM := $(BIN)/fault/containerd-shim-snapview-v2
 CONTAINERD_VERSION        ?= v2.4.2
 CONTAINERD_COMPAT_VERSION ?= v2.2.9
 RUNC_VERSION              ?= v1.5.2
+K8S_VERSION               ?= v1.37.2
+CNI_PLUGINS_VERSION       ?= v1.10.0
 GOLANGCI_LINT_VERSION     ?= v2.15.0
 GOLANGCI_LINT             := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)/golangci-lint
 
@@ -32,13 +35,13 @@ LDFLAGS  := -s -w \
 E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT_SHIM) \
 	SNAPVIEW_CONTAINERD=$(TOOLS)/containerd-$(CONTAINERD_VERSION)/containerd \
 	SNAPVIEW_CONTAINERD_COMPAT=$(TOOLS)/containerd-$(CONTAINERD_COMPAT_VERSION)/containerd \
-	SNAPVIEW_RUNC=$(TOOLS)/runc-$(RUNC_VERSION)/runc \
+	SNAPVIEW_RUNC=$(TOOLS)/runc-$(RUNC_VERSION)-seccomp/runc \
 	SNAPVIEW_GUEST_KERNEL=$(TOOLS)/guest-kernel/root
 
 E2E_FLAGS ?= -count=1 -timeout 40m
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
 
-.PHONY: all build deps demo-deps test unit e2e demo demo-vm bench soak parity fuzz install lint clean
+.PHONY: all build deps demo-deps k8s-deps test unit e2e k8s-e2e demo demo-vm bench soak parity fuzz install lint clean
 
 all: build
 
@@ -73,7 +76,7 @@ test: build deps unit
 	@if [ "$$(id -u)" -ne 0 ]; then \
 		echo "make test: e2e and parity SKIPPED: they need root (mounts, loop devices, a private containerd); run 'sudo make test'"; \
 	else \
-		$(MAKE) --no-print-directory e2e && $(MAKE) --no-print-directory parity; \
+		$(MAKE) --no-print-directory e2e && $(MAKE) --no-print-directory parity && $(MAKE) --no-print-directory k8s-e2e; \
 	fi
 
 unit:
@@ -81,6 +84,19 @@ unit:
 
 e2e: build $(FAULT_SHIM) deps
 	$(E2E_ENV) $(GO) test $(E2E_FLAGS) -v ./tests/e2e/ 2>&1 | tee $(CACHE)/e2e.log | grep -E '^(=== RUN|--- |\s+--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
+		exit $${PIPESTATUS[0]}
+
+# The Kubernetes components, from Kubernetes' own code (hack/k8s), and the
+# CNI plugins of the Kubernetes test.
+k8s-deps:
+	@TOOLS=$(TOOLS) K8S_VERSION=$(K8S_VERSION) CNI_PLUGINS_VERSION=$(CNI_PLUGINS_VERSION) ./hack/install-k8s.sh
+
+# A one-node cluster on a private containerd: snapview installed with
+# kubectl apply -f deploy/, pods of its RuntimeClass through the kubelet.
+K8S_E2E_FLAGS ?= -count=1 -timeout 30m
+k8s-e2e: build deps k8s-deps
+	$(E2E_ENV) SNAPVIEW_K8S=$(TOOLS)/kubernetes-$(K8S_VERSION) SNAPVIEW_CNI=$(TOOLS)/cni-plugins-$(CNI_PLUGINS_VERSION) \
+		$(GO) test $(K8S_E2E_FLAGS) -v ./tests/k8s/ 2>&1 | tee $(CACHE)/k8s-e2e.log | grep -E '^(=== RUN|--- |\s+--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 
 demo: build demo-deps

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
+	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	nodev1 "k8s.io/api/node/v1"
 	"sigs.k8s.io/yaml"
@@ -30,13 +31,13 @@ func decode(t *testing.T, file string, into any) {
 
 func TestManifests(t *testing.T) {
 	var rc nodev1.RuntimeClass
-	decode(t, "runtimeclass.yaml", &rc)
+	decode(t, "10-runtimeclass.yaml", &rc)
 	if rc.Kind != "RuntimeClass" || rc.Handler != installer.Defaults().Handler {
 		t.Errorf("RuntimeClass %s with handler %q, want the installer's default %q", rc.Name, rc.Handler, installer.Defaults().Handler)
 	}
 
 	var ds appsv1.DaemonSet
-	decode(t, "daemonset.yaml", &ds)
+	decode(t, "20-daemonset.yaml", &ds)
 	spec := ds.Spec.Template.Spec
 	if ds.Kind != "DaemonSet" || len(spec.Containers) != 1 {
 		t.Fatalf("DaemonSet %+v", ds)
@@ -62,8 +63,27 @@ func TestManifests(t *testing.T) {
 		}
 	}
 
+	// The uninstall Job: the same image and host mount, uninstall, and in
+	// a directory kubectl apply -f deploy/ does not read.
+	var job batchv1.Job
+	decode(t, "uninstall/job.yaml", &job)
+	if job.Kind != "Job" || len(job.Spec.Template.Spec.Containers) != 1 {
+		t.Fatalf("Job %+v", job)
+	}
+	u := job.Spec.Template.Spec.Containers[0]
+	if u.Image != c.Image || u.ImagePullPolicy != c.ImagePullPolicy {
+		t.Errorf("the uninstall Job runs %s (%s), the DaemonSet %s (%s)", u.Image, u.ImagePullPolicy, c.Image, c.ImagePullPolicy)
+	}
+	if args := strings.Join(append(u.Command, u.Args...), " "); !strings.Contains(args, "snapviewctl uninstall --root /host --restart") {
+		t.Errorf("the uninstall Job's command %q", args)
+	}
+	if u.SecurityContext == nil || u.SecurityContext.Privileged == nil || !*u.SecurityContext.Privileged || len(job.Spec.Template.Spec.Volumes) != 1 ||
+		job.Spec.Template.Spec.Volumes[0].HostPath == nil || job.Spec.Template.Spec.Volumes[0].HostPath.Path != "/" {
+		t.Errorf("the uninstall Job must see the host's root at /host, privileged")
+	}
+
 	var pod corev1.Pod
-	decode(t, "example-pod.yaml", &pod)
+	decode(t, "30-example-pod.yaml", &pod)
 	if pod.Spec.RuntimeClassName == nil || *pod.Spec.RuntimeClassName != rc.Name {
 		t.Errorf("the example pod does not use RuntimeClass %s", rc.Name)
 	}
