@@ -27,8 +27,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -59,6 +61,10 @@ type options struct {
 	timeout  time.Duration
 	daemons  string
 	attempts int
+	// oci is the OCI runtime under both shims: runc, or runsc (gVisor).
+	oci string
+	// ociDir, for runsc, holds a `runc` that runs it, first in the suite's PATH.
+	ociDir string
 }
 
 func run() error {
@@ -68,6 +74,7 @@ func run() error {
 	flag.DurationVar(&o.timeout, "timeout", 40*time.Minute, "time limit of one run of the suite")
 	flag.StringVar(&o.daemons, "daemons", "newest,compat", "which containerd builds to run on")
 	flag.IntVar(&o.attempts, "attempts", 2, "times a differing test is run again alone before it counts")
+	flag.StringVar(&o.oci, "oci-runtime", "runc", "the OCI runtime under both shims: runc, or runsc (gVisor's, as the runc the shims find first in PATH)")
 	flag.Parse()
 	if os.Getuid() != 0 {
 		return fmt.Errorf("containerd's client suite needs root: run 'sudo make parity'")
@@ -80,6 +87,15 @@ func run() error {
 		return err
 	}
 	o.cache = cache
+	switch o.oci {
+	case "runc":
+	case "runsc":
+		if o.ociDir, err = runscAsRunc(o.cache); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("-oci-runtime %q: want runc or runsc", o.oci)
+	}
 
 	imgs, err := suiteImages()
 	if err != nil {
@@ -115,7 +131,8 @@ func run() error {
 		if tools.Shim, err = copyShim(tools.Shim, o.cache); err != nil {
 			return err
 		}
-		s := &suite{opts: o, version: version, bin: bin, env: px.env(), tools: tools}
+		s := &suite{opts: o, version: version, bin: bin, env: px.env(), tools: tools,
+			tmp: filepath.Join(o.cache, "tmp-"+o.oci), hung: map[string][]string{}}
 		diff, err := s.compare()
 		if err != nil {
 			return fmt.Errorf("containerd %s: %w", version, err)
@@ -127,7 +144,7 @@ func run() error {
 	if len(failed) > 0 {
 		return fmt.Errorf("%d test(s) pass with runc and fail with snapview:\n  %s", len(failed), strings.Join(failed, "\n  "))
 	}
-	fmt.Println("\nparity: no test of containerd's client suite passes with runc and fails with snapview")
+	fmt.Printf("\nparity: no test of containerd's client suite passes with runc and fails with snapview (OCI runtime %s under both)\n", o.oci)
 	return nil
 }
 
@@ -221,6 +238,28 @@ nogroup:x:65534:
 		File("bin/nc", 0o755, []byte("#!/bin/sh\ntrap 'kill $pid 2>/dev/null; exit 143' TERM\n/bin/busybox nc \"$@\" &\npid=$!\nwait $pid\n"))
 }
 
+// runscPath is Debian's gVisor runsc (hack/install-deps.sh installs it).
+const runscPath = "/usr/bin/runsc"
+
+// runscAsRunc writes, in a directory of its own under cache, a `runc` that
+// runs gVisor's runsc with the flags it needs here, and returns the
+// directory. Both shims run the OCI runtime `runc` from PATH when the
+// options name no other, as the suite's containers do; runsc refuses to
+// start a container in the host's network namespace unless told
+// --network=none, and uses its default platform, ptrace (its kvm
+// platform hangs on this kind of machine).
+func runscAsRunc(cache string) (string, error) {
+	if _, err := os.Stat(runscPath); err != nil {
+		return "", fmt.Errorf("gVisor's runsc is not installed (the Debian package runsc; hack/install-deps.sh): %w", err)
+	}
+	dir := filepath.Join(cache, "runsc-as-runc")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	script := "#!/bin/sh\nexec " + runscPath + " --network=none \"$@\"\n"
+	return dir, os.WriteFile(filepath.Join(dir, "runc"), []byte(script), 0o755)
+}
+
 func copyShim(shim, cache string) (string, error) {
 	data, err := os.ReadFile(shim)
 	if err != nil {
@@ -288,6 +327,11 @@ type suite struct {
 	bin     string
 	env     []string
 	tools   harness.Tools
+	// tmp is the suite's TMPDIR, so that what a hung test left there can
+	// be found and cleared.
+	tmp string
+	// hung lists, per runtime, the tests that hung and were ended.
+	hung map[string][]string
 }
 
 // results maps a test (or subtest) name to PASS, FAIL or SKIP.
@@ -296,24 +340,89 @@ type results map[string]string
 var resultLine = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) \(`)
 
 // runSuite runs the suite (or the tests matching run) on runtime rt and
-// returns the results, with the output in a log file.
+// returns the results, with the output in a log file. A test that hangs
+// (no output for idleLimit) is ended, counted as failed and noted in
+// hung, what it left on the host is cleared, and the suite goes on past
+// it in a new process: gVisor hangs in some of the suite's tests under
+// either shim.
 func (s *suite) runSuite(rt, run, logName string) (results, error) {
+	if s.opts.oci != "runc" {
+		logName = s.opts.oci + "-" + logName // beside runc's logs, not over them
+	}
 	logPath := filepath.Join(s.opts.cache, logName)
 	logFile, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
 	}
 	defer logFile.Close()
+	res := results{}
+	var skip []string
+	for {
+		hung, err := s.invoke(rt, run, skip, logFile, res)
+		if err != nil {
+			return nil, err
+		}
+		if len(hung) == 0 {
+			break
+		}
+		fmt.Printf("    %s hung on %s (no output for %s): ended, counted as failed, and the suite goes on after it\n", strings.Join(hung, ", "), short(rt), idleLimit)
+		for _, h := range hung {
+			s.hung[rt] = append(s.hung[rt], h)
+			res[h] = "FAIL"
+		}
+		clearHost(s.tmp)
+		skip = skip[:0]
+		for name := range res {
+			if !strings.Contains(name, "/") {
+				skip = append(skip, regexp.QuoteMeta(name))
+			}
+		}
+		sort.Strings(skip)
+	}
+	if len(res) == 0 {
+		return nil, fmt.Errorf("no test results from %s on %s (see %s)", s.bin, rt, logPath)
+	}
+	return res, nil
+}
+
+// drain reads lines until the binary's output ends.
+func drain(lines <-chan string) {
+	for range lines {
+		continue
+	}
+}
+
+// idleLimit is how long a test may print nothing before it counts as hung.
+// The whole suite takes under two minutes on runc.
+const idleLimit = 2 * time.Minute
+
+// stateLine is the test binary's note that a top-level test runs, pauses
+// (t.Parallel, waiting for the serial tests to end) or continues.
+var stateLine = regexp.MustCompile(`^=== (RUN|PAUSE|CONT)\s+([^/\s]+)$`)
+
+// invoke runs the suite's binary once, adding what it reports to res, and
+// returns the top-level tests that hung, if any did: those running (not
+// paused) without a result when the output stopped.
+func (s *suite) invoke(rt, run string, skip []string, logFile *os.File, res results) ([]string, error) {
 	args := []string{"-test.v", "-test.root", "-test.timeout", s.opts.timeout.String(), "-no-criu"}
 	if run != "" {
 		args = append(args, "-test.run", run)
+	}
+	if len(skip) > 0 {
+		args = append(args, "-test.skip", "^("+strings.Join(skip, "|")+")$")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.opts.timeout+time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, s.bin, args...)
 	cmd.Dir = s.opts.cache
 	path := strings.Join([]string{filepath.Dir(s.tools.Containerd), filepath.Dir(s.tools.Shim), filepath.Dir(s.tools.Runc), os.Getenv("PATH")}, ":")
-	cmd.Env = append(append(os.Environ(), "PATH="+path, "TEST_RUNTIME="+rt), s.env...)
+	if s.opts.ociDir != "" {
+		path = s.opts.ociDir + ":" + path
+	}
+	if err := os.MkdirAll(s.tmp, 0o755); err != nil {
+		return nil, err
+	}
+	cmd.Env = append(append(os.Environ(), "PATH="+path, "TEST_RUNTIME="+rt, "TMPDIR="+s.tmp), s.env...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
@@ -322,26 +431,64 @@ func (s *suite) runSuite(rt, run, logName string) (results, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	res := results{}
-	sc := bufio.NewScanner(io.TeeReader(out, logFile))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		if m := resultLine.FindStringSubmatch(sc.Text()); m != nil {
-			res[m[2]] = m[1]
+	lines := make(chan string)
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(io.TeeReader(out, logFile))
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+	}()
+	running := map[string]bool{}
+	var hung []string
+	idle := time.NewTimer(idleLimit)
+	defer idle.Stop()
+loop:
+	for {
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				break loop
+			}
+			if !idle.Stop() {
+				<-idle.C
+			}
+			idle.Reset(idleLimit)
+			if m := stateLine.FindStringSubmatch(l); m != nil {
+				running[m[2]] = m[1] != "PAUSE"
+			}
+			if m := resultLine.FindStringSubmatch(l); m != nil {
+				res[m[2]] = m[1]
+			}
+		case <-idle.C:
+			for name, on := range running {
+				if on && res[name] == "" {
+					hung = append(hung, name)
+				}
+			}
+			sort.Strings(hung)
+			if len(hung) == 0 {
+				fmt.Printf("    the suite's process on %s printed nothing for %s outside any test: ended\n", short(rt), idleLimit)
+			}
+			// SIGQUIT: the binary prints its goroutines into the log, and exits.
+			_ = cmd.Process.Signal(syscall.SIGQUIT)
+			time.AfterFunc(10*time.Second, func() { _ = cmd.Process.Kill() })
+			drain(lines)
+			break loop
 		}
 	}
 	// The suite's own verdict is not ours: its failures are compared.
 	_ = cmd.Wait()
-	if len(res) == 0 {
-		return nil, fmt.Errorf("no test results from %s on %s (see %s)", s.bin, rt, logPath)
-	}
-	return res, nil
+	return hung, nil
 }
 
 // compare runs the suite on both runtimes, retries what differs, prints a
 // summary and returns the tests that pass with runc and fail with snapview.
 func (s *suite) compare() ([]string, error) {
 	all := map[string]results{}
+	left := map[string][]string{}
+	s.clearAfter() // what an earlier run under gVisor left would fail this one's creates
 	for _, rt := range []string{runcRT, snapviewRT} {
 		fmt.Printf("==> containerd %s: client suite on %s\n", s.version, rt)
 		start := time.Now()
@@ -351,6 +498,22 @@ func (s *suite) compare() ([]string, error) {
 		}
 		fmt.Printf("    %d tests and subtests in %s\n", len(res), time.Since(start).Round(time.Second))
 		all[rt] = res
+		if s.opts.oci != "runc" {
+			// gVisor leaves sandboxes, shims and mounts behind under runc's
+			// shim too: what counts is what snapview's run left that runc's
+			// did not.
+			left[rt] = leftovers(s.tmp)
+			clearHost(s.tmp)
+			if rt == runcRT {
+				fmt.Printf("    left on the host by the run on runc's shim: %d (cleared)\n", len(left[rt]))
+				continue
+			}
+			if leaks := newLeftovers(left[runcRT], left[rt]); len(leaks) > 0 {
+				return nil, fmt.Errorf("left on the host after the snapview run, and not after runc's:\n  %s", strings.Join(leaks, "\n  "))
+			}
+			fmt.Printf("    left on the host by the run on snapview: %d, none that runc's run did not leave (cleared)\n", len(left[rt]))
+			continue
+		}
 		if rt == snapviewRT {
 			if leaks := hostLeaks(s.tools.Shim); len(leaks) > 0 {
 				return nil, fmt.Errorf("left on the host after the snapview run:\n  %s", strings.Join(leaks, "\n  "))
@@ -378,10 +541,12 @@ func (s *suite) stillDiffers(name string) bool {
 	run := "^" + regexp.QuoteMeta(top) + "$"
 	for i := 0; i < s.opts.attempts; i++ {
 		r, err := s.runSuite(runcRT, run, fmt.Sprintf("retry-%s-%s-runc.log", s.version, top))
+		s.clearAfter()
 		if err != nil {
 			return true
 		}
 		v, err := s.runSuite(snapviewRT, run, fmt.Sprintf("retry-%s-%s-snapview.log", s.version, top))
+		s.clearAfter()
 		if err != nil {
 			return true
 		}
@@ -390,6 +555,15 @@ func (s *suite) stillDiffers(name string) bool {
 		}
 	}
 	return true
+}
+
+// clearAfter clears the host after a run under gVisor, which leaves things
+// behind under either shim; after runc, the leak check judges the host as
+// it is.
+func (s *suite) clearAfter() {
+	if s.opts.oci != "runc" {
+		clearHost(s.tmp)
+	}
 }
 
 // differences lists the tests that passed with runc and did not pass with
@@ -442,6 +616,11 @@ func (s *suite) summary(all map[string]results, diff []string) {
 	sort.Strings(better)
 	if len(better) > 0 {
 		fmt.Printf("  pass with snapview only (flakes of runc's run): %s\n", strings.Join(better, ", "))
+	}
+	for _, rt := range []string{runcRT, snapviewRT} {
+		if h := slices.Compact(slices.Sorted(slices.Values(s.hung[rt]))); len(h) > 0 {
+			fmt.Printf("  hung on %s (ended after %s without output, counted as failed): %s\n", short(rt), idleLimit, strings.Join(h, ", "))
+		}
 	}
 	if len(diff) == 0 {
 		fmt.Println("  passes with runc and fails with snapview: none")
