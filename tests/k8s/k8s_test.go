@@ -500,23 +500,20 @@ func (c *cluster) deployDir(t *testing.T) string {
 			return err
 		}
 		s := string(data)
-		switch rel {
-		case "20-daemonset.yaml":
-			// A second handler on erofs for block mode, then the default one
-			// with the restart.
-			old := "/usr/local/bin/snapviewctl install --root /host --restart"
+		// The DaemonSet installs a second handler on erofs for block mode,
+		// then the default one with the restart; the Job uninstalls both.
+		verb := map[string]string{"20-daemonset.yaml": "install", "uninstall/job.yaml": "uninstall"}[rel]
+		if verb != "" {
+			old := "/usr/local/bin/snapviewctl " + verb + " --root /host --restart"
 			if !strings.Contains(s, old) {
 				return fmt.Errorf("%s: no %q to point at this node", rel, old)
 			}
-			s = strings.Replace(s, old, "/usr/local/bin/snapviewctl install --root /host --handler snapview-layered --snapshotter erofs "+flags("snapview-layered")+
-				" && /usr/local/bin/snapviewctl install --root /host --restart "+flags("snapview"), 1)
-		case "uninstall/job.yaml":
-			old := "/usr/local/bin/snapviewctl uninstall --root /host --restart"
-			if !strings.Contains(s, old) {
-				return fmt.Errorf("%s: no %q to point at this node", rel, old)
+			layered := "--handler snapview-layered "
+			if verb == "install" {
+				layered += "--snapshotter erofs "
 			}
-			s = strings.Replace(s, old, "/usr/local/bin/snapviewctl uninstall --root /host --handler snapview-layered "+flags("snapview-layered")+
-				" && /usr/local/bin/snapviewctl uninstall --root /host --restart "+flags("snapview"), 1)
+			s = strings.Replace(s, old, "/usr/local/bin/snapviewctl "+verb+" --root /host "+layered+flags("snapview-layered")+
+				" && /usr/local/bin/snapviewctl "+verb+" --root /host --restart "+flags("snapview"), 1)
 		}
 		copied++
 		out := filepath.Join(dst, rel)

@@ -17,6 +17,8 @@ import (
 	"path/filepath"
 	"sync"
 	"time"
+
+	"github.com/snapview/snapview/tests/e2e/harness"
 )
 
 // proxy lets the suite pull its images under their own names
@@ -40,24 +42,7 @@ type proxy struct {
 }
 
 func startProxy(reg http.Handler, dir string) (*proxy, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "snapview parity test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IsCA:                  true,
-		KeyUsage:              x509.KeyUsageCertSign,
-		BasicConstraintsValid: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return nil, err
-	}
-	ca, err := x509.ParseCertificate(der)
+	ca, der, key, err := harness.NewCA("snapview parity test CA")
 	if err != nil {
 		return nil, err
 	}
