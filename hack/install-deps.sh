@@ -3,7 +3,8 @@
 #  - Debian packages (busybox-static for test images, erofs-utils and e2fsprogs
 #    for the erofs and blockfile snapshotters, criu for checkpoint tests,
 #    qemu-system-x86 for the VM monitor of `make demo-vm` and its test, runsc
-#    for the tests of gVisor as the OCI runtime);
+#    for the tests of gVisor as the OCI runtime, iproute2 for the Kubernetes
+#    test's network namespace);
 #  - a guest kernel: Debian's cloud kernel package, downloaded and unpacked into
 #    .cache/tools/guest-kernel/ (never installed on the host);
 #  - the pinned containerd, ctr and containerd-shim-runc-v2 versions and runc, built with `go install` into
@@ -14,7 +15,7 @@ set -euo pipefail
 TOOLS=${TOOLS:?TOOLS must name the tools directory}
 CONTAINERD_VERSIONS=${CONTAINERD_VERSIONS:-"v2.4.2 v2.2.9"}
 RUNC_VERSION=${RUNC_VERSION:-v1.5.2}
-APT_PACKAGES=(busybox-static erofs-utils e2fsprogs criu util-linux libseccomp-dev pkg-config qemu-system-x86 runsc)
+APT_PACKAGES=(busybox-static erofs-utils e2fsprogs criu util-linux iproute2 libseccomp-dev pkg-config qemu-system-x86 runsc)
 GUEST_KERNEL_PACKAGE=${GUEST_KERNEL_PACKAGE:-linux-image-cloud-amd64}
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
