@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/snapview/snapview/pkg/child"
 )
 
 // Dir is a directory a new disk image's filesystem holds from the start.
@@ -106,7 +108,7 @@ func CreateImage(ctx context.Context, path string, spec ImageSpec) (created bool
 	if spec.UUID != "" {
 		args = append(args, "-U", spec.UUID)
 	}
-	out, err := exec.CommandContext(ctx, mkfs, append(args, tmp)...).CombinedOutput()
+	out, err := child.CombinedOutput(exec.CommandContext(ctx, mkfs, append(args, tmp)...))
 	if err != nil {
 		return false, fmt.Errorf("format %s: %s: %w", path, strings.TrimSpace(string(out)), err)
 	}

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/snapview/snapview/pkg/child"
 )
 
 // Block mode hands the container disks through the spec's linux.devices,
@@ -38,7 +40,7 @@ func ociRuntimeName(binary string) string {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, path, "--version").Output()
+	out, err := child.Output(exec.CommandContext(ctx, path, "--version"))
 	if err != nil {
 		return ""
 	}

@@ -7,11 +7,13 @@ import (
 	"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2/task"
 	"github.com/containerd/containerd/v2/pkg/shim"
 	"github.com/containerd/containerd/v2/pkg/shutdown"
+	"github.com/containerd/containerd/v2/pkg/sys/reaper"
 	"github.com/containerd/containerd/v2/plugins"
 	"github.com/containerd/plugin"
 	"github.com/containerd/plugin/registry"
 
 	"github.com/snapview/snapview/pkg/backend"
+	"github.com/snapview/snapview/pkg/child"
 	"github.com/snapview/snapview/pkg/lifecycle"
 )
 
@@ -40,6 +42,10 @@ func init() {
 			if err != nil {
 				return nil, err
 			}
+			// runc's service set go-runc to wait through the shim's reaper;
+			// snapview's own commands (mkfs of a new writable disk) must too,
+			// or the SIGCHLD loop can reap them first.
+			child.UseReaper(reaper.Default)
 			b := backend.New(ic.Properties[plugins.PropertyGRPCAddress])
 			b.Preconnect()
 			// The connection is shared by every container of the shim; it
