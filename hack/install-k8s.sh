@@ -5,7 +5,7 @@
 # kube-controller-manager, kube-scheduler, kubelet, kubectl, and etcd (its
 # own server, the version that Kubernetes release is built against, from
 # hack/k8s/etcd). Nothing is installed into the system's paths. The first
-# build takes about 15 minutes on 2 cores. Also the CNI plugins the test's
+# build takes about 7 minutes on 2 cores. Also the CNI plugins the test's
 # pods use (bridge, host-local, loopback: the reference plugins), into
 # .cache/tools/cni-plugins-<version>/.
 set -euo pipefail
@@ -53,7 +53,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 	ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
 	ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
-log "building Kubernetes $K8S_VERSION (${bins[*]}) from source (first time only: about 15 minutes on 2 cores; output in $buildlog)"
+log "building Kubernetes $K8S_VERSION (${bins[*]}) from source (first time only: about 7 minutes on 2 cores; output in $buildlog)"
 cd "$here/k8s"
 if ! CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$dir/" \
 	k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
