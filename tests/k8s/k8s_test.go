@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/snapshots"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
@@ -622,31 +621,11 @@ func (c *cluster) running(ctx context.Context, id string) bool {
 	return err == nil && st.Status == "running"
 }
 
-// snapviewLeaks reports snapview's leases, views, mounts and loop devices
-// left on the node (containers the kubelet has not collected yet aside).
+// snapviewLeaks reports snapview's leases, views, view mounts and loop
+// devices left on the node (containers the kubelet has not collected yet,
+// and their shims, aside).
 func (c *cluster) snapviewLeaks(ctx context.Context) error {
-	var leaks []string
-	nctx := harness.Context(ctx, k8sNamespace)
-	ls, err := c.d.Client().LeasesService().List(nctx, fmt.Sprintf("labels.%q", harness.LeaseLabel))
-	if err != nil {
-		return err
-	}
-	for _, l := range ls {
-		leaks = append(leaks, "lease "+l.ID)
-	}
-	for _, sn := range c.d.Snapshotters {
-		_ = c.d.Client().SnapshotService(sn).Walk(nctx, func(_ context.Context, info snapshots.Info) error {
-			if strings.HasPrefix(info.Name, harness.ViewPrefix) {
-				leaks = append(leaks, "view "+sn+"/"+info.Name)
-			}
-			return nil
-		})
-	}
-	for _, l := range harness.LoopDevices(c.d.Dir) {
-		leaks = append(leaks, "loop device "+l)
-	}
-	leaks = append(leaks, viewMounts(c.d)...)
-	if len(leaks) > 0 {
+	if leaks := c.d.ViewLeaks(ctx, k8sNamespace); len(leaks) > 0 {
 		return fmt.Errorf("left: %s", strings.Join(leaks, ", "))
 	}
 	return nil

@@ -6,33 +6,14 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"syscall"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
-	"github.com/moby/sys/mountinfo"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
-
-	"github.com/snapview/snapview/tests/e2e/harness"
 )
-
-// viewMounts lists the mounts under the daemon's directories that a
-// snapview view or disk would leave (the daemon's own tmpfs aside).
-func viewMounts(d *harness.Daemon) []string {
-	var out []string
-	for _, dir := range []string{d.Dir, d.RunDir} {
-		ms, _ := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
-		for _, m := range ms {
-			if m.Mountpoint != d.RunDir && strings.Contains(m.Mountpoint, "snapview") && !strings.HasSuffix(m.Mountpoint, "/rootfs") && !strings.Contains(m.Mountpoint, "/shm") {
-				out = append(out, "mount "+m.Mountpoint)
-			}
-		}
-	}
-	return out
-}
 
 // criClient connects to the daemon's CRI service.
 func (c *cluster) criClient() (runtime.RuntimeServiceClient, func(), error) {

@@ -43,6 +43,54 @@ func (d *Daemon) CheckLeaks(ctx context.Context) error {
 	return nil
 }
 
+// ViewLeaks reports what of snapview's own is left in namespace ns: its
+// leases and views, and, on the whole node, the mounts of views (under a
+// bundle's snapview/ directory) and the loop devices backed by the daemon's
+// files. Unlike CheckLeaks it ignores containers, shims and other mounts, so
+// it can judge a node whose other workloads (a kubelet's) still run.
+func (d *Daemon) ViewLeaks(ctx context.Context, ns string) []string {
+	leaks := d.snapviewObjects(Context(ctx, ns), ns)
+	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(d.RunDir))
+	if err != nil {
+		leaks = append(leaks, fmt.Sprintf("read mountinfo: %v", err))
+	}
+	for _, m := range mounts {
+		if strings.Contains(strings.TrimPrefix(m.Mountpoint, d.RunDir), "/snapview/") {
+			leaks = append(leaks, fmt.Sprintf("mount %s (%s from %s)", m.Mountpoint, m.FSType, m.Source))
+		}
+	}
+	for _, l := range LoopDevices(d.Dir) {
+		leaks = append(leaks, "loop device "+l)
+	}
+	return leaks
+}
+
+// snapviewObjects lists snapview's leases and view snapshots in namespace
+// ns (nctx carries it).
+func (d *Daemon) snapviewObjects(nctx context.Context, ns string) []string {
+	var leaks []string
+	c := d.client
+	ls, err := c.LeasesService().List(nctx, fmt.Sprintf("labels.%q", LeaseLabel))
+	if err != nil {
+		leaks = append(leaks, fmt.Sprintf("list leases in %s: %v", ns, err))
+	}
+	for _, l := range ls {
+		leaks = append(leaks, fmt.Sprintf("lease %s/%s %v", ns, l.ID, l.Labels))
+	}
+	for _, sn := range d.Snapshotters {
+		err := c.SnapshotService(sn).Walk(nctx, func(_ context.Context, info snapshots.Info) error {
+			if strings.HasPrefix(info.Name, ViewPrefix) {
+				leaks = append(leaks, fmt.Sprintf("snapshot %s/%s %s (parent %s)", ns, sn, info.Name, info.Parent))
+			}
+			return nil
+		})
+		if err != nil {
+			leaks = append(leaks, fmt.Sprintf("walk %s snapshots in %s: %v", sn, ns, err))
+		}
+	}
+	return leaks
+}
+
 func (d *Daemon) leaks(ctx context.Context) []string {
 	var leaks []string
 	c := d.client
@@ -52,24 +100,7 @@ func (d *Daemon) leaks(ctx context.Context) []string {
 	}
 	for _, ns := range nss {
 		nctx := Context(ctx, ns)
-		ls, err := c.LeasesService().List(nctx, fmt.Sprintf("labels.%q", LeaseLabel))
-		if err != nil {
-			leaks = append(leaks, fmt.Sprintf("list leases in %s: %v", ns, err))
-		}
-		for _, l := range ls {
-			leaks = append(leaks, fmt.Sprintf("lease %s/%s %v", ns, l.ID, l.Labels))
-		}
-		for _, sn := range d.Snapshotters {
-			err := c.SnapshotService(sn).Walk(nctx, func(_ context.Context, info snapshots.Info) error {
-				if strings.HasPrefix(info.Name, ViewPrefix) {
-					leaks = append(leaks, fmt.Sprintf("snapshot %s/%s %s (parent %s)", ns, sn, info.Name, info.Parent))
-				}
-				return nil
-			})
-			if err != nil {
-				leaks = append(leaks, fmt.Sprintf("walk %s snapshots in %s: %v", sn, ns, err))
-			}
-		}
+		leaks = append(leaks, d.snapviewObjects(nctx, ns)...)
 		acts, err := c.MountManager().List(nctx)
 		if err != nil && !errdefs.IsNotImplemented(err) {
 			leaks = append(leaks, fmt.Sprintf("list mount activations in %s: %v", ns, err))
