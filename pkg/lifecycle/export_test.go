@@ -6,7 +6,7 @@ package lifecycle
 func SetAfterStep(l *Lifecycle, f func(step string) error) { l.afterStep = f }
 
 // Owned reports whether v is known to own its lease and view.
-func Owned(v *View) bool { return v.owned }
+func Owned(v *View) bool { return v.origin == setUpHere }
 
 // CloseDevice drops v's reference to its block devices (the writable disk
 // and any layer disks), as a dying shim would.

@@ -36,7 +36,7 @@ func (l *Lifecycle) Recover(ctx context.Context, ns, id, bundlePath string) (*Vi
 	st, err := bundle.ReadState(bundlePath)
 	if err == nil {
 		if err = validate(st, ns, id, bundlePath); err == nil {
-			return &View{Bundle: bundlePath, State: st}, nil
+			return &View{Bundle: bundlePath, State: st, origin: fromBundle}, nil
 		}
 		err = fmt.Errorf("state file %s: %w", bundle.StatePath(bundlePath), err)
 	}
@@ -122,7 +122,7 @@ func validate(st *bundle.State, ns, id, bundlePath string) error {
 func (l *Lifecycle) fromNames(ctx context.Context, ns, id, bundlePath string) (*View, error) {
 	// A rootfs activation is named after the container; one that is not
 	// snapview's (labels) is left alone.
-	v := &View{Bundle: bundlePath, State: &bundle.State{Namespace: ns, ContainerID: id, Mountpoint: bundle.Mountpoint(bundlePath), RootfsActivation: id}}
+	v := &View{Bundle: bundlePath, State: &bundle.State{Namespace: ns, ContainerID: id, Mountpoint: bundle.Mountpoint(bundlePath), RootfsActivation: id}, origin: fromBundle}
 	lm, err := l.backend.Leases()
 	if err != nil {
 		return v, err
@@ -145,7 +145,7 @@ func (l *Lifecycle) fromNames(ctx context.Context, ns, id, bundlePath string) (*
 // touched), for the orphan sweep. It fails if the lease is not snapview's
 // lease of the container.
 func (l *Lifecycle) FromLease(ctx context.Context, ns, id, bundlePath string, ls leases.Lease) (*View, error) {
-	v := &View{Bundle: bundlePath, State: &bundle.State{Namespace: ns, ContainerID: id}}
+	v := &View{Bundle: bundlePath, State: &bundle.State{Namespace: ns, ContainerID: id}, origin: fromLease}
 	if bundlePath != "" {
 		v.State.Mountpoint = bundle.Mountpoint(bundlePath)
 	}

@@ -35,10 +35,11 @@ type View struct {
 	layers []*blockdev.Device
 	// volumeDisks are the volumes' disks this process attached and holds.
 	volumeDisks []*blockdev.Device
-	// owned: this process set the view up completely, so the lease and
-	// the view are known to be its own and are removed without re-reading
-	// their labels. A recovered or partial view is always re-checked.
-	owned bool
+	// origin says who made the view, and so what its teardown may take as
+	// its own without asking: only a view this process set up completely
+	// removes its lease, views and activations by name; any other is
+	// checked against its owner.
+	origin origin
 	// partial: containerd could not be asked what the view holds there, so
 	// the records (state file, snapview's directory) must outlive this
 	// teardown for a later one to find the rest.
@@ -136,7 +137,7 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 	if p.Skip != "" {
 		st.Mountpoint, st.Mode = "", bundle.ModeNone
 	}
-	v := &View{Bundle: r.Bundle, State: st, spec: p.spec}
+	v := &View{Bundle: r.Bundle, State: st, spec: p.spec, origin: rolledBack}
 	s := &setupRun{l: l, p: p, v: v, lookup: lookup, logger: log.G(ctx).WithField("id", r.ID), sw: newStopwatch(), owner: v.owner()}
 	defer func() {
 		if retErr == nil {
@@ -162,7 +163,7 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 			return nil, err
 		}
 	}
-	v.owned = true
+	v.origin = setUpHere
 	v.timings = s.sw.fields
 	s.logger.WithField("state", bundle.StatePath(r.Bundle)).Debug("snapview: state persisted and config.json annotated")
 	return v, nil
@@ -181,7 +182,7 @@ func (l *Lifecycle) Undo(ctx context.Context, v *View) error {
 			v.patched = false
 		}
 	}
-	v.owned = false
+	v.origin = rolledBack
 	if err := l.Teardown(ctx, v); err != nil {
 		errs = append(errs, err)
 	}

@@ -17,34 +17,44 @@ import (
 	"github.com/snapview/snapview/pkg/view"
 )
 
-// setupStep is one side effect of a setup (see setup).
+// setupStep is one side effect of a setup (see setup) and its undo.
 type setupStep struct {
 	name string
 	// applies reports whether the step has work in this setup; nil: always.
 	applies func(s *setupRun) bool
 	// do records in s.v.State what it is about to do, then does it.
 	do func(s *setupRun, ctx context.Context) error
+	// undo takes back what do did, from what the state records (a
+	// process that did not set the view up has nothing else) and what
+	// this process still holds; it does nothing when the state records
+	// nothing of the step. Teardown runs the undos in reverse order of the
+	// steps; nil: nothing to undo, or undone with the records (the state
+	// file and snapview's directory, which go last).
+	undo func(t *teardownRun, ctx context.Context) error
+	// point, when set, is a crash point of the fault build right after
+	// the undo.
+	point string
 }
 
 // setupSteps are the steps of every setup, in order. A new capability (a
-// disk, a volume) is a new step here, with what Teardown needs to undo it
-// recorded in the state before it acts.
+// disk, a volume) is a new step here, with what its undo needs recorded in
+// the state before it acts: Teardown is this list run backwards.
 var setupSteps = []setupStep{
 	{name: StepDir, do: (*setupRun).makeDir},
-	{name: StepLease, applies: (*setupRun).withView, do: (*setupRun).acquireLease},
-	{name: StepView, applies: (*setupRun).withView, do: (*setupRun).createView},
-	{name: StepActivate, applies: (*setupRun).viewNeedsManager, do: (*setupRun).activateView},
-	{name: StepMount, applies: (*setupRun).withView, do: (*setupRun).mountView},
-	{name: StepRootfs, applies: (*setupRun).claimRootfs, do: (*setupRun).activateRootfs},
+	{name: StepLease, applies: (*setupRun).withView, do: (*setupRun).acquireLease, undo: (*teardownRun).removeLease},
+	{name: StepView, applies: (*setupRun).withView, do: (*setupRun).createView, undo: (*teardownRun).removeView, point: PointTeardownRemoved},
+	{name: StepActivate, applies: (*setupRun).viewNeedsManager, do: (*setupRun).activateView, undo: (*teardownRun).deactivateView},
+	{name: StepMount, applies: (*setupRun).withView, do: (*setupRun).mountView, undo: (*teardownRun).unmountView, point: PointTeardownUnmounted},
+	{name: StepRootfs, applies: (*setupRun).claimRootfs, do: (*setupRun).activateRootfs, undo: (*teardownRun).deactivateRootfs},
 	{name: StepFormat, applies: (*setupRun).layered, do: (*setupRun).formatImage},
-	{name: StepDevice, applies: (*setupRun).blockMode, do: (*setupRun).attachDevice},
-	{name: StepLayers, applies: (*setupRun).layered, do: (*setupRun).attachLayers},
-	{name: StepVolumeViews, applies: (*setupRun).withVolumes, do: (*setupRun).createVolumeViews},
-	{name: StepVolumes, applies: (*setupRun).withVolumes, do: (*setupRun).prepareVolumes},
+	{name: StepDevice, applies: (*setupRun).blockMode, do: (*setupRun).attachDevice, undo: (*teardownRun).releaseDevice},
+	{name: StepLayers, applies: (*setupRun).layered, do: (*setupRun).attachLayers, undo: (*teardownRun).releaseLayers},
+	{name: StepVolumeViews, applies: (*setupRun).withVolumes, do: (*setupRun).createVolumeViews, undo: (*teardownRun).removeVolumeViews},
+	{name: StepVolumes, applies: (*setupRun).withVolumes, do: (*setupRun).prepareVolumes, undo: (*teardownRun).releaseVolumes},
 	{name: StepArtifacts, applies: (*setupRun).withView, do: (*setupRun).resolveArtifacts},
-	{name: StepMonitor, applies: (*setupRun).blockMode, do: (*setupRun).prepareMonitor},
+	{name: StepMonitor, applies: (*setupRun).blockMode, do: (*setupRun).prepareMonitor, undo: (*teardownRun).removeMonitor},
 	{name: StepState, do: (*setupRun).writeState},
-	{name: StepParams, applies: (*setupRun).withParams, do: (*setupRun).writeParams},
+	{name: StepParams, applies: (*setupRun).withParams, do: (*setupRun).writeParams, undo: (*teardownRun).removeParams},
 	{name: StepConfig, applies: (*setupRun).withView, do: (*setupRun).patchConfig},
 }
 

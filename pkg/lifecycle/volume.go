@@ -306,67 +306,47 @@ func diskParams(d bundle.Disk, m rootfs.Mount) rootfs.DiskParams {
 	return rootfs.DiskParams{Device: d.Path, FSType: m.Type, Source: d.Device, Options: rootfs.GuestOptions(m.Options)}
 }
 
-// teardownVolumes undoes on this host what the volume steps did, in
-// reverse: each volume's disks (loop devices still bound to the recorded
-// backing inode) or mount (and the loop devices it attached).
-func (v *View) teardownVolumes(fail func(string, error), detach func(string, string, bundle.Loop)) {
-	st := v.State
+// releaseVolumes undoes what the volume step did, volume by volume in
+// reverse: on this host each volume's disks (loop devices still bound to
+// the recorded backing inode) or its mount (and the loop devices it
+// attached), then its mount-manager activation in containerd.
+func (t *teardownRun) releaseVolumes(ctx context.Context) error {
+	st := t.v.State
+	var errs []error
+	for _, d := range t.v.volumeDisks {
+		errs = append(errs, d.Close())
+	}
 	for _, vol := range slices.Backward(st.Volumes) {
-		for _, d := range slices.Backward(vol.Disks) {
-			if d.Loop.BackingFile != "" {
-				detach("detach volume disk", d.Device, d.Loop)
-			}
-		}
-		if vol.Mountpoint == "" {
-			continue
-		}
-		fail("unmount volume "+vol.Name, view.Unmount(vol.Mountpoint))
-		fail("detach volume loop devices", view.DetachLoops(vol.LoopDevices, func(backing string) bool {
-			for _, m := range vol.Mounts {
-				if m.Source == backing {
-					return true
+		if t.host {
+			for _, d := range slices.Backward(vol.Disks) {
+				if d.Loop.BackingFile != "" {
+					errs = append(errs, t.detach(d.Device, d.Loop))
 				}
 			}
-			return false
-		}))
-	}
-	if err := os.Remove(bundle.VolumesDir(v.Bundle)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		fail("remove the volumes' directory", err)
-	}
-}
-
-// removeVolumes removes, in containerd, each volume's activation and view:
-// by name when this process made them, else only while their labels say
-// they are the view's owner's.
-func (l *Lifecycle) removeVolumes(ctx context.Context, v *View, fail func(string, error)) bool {
-	st := v.State
-	removed := true
-	if len(st.Volumes) == 0 {
-		return removed
-	}
-	sn, err := l.backend.Snapshotter(st.Snapshotter)
-	if err != nil {
-		fail("remove volumes", err)
-		return false
-	}
-	for _, vol := range slices.Backward(st.Volumes) {
-		if vol.Activation != "" {
-			if mm, err := l.backend.Mounts(); err != nil {
-				fail("deactivate volume "+vol.Name, err)
-			} else if err := mm.Deactivate(ctx, vol.Activation); err != nil && !errdefs.IsNotFound(err) && !errdefs.IsNotImplemented(err) {
-				fail("deactivate volume "+vol.Name, fmt.Errorf("deactivate %s: %w", vol.Activation, err))
+			if vol.Mountpoint != "" {
+				errs = append(errs, unmountAt(vol.Mountpoint, vol.LoopDevices, vol.Mounts))
 			}
 		}
-		if v.owned {
-			err = view.RemoveKey(ctx, sn, vol.ViewKey)
-		} else {
-			err = view.RemoveOwnedKey(ctx, sn, v.owner(), vol.ViewKey)
-		}
-		removed = removed && err == nil
-		fail("remove volume "+vol.Name, err)
-		if err == nil {
-			log.G(ctx).WithFields(log.Fields{"id": st.ContainerID, "volume": vol.Name, "key": vol.ViewKey}).Info("snapview: volume removed")
+		errs = append(errs, t.deactivate(ctx, vol.Activation))
+	}
+	if t.host {
+		if err := os.Remove(bundle.VolumesDir(t.v.Bundle)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
 		}
 	}
-	return removed
+	return errors.Join(errs...)
+}
+
+// removeVolumeViews removes each volume's view in containerd.
+func (t *teardownRun) removeVolumeViews(ctx context.Context) error {
+	st := t.v.State
+	var errs []error
+	for _, vol := range slices.Backward(st.Volumes) {
+		err := t.removeViewKey(ctx, vol.ViewKey)
+		if err == nil {
+			t.logger.WithFields(log.Fields{"volume": vol.Name, "key": vol.ViewKey}).Info("snapview: volume removed")
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }

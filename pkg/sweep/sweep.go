@@ -22,8 +22,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/containerd/errdefs"
@@ -99,19 +101,29 @@ func Namespace(ctx context.Context, b lifecycle.Backend, ns string, opts Options
 		if v.State.ViewKey != "" {
 			o.Views = []string{v.State.Snapshotter + "/" + v.State.ViewKey}
 		}
-		if bundlePath != "" && mounted(v.State.Mountpoint) {
-			o.Mountpoint = v.State.Mountpoint
-		}
-		if !opts.DryRun {
-			if err := lc.Teardown(ctx, v); err != nil {
-				errs = append(errs, err)
-				continue
+		mp := v.State.Mountpoint
+		wasMounted := bundlePath != "" && mounted(mp)
+		if opts.DryRun {
+			if wasMounted {
+				o.Mountpoint = mp
 			}
-			if v.Superseded() {
-				continue // a container of the same id was created meanwhile: not an orphan
-			}
-			log.G(ctx).WithFields(log.Fields{"id": id, "lease": l.ID, "views": o.Views, "target": o.Mountpoint}).Warn("snapview: orphaned view removed")
+			orphans = append(orphans, o)
+			continue
 		}
+		if err := lc.Teardown(ctx, v); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if v.Superseded() {
+			continue // a container of the same id was created meanwhile: not an orphan
+		}
+		if wasMounted && !mounted(mp) {
+			// Only what the teardown took down: a mount it left (the
+			// bundle is not the orphan's) is not reported, and stays for
+			// the leftover-mount pass to judge.
+			o.Mountpoint = mp
+		}
+		log.G(ctx).WithFields(log.Fields{"id": id, "lease": l.ID, "views": o.Views, "target": o.Mountpoint}).Warn("snapview: orphaned view removed")
 		orphans = append(orphans, o)
 	}
 	if opts.BundleRoot != "" {
@@ -126,11 +138,12 @@ func Namespace(ctx context.Context, b lifecycle.Backend, ns string, opts Options
 	return orphans, errors.Join(errs...)
 }
 
-// leftoverMounts unmounts view mounts under the bundle root that no
-// container owns any more: in a bundle containerd renamed to .<id> to delete
-// it (it could not, with the view still mounted there), or in the bundle of a
-// container containerd does not know. A .<id> bundle left with nothing
-// mounted under it is then removed, as containerd would have done.
+// leftoverMounts unmounts the mounts snapview makes in a bundle (a view, a
+// volume) under the bundle root that no container owns any more: in a
+// bundle containerd renamed to .<id> to delete it (it could not, with them
+// still mounted there), or in the bundle of a container containerd does not
+// know. A .<id> bundle left with nothing mounted under it is then removed,
+// as containerd would have done.
 func leftoverMounts(ctx context.Context, b lifecycle.Backend, opts Options, seen map[string]bool) ([]Orphan, error) {
 	root := filepath.Clean(opts.BundleRoot)
 	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(root))
@@ -141,21 +154,32 @@ func leftoverMounts(ctx context.Context, b lifecycle.Backend, opts Options, seen
 		found []Orphan
 		errs  []error
 	)
+	// Deepest first, so that a mount inside another goes before it.
+	slices.SortFunc(infos, func(a, b *mountinfo.Info) int { return strings.Compare(b.Mountpoint, a.Mountpoint) })
+	known := map[string]bool{}   // bundle name → its container exists
+	deleted := map[string]bool{} // .<id> bundles to finish removing
 	for _, mi := range infos {
 		rel, err := filepath.Rel(root, mi.Mountpoint)
 		if err != nil || seen[mi.Mountpoint] {
 			continue
 		}
-		name, rest, ok := strings.Cut(rel, string(filepath.Separator))
-		if !ok || filepath.Join(root, name, rest) != bundle.Mountpoint(filepath.Join(root, name)) {
+		name, _, ok := strings.Cut(rel, string(filepath.Separator))
+		if !ok || !isSnapviewMount(filepath.Join(root, name), mi.Mountpoint) {
 			continue
 		}
-		id, deleted := strings.CutPrefix(name, ".")
-		if !deleted {
-			if _, _, err := b.Container(ctx, id); err == nil {
-				continue
-			} else if !errdefs.IsNotFound(err) {
-				errs = append(errs, fmt.Errorf("look up container %s: %w", id, err))
+		id, isDeleted := strings.CutPrefix(name, ".")
+		if !isDeleted {
+			live, checked := known[name]
+			if !checked {
+				if _, _, err := b.Container(ctx, id); err == nil {
+					live = true
+				} else if !errdefs.IsNotFound(err) {
+					errs = append(errs, fmt.Errorf("look up container %s: %w", id, err))
+					live = true // unknown: left alone
+				}
+				known[name] = live
+			}
+			if live {
 				continue
 			}
 		}
@@ -165,16 +189,29 @@ func leftoverMounts(ctx context.Context, b lifecycle.Backend, opts Options, seen
 				errs = append(errs, err)
 				continue
 			}
-			if deleted {
-				if err := removeDeletedBundle(filepath.Join(root, name)); err != nil {
-					errs = append(errs, err)
-				}
+			if isDeleted {
+				deleted[filepath.Join(root, name)] = true
 			}
-			log.G(ctx).WithFields(log.Fields{"id": id, "target": mi.Mountpoint}).Warn("snapview: leftover view mount removed")
+			log.G(ctx).WithFields(log.Fields{"id": id, "target": mi.Mountpoint}).Warn("snapview: leftover mount removed")
 		}
 		found = append(found, o)
 	}
+	for _, dir := range slices.Sorted(maps.Keys(deleted)) {
+		if err := removeDeletedBundle(dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	return found, errors.Join(errs...)
+}
+
+// isSnapviewMount reports whether mountpoint is one snapview makes in
+// bundle: the view's, or a volume's.
+func isSnapviewMount(bundlePath, mountpoint string) bool {
+	if mountpoint == bundle.Mountpoint(bundlePath) {
+		return true
+	}
+	name, ok := strings.CutPrefix(mountpoint, bundle.VolumesDir(bundlePath)+string(filepath.Separator))
+	return ok && name != "" && !strings.Contains(name, string(filepath.Separator)) && bundle.VolumeMountpoint(bundlePath, name) == mountpoint
 }
 
 // removeDeletedBundle removes a bundle containerd had renamed for deletion,

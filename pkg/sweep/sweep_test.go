@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
@@ -130,35 +131,115 @@ func TestSweepReportsOnlyWhatItRemoved(t *testing.T) {
 	}
 }
 
-// TestSweepDeletedBundles finds a view still mounted in a bundle containerd
-// renamed to .<id> to delete it, unmounts it and finishes the deletion;
-// a live container's mount in its own bundle is left alone.
+// TestSweepDeletedBundles finds a view or a volume still mounted in a
+// bundle containerd renamed to .<id> to delete it, unmounts it and finishes
+// the deletion; a live container's mounts in its own bundle are left alone.
 func TestSweepDeletedBundles(t *testing.T) {
-	e := lifecycletest.NewEnv(t)
-	live := e.Container(t, "alive", nil)
-	root := filepath.Dir(live.Bundle)
-	mountTmpfs := func(dir string) {
-		t.Helper()
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		if err := unix.Mount("tmpfs", dir, "tmpfs", 0, ""); err != nil {
-			t.Fatal(err)
-		}
-	}
-	gone := filepath.Join(root, ".gone")
-	mountTmpfs(bundle.Mountpoint(gone))
-	mountTmpfs(bundle.Mountpoint(live.Bundle))
-	defer unix.Unmount(bundle.Mountpoint(live.Bundle), unix.MNT_DETACH)
+	for _, tc := range []struct {
+		name       string
+		mountpoint func(bundle string) string
+	}{
+		{"view", bundle.Mountpoint},
+		{"volume", func(b string) string { return bundle.VolumeMountpoint(b, "models") }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := lifecycletest.NewEnv(t)
+			live := e.Container(t, "alive", nil)
+			root := filepath.Dir(live.Bundle)
+			mountTmpfs := func(dir string) {
+				t.Helper()
+				if err := os.MkdirAll(dir, 0o700); err != nil {
+					t.Fatal(err)
+				}
+				if err := unix.Mount("tmpfs", dir, "tmpfs", 0, ""); err != nil {
+					t.Fatal(err)
+				}
+			}
+			gone := filepath.Join(root, ".gone")
+			mountTmpfs(tc.mountpoint(gone))
+			mountTmpfs(tc.mountpoint(live.Bundle))
+			defer unix.Unmount(tc.mountpoint(live.Bundle), unix.MNT_DETACH)
 
-	got, err := sweep.Namespace(e.Ctx, e.Backend, lifecycletest.NS, sweep.Options{BundleRoot: root})
-	if err != nil || len(got) != 1 || got[0].ContainerID != "gone" || got[0].Mountpoint != bundle.Mountpoint(gone) {
-		t.Fatalf("got %+v %v", got, err)
+			got, err := sweep.Namespace(e.Ctx, e.Backend, lifecycletest.NS, sweep.Options{BundleRoot: root})
+			if err != nil || len(got) != 1 || got[0].ContainerID != "gone" || got[0].Mountpoint != tc.mountpoint(gone) {
+				t.Fatalf("got %+v %v", got, err)
+			}
+			if _, err := os.Stat(gone); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("the deleted bundle is still there: %v", err)
+			}
+			if m, _ := mountinfo.Mounted(tc.mountpoint(live.Bundle)); !m {
+				t.Error("the live container's mount was removed")
+			}
+		})
 	}
-	if _, err := os.Stat(gone); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("the deleted bundle is still there: %v", err)
+}
+
+// TestSweepLeavesANewIncarnationsBundle recreates a container of the
+// orphan's id, bundle and view included, after the sweep found the orphan
+// and before it tears it down (containerd had already deleted the old
+// bundle, as it does): the new container's view stays mounted, and its
+// state and params files stay.
+func TestSweepLeavesANewIncarnationsBundle(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	root := orphan(t, e, "reborn")
+	old := filepath.Join(root, "reborn")
+	// What containerd's bundle deletion leaves: nothing of the bundle, and
+	// the container's own snapshot removed with the container.
+	if err := view.Unmount(bundle.Mountpoint(old)); err != nil {
+		t.Fatal(err)
 	}
-	if m, _ := mountinfo.Mounted(bundle.Mountpoint(live.Bundle)); !m {
-		t.Error("the live container's mount was removed")
+	if err := os.RemoveAll(old); err != nil {
+		t.Fatal(err)
 	}
+	if err := e.Snapshotter.Remove(e.Ctx, "reborn-snapshot"); err != nil {
+		t.Fatal(err)
+	}
+	var found bool
+	var v *lifecycle.View
+	e.Backend.OnContainer = func(id string) { found = found || id == "reborn" }
+	e.Backend.OnCall = func(name string) {
+		if !found || name != "Leases" {
+			return
+		}
+		found = false
+		e.Backend.OnCall, e.Backend.OnContainer = nil, nil
+		// A CI loop's next `ctr run --rm ... reborn`.
+		r := e.Container(t, "reborn", map[string]string{"io.snapview.boot.kernel": lifecycletest.KernelPath})
+		v = e.SetUp(t, lifecycle.New(e.Backend), r)
+		// And an activation of its view's name (a multi-layer erofs view
+		// has one), which the sweep's view names too.
+		dir := filepath.Join(e.Dir, "activation-source")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		o := lease.NewOwner("reborn", v.State.Created)
+		if _, err := e.Mounts.Activate(e.Ctx, view.Key("reborn"), []mount.Mount{{Type: "format/bind", Source: dir, Options: []string{"rbind", "ro"}}}, mount.WithLabels(view.Labels(o))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := sweep.Namespace(e.Ctx, e.Backend, lifecycletest.NS, sweep.Options{BundleRoot: root}); err != nil {
+		t.Fatal(err)
+	}
+	if v == nil {
+		t.Fatal("the new incarnation was never created")
+	}
+	defer func() { _ = lifecycle.New(e.Backend).Teardown(e.Ctx, v) }()
+	if m, _ := mountinfo.Mounted(bundle.Mountpoint(old)); !m {
+		t.Error("the new incarnation's view was unmounted")
+	}
+	for _, f := range []string{bundle.StatePath(old), bundle.ParamsFile(old)} {
+		if _, err := os.Stat(f); err != nil {
+			t.Errorf("the new incarnation's %s: %v", filepath.Base(f), err)
+		}
+	}
+	if !leaseExists(t, e, "reborn") {
+		t.Error("the new incarnation's lease was removed")
+	}
+	if _, err := e.Snapshotter.Stat(e.Ctx, view.Key("reborn")); err != nil {
+		t.Errorf("the new incarnation's view was removed: %v", err)
+	}
+	if _, err := e.Mounts.Info(e.Ctx, view.Key("reborn")); err != nil {
+		t.Errorf("the new incarnation's view activation was removed: %v", err)
+	}
+	_ = e.Mounts.Deactivate(e.Ctx, view.Key("reborn"))
 }
