@@ -19,6 +19,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/atomicfile"
 
 	"github.com/snapview/snapview/pkg/rootfs"
@@ -39,6 +40,11 @@ type Mount struct {
 	Source  string   `json:"source"`
 	Target  string   `json:"target,omitempty"`
 	Options []string `json:"options,omitempty"`
+}
+
+// MountOf records m as the state file keeps it.
+func MountOf(m mount.Mount) Mount {
+	return Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options}
 }
 
 // State is the persisted state of one container's view: everything a fresh

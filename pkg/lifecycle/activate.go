@@ -100,7 +100,7 @@ func (s *setupRun) activateRootfs(ctx context.Context) error {
 	st.RootfsActivation = r.ID
 	cctx, cancel := callContext(ctx)
 	defer cancel()
-	system, err := s.l.activate(cctx, s.owner, rootfsActivation(r.ID), toMounts(r.Rootfs))
+	system, err := s.l.activate(cctx, s.owner, rootfsActivation(r.ID), r.Rootfs)
 	if errdefs.IsNotImplemented(err) {
 		// Nothing needed the manager after all: runc mounts them as sent.
 		st.RootfsActivation = ""
@@ -110,27 +110,11 @@ func (s *setupRun) activateRootfs(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	s.v.Rootfs = fromMounts(system)
+	s.v.Rootfs = system
 	if s.withView() {
 		if st.Rootfs, err = rootfs.FromMounts(s.v.Rootfs); err != nil {
 			return fmt.Errorf("snapview: rootfs of %s: %w", r.ID, err)
 		}
 	}
 	return nil
-}
-
-func toMounts(ms []rootfs.Mount) []mount.Mount {
-	out := make([]mount.Mount, len(ms))
-	for i, m := range ms {
-		out[i] = mount.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options}
-	}
-	return out
-}
-
-func fromMounts(ms []mount.Mount) []rootfs.Mount {
-	out := make([]rootfs.Mount, len(ms))
-	for i, m := range ms {
-		out[i] = rootfs.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options}
-	}
-	return out
 }

@@ -82,7 +82,7 @@ func (v *View) attach(p *Plan, containerPath string) error {
 	v.device = d
 	st := v.State
 	st.Block = &bundle.Block{
-		Rootfs:        bundle.Mount{Type: m.Type, Source: m.Source, Options: m.Options},
+		Rootfs:        bundle.MountOf(m),
 		Device:        d.Path,
 		Major:         d.Major,
 		Minor:         d.Minor,

@@ -348,7 +348,7 @@ func TestRootfsActivation(t *testing.T) {
 	t.Run("an activation containerd made is containerd's", func(t *testing.T) {
 		id := "claimed-foreign"
 		r := e.Container(t, id, nil)
-		if _, err := e.Mounts.Activate(e.Ctx, id, toMounts(claimedRootfs(t)), mount.WithLabels(map[string]string{view.LabelGCBackRef: id})); err != nil {
+		if _, err := e.Mounts.Activate(e.Ctx, id, claimedRootfs(t), mount.WithLabels(map[string]string{view.LabelGCBackRef: id})); err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = e.Mounts.Deactivate(e.Ctx, id) })
@@ -369,13 +369,6 @@ func TestRootfsActivation(t *testing.T) {
 	})
 }
 
-func toMounts(ms []rootfs.Mount) []mount.Mount {
-	out := make([]mount.Mount, len(ms))
-	for i, m := range ms {
-		out[i] = mount.Mount{Type: m.Type, Source: m.Source, Options: m.Options}
-	}
-	return out
-}
 
 // TestBlockRefusesGVisor refuses block mode under an OCI runtime that says
 // it is gVisor's runsc, which would start the container without its

@@ -1,6 +1,7 @@
 package lifecycle_test
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -509,31 +510,41 @@ func TestHostileBundle(t *testing.T) {
 		}
 	})
 
-	t.Run("the view's mountpoint is already mounted", func(t *testing.T) {
-		r := e.Container(t, "hostile-mount", nil)
-		mp := bundle.Mountpoint(r.Bundle)
-		if err := os.MkdirAll(mp, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		if err := unix.Mount("tmpfs", mp, "tmpfs", 0, ""); err != nil {
-			t.Fatal(err)
-		}
-		defer unix.Unmount(mp, unix.MNT_DETACH)
-		l := lifecycle.New(e.Backend)
-		p, err := l.Decide(e.Ctx, r)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := l.Setup(e.Ctx, p); err == nil || !strings.Contains(err.Error(), "already a mount point") {
-			t.Fatalf("setup: %v, want a refusal of the mounted mountpoint", err)
-		}
-		if m, _ := mountinfo.Mounted(mp); !m {
-			t.Error("the rollback unmounted a mount snapview did not make")
-		}
-		if _, err := lease.Get(e.Ctx, e.Leases, "hostile-mount"); !errdefs.IsNotFound(err) {
-			t.Errorf("lease left by the rollback: %v", err)
-		}
-	})
+	// A mount snapview did not make at the view's mountpoint stays, whether
+	// the setup fails at the mount step's check or at an earlier step.
+	for _, failAt := range []string{"", lifecycle.StepLease, lifecycle.StepView} {
+		t.Run("the view's mountpoint is already mounted/"+cmp.Or(failAt, "mount"), func(t *testing.T) {
+			id := "hostile-mount-" + cmp.Or(failAt, "mount")
+			r := e.Container(t, id, nil)
+			mp := bundle.Mountpoint(r.Bundle)
+			if err := os.MkdirAll(mp, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Mount("tmpfs", mp, "tmpfs", 0, ""); err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Unmount(mp, unix.MNT_DETACH)
+			l := lifecycle.New(e.Backend)
+			want := "already a mount point"
+			if failAt != "" {
+				_, injected := failAfter(l, failAt)
+				want = injected.Error()
+			}
+			p, err := l.Decide(e.Ctx, r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := l.Setup(e.Ctx, p); err == nil || !strings.Contains(err.Error(), want) {
+				t.Fatalf("setup: %v, want %q", err, want)
+			}
+			if m, _ := mountinfo.Mounted(mp); !m {
+				t.Error("the rollback unmounted a mount snapview did not make")
+			}
+			if _, err := lease.Get(e.Ctx, e.Leases, id); !errdefs.IsNotFound(err) {
+				t.Errorf("lease left by the rollback: %v", err)
+			}
+		})
+	}
 
 	for _, tc := range []struct {
 		name  string

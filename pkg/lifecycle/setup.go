@@ -129,13 +129,12 @@ func (l *Lifecycle) setup(ctx context.Context, p *Plan, lookup func(context.Cont
 		ContainerID: r.ID,
 		Snapshotter: p.snapshotter,
 		Parent:      p.parent,
-		Mountpoint:  bundle.Mountpoint(r.Bundle),
 		Rootfs:      p.params,
 		Created:     time.Now().UTC(),
 		Mode:        p.mode,
 	}
 	if p.Skip != "" {
-		st.Mountpoint, st.Mode = "", bundle.ModeNone
+		st.Mode = bundle.ModeNone
 	}
 	v := &View{Bundle: r.Bundle, State: st, spec: p.spec, origin: rolledBack}
 	s := &setupRun{l: l, p: p, v: v, lookup: lookup, logger: log.G(ctx).WithField("id", r.ID), sw: newStopwatch(), owner: v.owner()}

@@ -183,25 +183,39 @@ func (s *setupRun) activateView(ctx context.Context) error {
 	return err
 }
 
-// mountView mounts the view read-only on its mountpoint in the bundle.
+// mountView mounts the view read-only on its mountpoint in the bundle. The
+// mountpoint is recorded only once it is known not to be a mount of someone
+// else's, which stays, rollback included.
 func (s *setupRun) mountView(context.Context) error {
 	st := s.v.State
-	if m, err := mountinfo.Mounted(st.Mountpoint); err == nil && m {
-		// Not ours: whatever is there stays, rollback included.
-		mp := st.Mountpoint
-		st.Mountpoint = ""
-		return fmt.Errorf("snapview: the view's mountpoint %s is already a mount point, not made by this setup", mp)
-	}
-	loops, err := view.Mount(s.mounts, st.Mountpoint)
-	st.LoopDevices = loops
+	mp := bundle.Mountpoint(s.v.Bundle)
+	loops, mounts, err := mountAt(s.mounts, mp, func() { st.Mountpoint = mp })
+	st.LoopDevices, st.Mounts = loops, mounts
 	if err != nil {
-		return fmt.Errorf("snapview: %w", err)
-	}
-	for _, m := range s.mounts {
-		st.Mounts = append(st.Mounts, bundle.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
+		return fmt.Errorf("snapview: the view: %w", err)
 	}
 	s.logger.WithFields(log.Fields{"key": st.ViewKey, "target": st.Mountpoint, "loop": loops}).Info("snapview: view mounted")
 	return nil
+}
+
+// mountAt mounts mounts read-only on mountpoint, which must not be a mount
+// point already (a mount not made by this setup stays, rollback included);
+// record runs once it is known not to be, before the mount. It returns the
+// loop devices the mount attached and the mounts as recorded.
+func mountAt(mounts []mount.Mount, mountpoint string, record func()) ([]string, []bundle.Mount, error) {
+	if m, err := mountinfo.Mounted(mountpoint); err == nil && m {
+		return nil, nil, fmt.Errorf("its mountpoint %s is already a mount point, not made by this setup", mountpoint)
+	}
+	record()
+	loops, err := view.Mount(mounts, mountpoint)
+	if err != nil {
+		return loops, nil, err
+	}
+	recorded := make([]bundle.Mount, 0, len(mounts))
+	for _, m := range mounts {
+		recorded = append(recorded, bundle.MountOf(m))
+	}
+	return loops, recorded, nil
 }
 
 // resolveArtifacts resolves the boot artifacts inside the mounted view and

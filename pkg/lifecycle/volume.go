@@ -16,7 +16,6 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
 	securejoin "github.com/cyphar/filepath-securejoin"
-	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/image-spec/identity"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -183,17 +182,10 @@ func (s *setupRun) mountVolume(ctx context.Context, i int) error {
 		}
 	}
 	mp := bundle.VolumeMountpoint(s.v.Bundle, vol.Name)
-	if m, err := mountinfo.Mounted(mp); err == nil && m {
-		return fmt.Errorf("snapview: volume %s: its mountpoint %s is already a mount point, not made by this setup", vol.Name, mp)
-	}
-	vol.Mountpoint = mp
-	loops, err := view.Mount(ms, mp)
-	vol.LoopDevices = loops
+	loops, mounts, err := mountAt(ms, mp, func() { vol.Mountpoint = mp })
+	vol.LoopDevices, vol.Mounts = loops, mounts
 	if err != nil {
 		return fmt.Errorf("snapview: volume %s: %w", vol.Name, err)
-	}
-	for _, m := range ms {
-		vol.Mounts = append(vol.Mounts, bundle.Mount{Type: m.Type, Source: m.Source, Target: m.Target, Options: m.Options})
 	}
 	src, err := securejoin.SecureJoin(mp, vol.Subpath)
 	if err == nil {
@@ -216,7 +208,7 @@ func (s *setupRun) mountVolume(ctx context.Context, i int) error {
 // at /dev/snapview/volumes/<name>/<j>.
 func (s *setupRun) attachVolume(i int) error {
 	vol := &s.v.State.Volumes[i]
-	layers, err := rootfs.ReadOnlyDisks(fromMounts(s.volumeMounts[i]))
+	layers, err := rootfs.ReadOnlyDisks(s.volumeMounts[i])
 	if err != nil {
 		return fmt.Errorf("snapview: volume %s: block mode hands a volume to the guest as disks, but its view in snapshotter %s %w (use the blockfile, devmapper or erofs snapshotter)", vol.Name, s.p.snapshotter, err)
 	}

@@ -15,6 +15,8 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/containerd/containerd/v2/core/mount"
+
 	"github.com/snapview/snapview/params"
 )
 
@@ -24,15 +26,10 @@ const (
 	KindBlock = params.KindBlock
 )
 
-// Mount is one rootfs mount as containerd sends it.
-type Mount struct {
-	Type   string
-	Source string
-	// Target is where, under the rootfs, the mount goes ("" for the root
-	// itself), as containerd's mount manager may hand one back.
-	Target  string
-	Options []string
-}
+// Mount is one rootfs mount as containerd sends it: containerd's own mount
+// type (Target, when set, is where under the rootfs the mount goes, as
+// containerd's mount manager may hand one back).
+type Mount = mount.Mount
 
 // Params describe a container's rootfs, as the OCI runtime and a guest see
 // it: the type runtime authors read (package params), which the shim
