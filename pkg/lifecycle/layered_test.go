@@ -369,7 +369,6 @@ func TestRootfsActivation(t *testing.T) {
 	})
 }
 
-
 // TestBlockRefusesGVisor refuses block mode under an OCI runtime that says
 // it is gVisor's runsc, which would start the container without its
 // disks, and accepts one that says it is runc.
