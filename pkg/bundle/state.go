@@ -28,11 +28,21 @@ import (
 // StateFile is the name of the state file in the bundle.
 const StateFile = "snapview.json"
 
-// StateVersion is the version of the state file this build writes. It
-// also reads version 1, which a shim of an earlier release wrote for a
-// container it still runs (its dead-shim cleanup runs this build after an
-// upgrade), strictly: without any field of a later version.
+// StateVersion is the newest version of the state file this build writes
+// and reads. A state is written with the lowest version that can hold it
+// (version 1 unless it has a field of version 2), so that the previous
+// release, after a rollback, still reads the state of every container
+// that release could have made; each older version is read strictly,
+// without any field of a later one.
 const StateVersion = 2
+
+// minVersion returns the lowest state file version that can hold s.
+func (s *State) minVersion() int {
+	if s.RootfsActivation != "" || s.Mode == ModeNone || s.Block != nil && s.Block.Layers != nil || s.Volumes != nil {
+		return 2
+	}
+	return 1
+}
 
 // Mount is a mount as recorded in the state file.
 type Mount struct {
@@ -182,9 +192,10 @@ type Artifact struct {
 // StatePath returns the state file's path in bundle.
 func StatePath(bundle string) string { return filepath.Join(bundle, StateFile) }
 
-// WriteState writes s to the bundle's state file atomically, mode 0600.
+// WriteState writes s to the bundle's state file atomically, mode 0600,
+// with the lowest version that can hold it.
 func WriteState(bundle string, s *State) error {
-	s.Version = StateVersion
+	s.Version = s.minVersion()
 	data, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode state: %w", err)
@@ -246,8 +257,8 @@ func ParseState(data []byte) (*State, error) {
 	if dec.More() {
 		return nil, errors.New("malformed: trailing data")
 	}
-	if s.Version == 1 && (s.RootfsActivation != "" || s.Mode == ModeNone || s.Block != nil && s.Block.Layers != nil || s.Volumes != nil) {
-		return nil, errors.New("malformed: a field of version 2 in a version 1 file")
+	if s.minVersion() > s.Version {
+		return nil, fmt.Errorf("malformed: a field of version %d in a version %d file", s.minVersion(), s.Version)
 	}
 	if s.Namespace == "" || s.ContainerID == "" {
 		return nil, errors.New("missing namespace or container_id")

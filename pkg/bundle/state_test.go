@@ -48,7 +48,7 @@ func TestStateRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Version != StateVersion || got.ViewKey != want.ViewKey || got.Mounts[0].Options[1] != "ro" || !got.Created.Equal(want.Created) {
+	if got.Version != 1 || got.ViewKey != want.ViewKey || got.Mounts[0].Options[1] != "ro" || !got.Created.Equal(want.Created) {
 		t.Fatalf("got %+v", got)
 	}
 	if err := RemoveState(dir); err != nil {
@@ -56,6 +56,47 @@ func TestStateRoundTrip(t *testing.T) {
 	}
 	if err := RemoveState(dir); err != nil {
 		t.Fatalf("second remove: %v", err)
+	}
+}
+
+// TestWriteStateVersion writes each state with the lowest version that can
+// hold it: a release that knows only version 1 (after a rollback) reads the
+// state of every container it could have made itself.
+func TestWriteStateVersion(t *testing.T) {
+	volume := []Volume{{Name: "v", Image: "docker.io/library/x:1", ViewKey: "snapview/c1/volumes/v", Target: "/v", Subpath: "/"}}
+	for _, tc := range []struct {
+		name string
+		edit func(*State)
+		want int
+	}{
+		{"view mode", func(*State) {}, 1},
+		{"block mode, one disk", func(s *State) {
+			s.Mode = ModeBlock
+			s.Block = &Block{Rootfs: Mount{Type: "ext4", Source: "/img"}, Device: "/dev/loop3", MonitorRootfs: "view"}
+		}, 1},
+		{"a rootfs activation", func(s *State) { s.RootfsActivation = "c1" }, 2},
+		{"volumes", func(s *State) { s.Volumes = volume }, 2},
+		{"layered", func(s *State) {
+			s.Mode = ModeBlock
+			s.Block = &Block{Rootfs: Mount{Type: "ext4", Source: "/img"}, Device: "/dev/loop3", MonitorRootfs: "view", Layers: []Disk{}}
+		}, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s := validState()
+			s.Mountpoint = Mountpoint(dir)
+			tc.edit(s)
+			if err := WriteState(dir, s); err != nil {
+				t.Fatal(err)
+			}
+			got, err := ReadState(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.Version != tc.want {
+				t.Fatalf("version %d, want %d", got.Version, tc.want)
+			}
+		})
 	}
 }
 
