@@ -75,8 +75,16 @@ const (
 const (
 	// KindFS is a filesystem tree the OCI runtime mounts (view mode).
 	KindFS = "fs"
-	// KindBlock is disks handed to the container (block mode).
+	// KindBlock is one disk handed to the container (block mode): the
+	// writable disk at Device holds the root filesystem.
 	KindBlock = "block"
+	// KindLayered is a layered rootfs handed to the container as disks
+	// (block mode on the erofs snapshotter): the read-only Layers, top-most
+	// first, under an overlay whose upper and work directories are on the
+	// writable disk at Device. It is a kind of its own, not "block", so that
+	// a reader that knows only one disk refuses it instead of booting the
+	// writable disk, which holds no root filesystem, as the root.
+	KindLayered = "layered"
 )
 
 // Where block mode's disks are inside the container.
@@ -107,9 +115,10 @@ type Doc struct {
 }
 
 // Rootfs describes a container's rootfs: a filesystem tree (kind fs), or
-// in block mode its writable disk (Device) and, for a layered rootfs, its
-// read-only layer disks (Layers, top-most first) with the overlay's upper
-// and work directories inside the writable disk's filesystem.
+// in block mode its writable disk (Device, kind block) and, for a layered
+// rootfs (kind layered), its read-only layer disks (Layers, top-most first)
+// with the overlay's upper and work directories inside the writable disk's
+// filesystem.
 type Rootfs struct {
 	Kind string `json:"kind"`
 	// FSType, Source and Options mount the rootfs: in block mode the
@@ -132,9 +141,14 @@ type Rootfs struct {
 	OverlayOptions []string `json:"overlay_options,omitempty"`
 }
 
-// Layered reports whether the rootfs is a layered one: a guest stacks its
-// Layers under an overlay whose upper directory is on the writable disk.
-func (r Rootfs) Layered() bool { return len(r.Layers) > 0 }
+// Layered reports whether the rootfs is a layered one (KindLayered): a
+// guest stacks its Layers under an overlay whose upper directory is on the
+// writable disk.
+func (r Rootfs) Layered() bool { return r.Kind == KindLayered }
+
+// Disks reports whether the rootfs is handed to the container as disks
+// (block mode): KindBlock or KindLayered.
+func (r Rootfs) Disks() bool { return r.Kind == KindBlock || r.Kind == KindLayered }
 
 // Disk is a read-only disk in the container.
 type Disk struct {
@@ -186,8 +200,10 @@ func Parse(data []byte) (*Doc, error) {
 	if d.Version != Version {
 		return nil, fmt.Errorf("snapview params: version %d, but this reader knows version %d: update github.com/snapview/snapview/params", d.Version, Version)
 	}
-	if d.Rootfs.Kind != KindFS && d.Rootfs.Kind != KindBlock {
-		return nil, fmt.Errorf("snapview params: rootfs kind %q is neither %q nor %q", d.Rootfs.Kind, KindFS, KindBlock)
+	switch d.Rootfs.Kind {
+	case KindFS, KindBlock, KindLayered:
+	default:
+		return nil, fmt.Errorf("snapview params: rootfs kind %q is not one of %q, %q, %q: update github.com/snapview/snapview/params", d.Rootfs.Kind, KindFS, KindBlock, KindLayered)
 	}
 	return &d, nil
 }

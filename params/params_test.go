@@ -26,7 +26,7 @@ func docs() map[string]Doc {
 			Volumes: map[string]Volume{"models": {Image: "docker.io/acme/models:v3", Target: "/models", Subpath: "/weights"}}},
 		"block": {Version: 1, Rootfs: Rootfs{Kind: KindBlock, FSType: "ext4", Source: "/dev/loop3", Options: []string{"rw"}, Device: RootfsDevice},
 			Artifacts: map[string]string{}},
-		"layered": {Version: 1, Rootfs: Rootfs{Kind: KindBlock, FSType: "ext4", Source: "/dev/loop5", Options: []string{"rw"}, Device: RootfsDevice,
+		"layered": {Version: 1, Rootfs: Rootfs{Kind: KindLayered, FSType: "ext4", Source: "/dev/loop5", Options: []string{"rw"}, Device: RootfsDevice,
 			Layers: []Disk{
 				{Device: LayersDir + "/0", FSType: "erofs", Source: "/dev/loop6", Options: []string{"ro"}},
 				{Device: LayersDir + "/1", FSType: "erofs", Source: "/dev/loop7", Options: []string{"ro"}, Devices: []string{LayersDir + "/2"}},

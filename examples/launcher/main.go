@@ -43,7 +43,7 @@ func launch(file string, run bool, qemu string) error {
 	if err != nil {
 		return err
 	}
-	if p.Rootfs.Kind != params.KindBlock {
+	if !p.Rootfs.Disks() {
 		return fmt.Errorf("the container is not in block mode (rootfs kind %q): there are no disks to hand a guest", p.Rootfs.Kind)
 	}
 	disks := guestDisks(p)
@@ -84,9 +84,14 @@ func guestDisks(p *params.Doc) []disk {
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(p.Volumes)) {
+		var blobs []disk
 		for i, l := range p.Volumes[name].Layers {
 			out = append(out, disk{path: l.Device, readOnly: true, role: fmt.Sprintf("volume %s %d", name, i)})
+			for _, d := range l.Devices {
+				blobs = append(blobs, disk{path: d, readOnly: true, role: fmt.Sprintf("volume %s %d blob", name, i)})
+			}
 		}
+		out = append(out, blobs...)
 	}
 	return out
 }

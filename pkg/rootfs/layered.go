@@ -455,7 +455,7 @@ func (l *Layered) Disks() []string {
 // read-only ones in the order of Disks.
 func (l *Layered) Params(writable [2]string, disks [][2]string) Params {
 	p := Params{
-		Kind: KindBlock, FSType: l.FSType, Source: writable[0], Options: GuestOptions(l.Writable.Options), Device: writable[1],
+		Kind: KindLayered, FSType: l.FSType, Source: writable[0], Options: GuestOptions(l.Writable.Options), Device: writable[1],
 		UpperDir: l.UpperDir, WorkDir: l.WorkDir, OverlayOptions: l.OverlayOptions,
 	}
 	next := len(l.Layers)

@@ -1,6 +1,7 @@
 package rootfs
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -9,6 +10,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/snapview/snapview/params"
 )
 
 // erofsBlock returns the mounts containerd's erofs snapshotter (v2.2, v2.4)
@@ -193,5 +196,39 @@ func TestReadOnlyDisks(t *testing.T) {
 				t.Fatalf("disks %v, want %v", srcs, tc.want)
 			}
 		})
+	}
+}
+
+// TestLayeredParamsRefusedByOneDiskReaders decodes the params of a layered
+// rootfs as a reader written for one-disk block mode does (the release
+// before layered rootfs: version 1, kind fs or block, the writable disk at
+// Device as the guest's root): it must refuse them, not boot the writable
+// disk, which holds only the overlay's upper and work directories, as the
+// guest's root.
+func TestLayeredParamsRefusedByOneDiskReaders(t *testing.T) {
+	l, err := DetectLayered(erofsBlock(t, t.TempDir(), 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := l.Params([2]string{"/dev/loop9", "/dev/snapview/rootfs"}, [][2]string{{"/dev/loop10", LayerDevice(0)}, {"/dev/loop11", LayerDevice(1)}})
+	data, err := json.Marshal(struct {
+		Version int    `json:"version"`
+		Rootfs  Params `json:"rootfs"`
+	}{params.Version, p})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var old struct {
+		Version int `json:"version"`
+		Rootfs  struct {
+			Kind   string `json:"kind"`
+			Device string `json:"device"`
+		} `json:"rootfs"`
+	}
+	if err := json.Unmarshal(data, &old); err != nil {
+		t.Fatal(err)
+	}
+	if old.Version == 1 && (old.Rootfs.Kind == "fs" || old.Rootfs.Kind == "block") {
+		t.Fatalf("a one-disk reader takes the layered rootfs for kind %q, version %d, and boots %s as its root:\n%s", old.Rootfs.Kind, old.Version, old.Rootfs.Device, data)
 	}
 }

@@ -22,8 +22,9 @@ import (
 
 // Kinds of rootfs.
 const (
-	KindFS    = params.KindFS
-	KindBlock = params.KindBlock
+	KindFS      = params.KindFS
+	KindBlock   = params.KindBlock
+	KindLayered = params.KindLayered
 )
 
 // Mount is one rootfs mount as containerd sends it: containerd's own mount

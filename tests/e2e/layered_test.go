@@ -235,7 +235,7 @@ func TestLayeredBlock(t *testing.T) {
 					fmt.Sprintf("node /dev/snapview/rootfs block special file %x:%x", st.Block.Major, st.Block.Minor),
 					"rootfs-magic 53ef",
 					"layer write refused",
-					`"kind":"block"`, `"device":"/dev/snapview/rootfs"`, `"upperdir":"/upper"`, `"workdir":"/work"`,
+					`"kind":"layered"`, `"device":"/dev/snapview/rootfs"`, `"upperdir":"/upper"`, `"workdir":"/work"`,
 					"wrote marker", "root writable",
 				}
 				for i, l := range st.Block.Layers {
