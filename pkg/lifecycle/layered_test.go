@@ -112,7 +112,7 @@ func TestLayered(t *testing.T) {
 	}
 
 	doc := lifecycletest.CheckParams(t, bundle.ParamsFile(r.Bundle))
-	want := rootfs.Params{Kind: "block", FSType: "ext4", Source: b.Device, Options: []string{"rw"}, Device: "/dev/snapview/rootfs",
+	want := rootfs.Params{Kind: "layered", FSType: "ext4", Source: b.Device, Options: []string{"rw"}, Device: "/dev/snapview/rootfs",
 		Layers: []rootfs.DiskParams{
 			{Device: "/dev/snapview/layers/0", FSType: "erofs", Source: b.Layers[0].Device, Options: []string{"ro"}},
 			{Device: "/dev/snapview/layers/1", FSType: "erofs", Source: b.Layers[1].Device, Options: []string{"ro"}},
