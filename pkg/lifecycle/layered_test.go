@@ -243,7 +243,7 @@ func TestLayeredRefused(t *testing.T) {
 	}{
 		{"user namespace", func(t *testing.T) []rootfs.Mount { return layeredRootfs(t, 2) },
 			func(s *specs.Spec) { s.Linux.Namespaces = []specs.LinuxNamespace{{Type: specs.UserNamespace}} }, "user namespace"},
-		{"too many layers", func(t *testing.T) []rootfs.Mount { return layeredRootfs(t, rootfs.MaxLayerDisks+1) }, nil,
+		{"too many layers", func(t *testing.T) []rootfs.Mount { return layeredRootfs(t, rootfs.MaxReadOnlyDisks+1) }, nil,
 			"129 read-only layer disks, more than the 128"},
 		{"a layer gone", func(t *testing.T) []rootfs.Mount {
 			ms := layeredRootfs(t, 2)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 
 	"github.com/snapview/snapview/params"
 
@@ -151,6 +152,9 @@ func (s *setupRun) createVolumeViews(ctx context.Context) error {
 // mounts need it) and its subpath resolved inside it, for a bind; in block
 // mode it is never mounted, and each of its disks is attached read-only.
 func (s *setupRun) prepareVolumes(ctx context.Context) error {
+	if err := s.countDisks(); err != nil {
+		return err
+	}
 	for i := range s.v.State.Volumes {
 		var err error
 		if s.blockMode() {
@@ -202,16 +206,46 @@ func (s *setupRun) mountVolume(ctx context.Context, i int) error {
 	return nil
 }
 
+// countDisks finds each volume's disks (a volume whose view is a directory
+// tree has none; in block mode every volume must have some) and refuses,
+// before any volume is mounted or attached, a container whose read-only
+// disks, its layered rootfs's and its volumes' together, are more than
+// rootfs.MaxReadOnlyDisks: each is a loop device, a node-wide resource, in
+// block mode held by the shim and in view mode by containerd's mount
+// manager for the volume's mount.
+func (s *setupRun) countDisks() error {
+	st := s.v.State
+	n, counts := 0, make([]string, 0, len(st.Volumes)+1)
+	if s.layered() {
+		n = s.p.layered.DiskCount()
+		counts = append(counts, fmt.Sprintf("rootfs %d", n))
+	}
+	s.volumeLayers = make([][]rootfs.Layer, len(st.Volumes))
+	for i, vol := range st.Volumes {
+		layers, err := rootfs.ReadOnlyDisks(s.volumeMounts[i])
+		if err != nil && s.blockMode() {
+			return fmt.Errorf("snapview: volume %s: block mode hands a volume to the guest as disks, but its view in snapshotter %s %w (use the blockfile, devmapper or erofs snapshotter)", vol.Name, s.p.snapshotter, err)
+		}
+		s.volumeLayers[i] = layers
+		if d := rootfs.DiskCount(layers); d > 0 {
+			n += d
+			counts = append(counts, fmt.Sprintf("volume %s %d", vol.Name, d))
+		}
+	}
+	if n > rootfs.MaxReadOnlyDisks {
+		return fmt.Errorf("snapview: the container would have %d read-only disks (%s), more than the %d one container may have: each is a loop device of the node; use fewer volumes, or images with fewer layers",
+			n, strings.Join(counts, ", "), rootfs.MaxReadOnlyDisks)
+	}
+	return nil
+}
+
 // attachVolume attaches each disk of volume i read-only: the file of a
 // blockfile view or of each erofs layer to a read-only loop device held by
 // this process, a devmapper view's device as it is; the guest gets them
 // at /dev/snapview/volumes/<name>/<j>.
 func (s *setupRun) attachVolume(i int) error {
 	vol := &s.v.State.Volumes[i]
-	layers, err := rootfs.ReadOnlyDisks(s.volumeMounts[i])
-	if err != nil {
-		return fmt.Errorf("snapview: volume %s: block mode hands a volume to the guest as disks, but its view in snapshotter %s %w (use the blockfile, devmapper or erofs snapshotter)", vol.Name, s.p.snapshotter, err)
-	}
+	layers := s.volumeLayers[i]
 	var files []string
 	for _, l := range layers {
 		files = append(files, l.Mount.Source)
@@ -232,7 +266,6 @@ func (s *setupRun) attachVolume(i int) error {
 		}
 		vol.Disks = append(vol.Disks, disk)
 	}
-	s.volumeLayers = append(s.volumeLayers, layers)
 	s.logger.WithFields(log.Fields{"volume": vol.Name, "disks": len(vol.Disks)}).Info("snapview: volume disks ready for the container")
 	return nil
 }
@@ -277,7 +310,7 @@ func (s *setupRun) volumeDocs() map[string]params.Volume {
 		if v.Subpath != "/" {
 			vp.Subpath = v.Subpath
 		}
-		if i < len(s.volumeLayers) {
+		if s.blockMode() && i < len(s.volumeLayers) {
 			next := len(s.volumeLayers[i])
 			for j, l := range s.volumeLayers[i] {
 				d := diskParams(v.Disks[j], l.Mount)

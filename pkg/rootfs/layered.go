@@ -17,12 +17,16 @@ import (
 	"github.com/docker/go-units"
 )
 
-// MaxLayerDisks is the most read-only disks a layered rootfs may bring: its
-// erofs layers and the blob files a merged layer names. With the writable
-// disk that is 129 disks, kata's limit for the same shape
-// (MAX_ROOTFS_LAYER_DEVICES); an image with more layers is refused, and can
-// be flattened or merged into a fsmeta by the snapshotter.
-const MaxLayerDisks = 128
+// MaxReadOnlyDisks is the most read-only disks one container may bring,
+// its layered rootfs's and its volumes' together: erofs layers, the blob
+// files a merged layer names, a blockfile or devmapper volume's disk. Each
+// is a loop device, a node-wide resource, held while the container runs
+// (in block mode by the shim, in view mode by containerd's mount manager
+// for a volume's mount). With the writable disk that is 129 disks, kata's
+// limit for a layered rootfs (MAX_ROOTFS_LAYER_DEVICES); a container that
+// needs more is refused: an image can be flattened, or merged into a
+// fsmeta by the snapshotter.
+const MaxReadOnlyDisks = 128
 
 // Layered is a layered block-backed rootfs, the shape of containerd's erofs
 // snapshotter in block mode (its default_size set): a writable disk image
@@ -77,9 +81,13 @@ type Dir struct {
 }
 
 // DiskCount returns how many read-only disks the layers bring.
-func (l *Layered) DiskCount() int {
+func (l *Layered) DiskCount() int { return DiskCount(l.Layers) }
+
+// DiskCount returns how many read-only disks layers bring: one per layer,
+// and one per blob file a layer reads.
+func DiskCount(layers []Layer) int {
 	n := 0
-	for _, ly := range l.Layers {
+	for _, ly := range layers {
 		n += 1 + len(ly.Blobs)
 	}
 	return n
@@ -196,9 +204,9 @@ func DetectLayered(mounts []Mount) (Layered, error) {
 		}
 		l.Layers = append(l.Layers, ly)
 	}
-	if n := l.DiskCount(); n > MaxLayerDisks {
-		return Layered{}, fmt.Errorf("%w: it has %d read-only layer disks, more than the %d snapview hands a guest; flatten the image or merge its layers (the erofs snapshotter's fsmeta)",
-			ErrNotBlock, n, MaxLayerDisks)
+	if n := l.DiskCount(); n > MaxReadOnlyDisks {
+		return Layered{}, fmt.Errorf("%w: it has %d read-only layer disks, more than the %d snapview hands a container; flatten the image or merge its layers (the erofs snapshotter's fsmeta)",
+			ErrNotBlock, n, MaxReadOnlyDisks)
 	}
 	return l, nil
 }

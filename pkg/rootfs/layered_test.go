@@ -147,7 +147,7 @@ func TestDetectLayered(t *testing.T) {
 	}
 
 	t.Run("too many layers", func(t *testing.T) {
-		ms := erofsBlock(t, t.TempDir(), MaxLayerDisks+1)
+		ms := erofsBlock(t, t.TempDir(), MaxReadOnlyDisks+1)
 		_, err := DetectLayered(ms)
 		if !errors.Is(err, ErrNotBlock) || !strings.Contains(err.Error(), "129 read-only layer disks, more than the 128") {
 			t.Fatalf("got %v", err)

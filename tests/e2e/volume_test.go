@@ -80,11 +80,7 @@ var volumeAnn = map[string]string{
 	"io.snapview.volume.tools":  `{"image":"` + toolsImage + `","target":"/opt/tools","subpath":"usr/bin"}`,
 }
 
-func withVolumes(ann map[string]string) map[string]string {
-	out := maps.Clone(ann)
-	maps.Copy(out, volumeAnn)
-	return out
-}
+func withVolumes(ann map[string]string) map[string]string { return withVolumesOf(ann, volumeAnn) }
 
 // volumeScript reads both volumes as a view-mode container sees them, and
 // tries to write into them.
@@ -462,4 +458,58 @@ func TestVolumesCRI(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestVolumesTooManyDisks refuses a container whose volumes would take more
+// loop devices of the node than one container may have (16 volumes of a
+// 9-layer image on the erofs snapshotter: 144 read-only disks), in view
+// mode, where containerd's mount manager would attach them for the
+// volumes' mounts, and in block mode, where the shim would attach them for
+// the guest; before anything is mounted or attached, and nothing is left.
+func TestVolumesTooManyDisks(t *testing.T) {
+	d := layeredDaemon(t, false)
+	ctx := setup(t, d)
+	const ref = "docker.io/snapview/vol-layers:9"
+	var layers []*harness.Layer
+	for i := range 9 {
+		layers = append(layers, harness.NewLayer().File(fmt.Sprintf("layer%d", i), 0o644, []byte(fmt.Sprintf("layer %d\n", i))))
+	}
+	img, err := harness.Compose(ref, ocispec.ImageConfig{}, layers...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	archive, err := img.WriteArchiveFile(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Import(ctx, ns, &harness.Image{Ref: ref, Archive: archive}, "erofs"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Client().ImageService().Delete(harness.Context(context.Background(), ns), ref) })
+	ann := map[string]string{}
+	for i := range 16 {
+		ann[fmt.Sprintf("io.snapview.volume.v%02d", i)] = fmt.Sprintf(`{"image":%q,"target":"/v%02d"}`, ref, i)
+	}
+	allow := "[volumes]\nallow = [\"docker.io/snapview/*\"]\n"
+	for _, tc := range []struct {
+		name string
+		ann  map[string]string
+		want string
+	}{
+		{"view", ann, "the container would have 144 read-only disks"},
+		{"block", withVolumesOf(blockAnn, ann), "the container would have 146 read-only disks (rootfs 2, volume v00 9"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := setup(t, d)
+			refused(ctx, t, d, "vol-disks-"+tc.name, runOpts{runtime: snapviewRT, runtimeOpts: &runtimeoptions.Options{ConfigBody: []byte(allow)},
+				snapshotter: "erofs", annotations: tc.ann, args: []string{"true"}}, tc.want, "more than the 128 one container may have")
+		})
+	}
+}
+
+// withVolumesOf returns ann with the volume annotations vols added.
+func withVolumesOf(ann, vols map[string]string) map[string]string {
+	out := maps.Clone(ann)
+	maps.Copy(out, vols)
+	return out
 }
