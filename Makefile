@@ -15,6 +15,12 @@ SHIM      := $(BIN)/containerd-shim-snapview-v2
 CTL       := $(BIN)/snapviewctl
 # The shim with crash points compiled in, for the e2e crash matrix only.
 FAULT_SHIM := $(BIN)/fault/containerd-shim-snapview-v2
+# The shims of earlier releases, for the upgrade test, built from this
+# repository's history: the release before this one, and the last release
+# whose shim performs none of the mounts snapview claims from containerd
+# (the one before layered block mode).
+PREVIOUS_RELEASES ?= b9d17c5 d235d52
+PREVIOUS_SHIMS := $(foreach r,$(PREVIOUS_RELEASES),$(BIN)/previous-$(r)/containerd-shim-snapview-v2)
 
 CONTAINERD_VERSION        ?= v2.4.2
 CONTAINERD_COMPAT_VERSION ?= v2.2.9
@@ -32,7 +38,7 @@ LDFLAGS  := -s -w \
 	-X github.com/containerd/containerd/v2/version.Package=github.com/snapview/snapview
 
 # What the e2e harness and the demo are told about the tools.
-E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT_SHIM) \
+E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT_SHIM) SNAPVIEW_PREVIOUS_SHIMS="$(foreach r,$(PREVIOUS_RELEASES),$(r)=$(BIN)/previous-$(r)/containerd-shim-snapview-v2)" \
 	SNAPVIEW_CONTAINERD=$(TOOLS)/containerd-$(CONTAINERD_VERSION)/containerd \
 	SNAPVIEW_CONTAINERD_COMPAT=$(TOOLS)/containerd-$(CONTAINERD_COMPAT_VERSION)/containerd \
 	SNAPVIEW_RUNC=$(TOOLS)/runc-$(RUNC_VERSION)-seccomp/runc \
@@ -58,6 +64,9 @@ $(FAULT_SHIM): $(shell find cmd pkg -name '*.go') go.mod go.sum
 	@echo "[build] containerd-shim-snapview-v2 with fault points (tests only)"
 	@CGO_ENABLED=0 $(GO) build -trimpath -tags snapview_faults -ldflags '$(LDFLAGS)' -o $@ ./cmd/containerd-shim-snapview-v2 $(QUIET)
 
+$(BIN)/previous-%/containerd-shim-snapview-v2:
+	@./hack/build-previous.sh $* $@
+
 $(CTL): $(shell find cmd pkg -name '*.go') go.mod go.sum
 	@echo "[build] snapviewctl"
 	@CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $@ ./cmd/snapviewctl $(QUIET)
@@ -82,7 +91,7 @@ test: build deps unit
 unit:
 	$(GO) test -count=1 $(UNIT_PKGS)
 
-e2e: build $(FAULT_SHIM) deps
+e2e: build $(FAULT_SHIM) $(PREVIOUS_SHIMS) deps
 	$(E2E_ENV) $(GO) test $(E2E_FLAGS) -v ./tests/e2e/ 2>&1 | tee $(CACHE)/e2e.log | grep -E '^(=== RUN|--- |\s+--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 

@@ -70,9 +70,11 @@ func newService(inner taskAPI.TTRPCTaskService, lc *lifecycle.Lifecycle) *servic
 func key(ns, id string) string { return ns + "/" + id }
 
 // RegisterTTRPC registers the wrapper, not the inner service, so that every
-// RPC enters through snapview.
+// RPC enters through snapview, and ClaimsService, by which a shim manager's
+// Start learns which mounts this process performs.
 func (s *service) RegisterTTRPC(server *ttrpc.Server) error {
 	taskAPI.RegisterTTRPCTaskService(server, s)
+	registerClaims(server)
 	return nil
 }
 

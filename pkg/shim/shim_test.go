@@ -2,8 +2,10 @@ package shim
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -19,6 +21,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	ptypes "github.com/containerd/containerd/v2/pkg/protobuf/types"
 	"github.com/containerd/containerd/v2/pkg/shim"
+	"github.com/containerd/ttrpc"
 	"github.com/containerd/typeurl/v2"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -185,45 +188,116 @@ func TestStopBudgetFromEntry(t *testing.T) {
 }
 
 // recordingRunc is runc's shim manager recording the bootstrap message
-// Start hands it.
+// Start hands it, and answering address (a socket where nothing serves by
+// default).
 type recordingRunc struct {
 	shim.Shim
-	got *bootapi.BootstrapParams
+	got     *bootapi.BootstrapParams
+	address string
 }
 
 func (r *recordingRunc) Start(_ context.Context, p *bootapi.BootstrapParams) (*bootapi.BootstrapResult, error) {
 	r.got = p
-	return &bootapi.BootstrapResult{Version: 3, Address: "unix:///run/s/x", Protocol: "ttrpc"}, nil
+	return &bootapi.BootstrapResult{Version: 3, Address: cmp.Or(r.address, "unix:///run/s/x"), Protocol: "ttrpc"}, nil
 }
 
 func (r *recordingRunc) Info(context.Context, io.Reader) (*types.RuntimeInfo, error) {
 	return &types.RuntimeInfo{Name: "io.containerd.runc.v2", Annotations: map[string]string{"kept": "yes"}}, nil
 }
 
-// TestAdvertisesMountCapabilities checks the claim containerd reads under
-// both start protocols: the MountCapabilities extension of the bootstrap
-// result (2.3+), and the runtime-allow-mounts annotation of -info (2.2, in
-// the form 2.2 and 2.4's fallback both parse), naming exactly what
-// snapview performs.
+// serveTTRPC serves a shim's TTRPC server on a socket of its own, with
+// snapview's ClaimsService when claims is set (a process of this release),
+// without it otherwise (a process of an earlier release), and returns its
+// address.
+func serveTTRPC(t *testing.T, claims bool) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "s")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := ttrpc.NewServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if claims {
+		registerClaims(srv)
+	}
+	go func() { _ = srv.Serve(context.Background(), l) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	return "unix://" + path
+}
+
+// TestAdvertisesMountCapabilities checks the claims containerd reads: the
+// MountCapabilities extension of the bootstrap result (2.3+), which claims
+// what the process serving the container says it performs, and says "none"
+// explicitly for any other process (a pod's process of an earlier release,
+// joined), so that containerd does not take -info's claim for it; and the
+// runtime-allow-mounts annotation of -info (in the form 2.2 and 2.4's
+// fallback both parse), only for a containerd that reads claims from -info
+// alone (2.2), or one the shim cannot tell.
 func TestAdvertisesMountCapabilities(t *testing.T) {
-	m := &shimManager{Shim: &recordingRunc{}}
-	res, err := m.Start(context.Background(), &bootapi.BootstrapParams{InstanceID: "c1", Namespace: "default"})
-	if err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		name    string
+		address string
+		claims  bool
+	}{
+		{"a process of this release", serveTTRPC(t, true), true},
+		{"a pod's process of an earlier release, joined", serveTTRPC(t, false), false},
+		{"no process answers", "unix://" + filepath.Join(t.TempDir(), "none"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := &shimManager{Shim: &recordingRunc{address: tc.address}}
+			res, err := m.Start(context.Background(), &bootapi.BootstrapParams{InstanceID: "c1", Namespace: "default"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var caps types.MountCapabilities
+			if found, err := res.FindExtension(&caps); err != nil || !found {
+				t.Fatalf("no MountCapabilities in the bootstrap result (without it containerd 2.3+ takes -info's): %v %v", found, err)
+			}
+			if claimed := len(caps.Types)+len(caps.Transforms) > 0; claimed != tc.claims {
+				t.Fatalf("claimed %v, want a claim: %v", &caps, tc.claims)
+			}
+			if tc.claims && (!slices.Equal(caps.Types, []string{"erofs"}) || !slices.Equal(caps.Transforms, []string{"format", "mkdir", "mkfs"})) {
+				t.Fatalf("claimed %v", &caps)
+			}
+		})
 	}
-	var caps types.MountCapabilities
-	if found, err := res.FindExtension(&caps); err != nil || !found {
-		t.Fatalf("no MountCapabilities in the bootstrap result: %v %v", found, err)
+	for _, tc := range []struct {
+		name   string
+		claims func() bool
+		want   string
+	}{
+		{"containerd 2.2", func() bool { return readsClaimsFromInfo(2, 2) }, "erofs,format/*,mkdir/*,mkfs/*"},
+		{"containerd 2.4", func() bool { return readsClaimsFromInfo(2, 4) }, ""},
+		{"a daemon it cannot tell", nil, "erofs,format/*,mkdir/*,mkfs/*"},
+	} {
+		t.Run("-info for "+tc.name, func(t *testing.T) {
+			m := &shimManager{Shim: &recordingRunc{}, claimsInInfo: tc.claims}
+			info, err := m.Info(context.Background(), bytes.NewReader(nil))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := info.Annotations[AllowMountsAnnotation]; got != tc.want || info.Annotations["kept"] != "yes" {
+				t.Fatalf("-info annotations %v, want the claim %q", info.Annotations, tc.want)
+			}
+		})
 	}
-	if !slices.Equal(caps.Types, []string{"erofs"}) || !slices.Equal(caps.Transforms, []string{"format", "mkdir", "mkfs"}) {
-		t.Fatalf("claimed %v", &caps)
+}
+
+// TestParseVersion reads the versions containerd binaries report.
+func TestParseVersion(t *testing.T) {
+	for v, want := range map[string][2]int{"v2.4.2": {2, 4}, "2.2.1": {2, 2}, "v2.3.0-beta.1": {2, 3}, "v1.7.27": {1, 7}, "v10.12": {10, 12}} {
+		major, minor, err := parseVersion(v)
+		if err != nil || major != want[0] || minor != want[1] {
+			t.Errorf("%s: %d.%d %v, want %v", v, major, minor, err, want)
+		}
 	}
-	info, err := m.Info(context.Background(), bytes.NewReader(nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := info.Annotations[AllowMountsAnnotation]; got != "erofs,format/*,mkdir/*,mkfs/*" || info.Annotations["kept"] != "yes" {
-		t.Fatalf("-info annotations %v", info.Annotations)
+	for _, v := range []string{"(devel)", "", "v2", "x2.4"} {
+		if _, _, err := parseVersion(v); err == nil {
+			t.Errorf("%q read as a version", v)
+		}
 	}
 }
 

@@ -59,13 +59,19 @@ func TestCRI(t *testing.T) {
 // test ends, after the test's own cleanups (the pods') have run.
 func startCRIDaemon(t *testing.T, tools harness.Tools, opts []harness.Option, imgs []*harness.Image, snapshotters ...string) (*harness.Daemon, runtime.RuntimeServiceClient) {
 	t.Helper()
+	return startCRIDaemonWith(t, tools, harness.CRIConfig{SandboxImage: pauseImage}, opts, imgs, snapshotters...)
+}
+
+// startCRIDaemonWith is startCRIDaemon with CRI configured as cri says.
+func startCRIDaemonWith(t *testing.T, tools harness.Tools, cri harness.CRIConfig, opts []harness.Option, imgs []*harness.Image, snapshotters ...string) (*harness.Daemon, runtime.RuntimeServiceClient) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	pause, err := harness.BuildImage(suite.dir, harness.ImageSpec{Ref: pauseImage, KernelSize: 1 << 10, Cmd: []string{"sleep", "86400"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := harness.StartDaemon(ctx, suite.dir, tools, append([]harness.Option{harness.WithCRI(harness.CRIConfig{SandboxImage: pauseImage})}, opts...)...)
+	d, err := harness.StartDaemon(ctx, suite.dir, tools, append([]harness.Option{harness.WithCRI(cri)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,9 +98,15 @@ func startCRIDaemon(t *testing.T, tools harness.Tools, opts []harness.Option, im
 // returns the pod's id, its config and its log directory.
 func runPod(ctx context.Context, t *testing.T, rs runtime.RuntimeServiceClient, handler string, ann map[string]string) (string, *runtime.PodSandboxConfig, string) {
 	t.Helper()
+	return runPodWith(ctx, t, rs, handler, ann, &runtime.PodSandboxMetadata{Name: "pod-" + handler, Namespace: "default", Uid: "uid-" + handler})
+}
+
+// runPodWith is runPod for a pod of metadata md.
+func runPodWith(ctx context.Context, t *testing.T, rs runtime.RuntimeServiceClient, handler string, ann map[string]string, md *runtime.PodSandboxMetadata) (string, *runtime.PodSandboxConfig, string) {
+	t.Helper()
 	logDir := t.TempDir()
 	podConfig := &runtime.PodSandboxConfig{
-		Metadata:     &runtime.PodSandboxMetadata{Name: "pod-" + handler, Namespace: "default", Uid: "uid-" + handler},
+		Metadata:     md,
 		LogDirectory: logDir,
 		Annotations:  ann,
 		Linux: &runtime.LinuxPodSandboxConfig{SecurityContext: &runtime.LinuxSandboxSecurityContext{

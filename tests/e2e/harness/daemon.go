@@ -151,8 +151,10 @@ disabled_plugins = [
       SystemdCgroup = false
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview.options.view]
         mode = "view"
+{{- if not .CRI.NoVolumes}}
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview.options.volumes]
         allow = ["docker.io/snapview/vol-*"]
+{{- end}}
   [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-runc-path]
     runtime_type = "io.containerd.runc.v2"
     runtime_path = "{{.Tools.Shim}}"
@@ -184,8 +186,10 @@ disabled_plugins = [
     container_annotations = ["io.snapview.*"]
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-layered.options]
       SystemdCgroup = false
+{{- if not .CRI.NoVolumes}}
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-layered.options.volumes]
         allow = ["docker.io/snapview/vol-*"]
+{{- end}}
 {{- end}}
 
 [plugins."io.containerd.grpc.v1.cri"]
@@ -258,6 +262,9 @@ type CRIConfig struct {
 	// CNI plugins, if any, go in <Dir>/cni/bin and their configuration in
 	// <Dir>/cni/net.d.
 	Bare bool
+	// NoVolumes leaves [volumes] out of the handlers' options, for a shim
+	// of a release before volumes (the upgrade test), which refuses it.
+	NoVolumes bool
 }
 
 // WithCRI enables containerd's CRI plugin.
