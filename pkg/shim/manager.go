@@ -108,7 +108,7 @@ const ClaimsService = "snapview.shim.v1.MountClaims"
 // claimsTimeout bounds the question to the serving process; a process just
 // launched answers once it serves, which containerd's first call would
 // wait for anyway.
-const claimsTimeout = 5 * time.Second
+const claimsTimeout = 10 * time.Second
 
 // servedClaims asks the process serving address which mounts it performs
 // itself (ClaimsService), and returns nil when it performs none, does not
