@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/snapview/snapview/pkg/child"
 )
 
@@ -144,4 +146,36 @@ func CheckImage(path string) error {
 		return fmt.Errorf("%s: %w", path, ErrNotExt)
 	}
 	return nil
+}
+
+// guestXattr marks a disk image that a guest got to write. It is in the
+// trusted namespace: only a process with CAP_SYS_ADMIN in the host's user
+// namespace reads or writes it, so a container cannot forge or remove it.
+const guestXattr = "trusted.snapview.guest"
+
+// MarkGuestWritten records on the disk image at path that container id's
+// guest may write it, before it gets it: a filesystem a guest wrote is never
+// to be mounted on the host (GuestWritten). A filesystem without extended
+// attributes for the file cannot hold the mark: that is an error wrapping
+// unix.ENOTSUP, for the caller to judge.
+func MarkGuestWritten(path, id string) error {
+	if err := unix.Setxattr(path, guestXattr, []byte(id), 0); err != nil {
+		return fmt.Errorf("mark %s as a guest's disk: %w", path, err)
+	}
+	return nil
+}
+
+// GuestWritten reports whether the disk image at path was handed to a
+// guest (MarkGuestWritten), and to which container's: "" when it was not.
+func GuestWritten(path string) (string, error) {
+	buf := make([]byte, 256)
+	n, err := unix.Getxattr(path, guestXattr, buf)
+	switch {
+	case err == nil:
+		return string(buf[:n]), nil
+	case errors.Is(err, unix.ENODATA), errors.Is(err, unix.ENOTSUP), errors.Is(err, fs.ErrNotExist):
+		return "", nil
+	default:
+		return "", fmt.Errorf("read the guest mark of %s: %w", path, err)
+	}
 }

@@ -16,8 +16,9 @@ import (
 //	<bundle>/snapview/              snapview's directory (Dir); its presence marks a view as started
 //	<bundle>/snapview/view          the view's mountpoint (Mountpoint)
 //	<bundle>/snapview/params.json   bound at /.snapview/params.json (ParamsFile)
-//	<bundle>/snapview/upper, work   block mode: the monitor rootfs overlay's upper and work dirs
 //	<bundle>/snapview/volumes/<name>  view mode: where volume <name> is mounted (VolumeMountpoint)
+//	<bundle>/work/snapview/upper, work  block mode: the monitor rootfs overlay's upper and work
+//	                                  dirs, on containerd's root filesystem (MonitorDirs)
 const (
 	dirName    = "snapview"
 	viewName   = "view"
@@ -44,11 +45,57 @@ func VolumesDir(bundle string) string { return filepath.Join(bundle, dirName, vo
 // VolumeMountpoint returns where volume name is mounted on the host.
 func VolumeMountpoint(bundle, name string) string { return filepath.Join(VolumesDir(bundle), name) }
 
-// UpperDir returns the upper directory of the block-mode monitor rootfs.
-func UpperDir(bundle string) string { return filepath.Join(bundle, dirName, upperName) }
+// taskWorkLink is the link containerd makes in every bundle to the task's
+// working directory, <root>/io.containerd.runtime.v2.task/<ns>/<id> on its
+// root filesystem, which it removes with the bundle.
+const taskWorkLink = "work"
 
-// WorkDir returns the overlay work directory of the block-mode monitor rootfs.
-func WorkDir(bundle string) string { return filepath.Join(bundle, dirName, workName) }
+// MonitorDir returns where the block-mode monitor rootfs's upper and work
+// directories go: snapview's directory in the task's working directory,
+// which containerd keeps on its root filesystem (the node's disk) and
+// removes with the bundle, so that what a block-mode container writes to
+// its root lands where a container's writes are counted (the kubelet's
+// eviction sees that filesystem), not in containerd's state directory, a
+// tmpfs on most nodes (/run) that a container could fill for the whole
+// node. A bundle without the link (not made by containerd's task manager)
+// keeps them in snapview's directory in the bundle. The link must lead to a
+// directory, and snapview's directory there, if it exists, must be one
+// (not a symlink): everything removed there stays below it.
+func MonitorDir(bundle string) (string, error) {
+	link := filepath.Join(bundle, taskWorkLink)
+	fi, err := os.Stat(link)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return Dir(bundle), nil
+	case err != nil:
+		return "", fmt.Errorf("the task's working directory %s: %w", link, err)
+	case !fi.IsDir():
+		return "", fmt.Errorf("the task's working directory %s is a %s, not a directory", link, fi.Mode().Type())
+	}
+	dir := filepath.Join(link, dirName)
+	if fi, err := os.Lstat(dir); err == nil && !fi.IsDir() {
+		return "", fmt.Errorf("%s is a %s, not a directory: nothing below it is touched", dir, fi.Mode().Type())
+	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return "", fmt.Errorf("check %s: %w", dir, err)
+	}
+	return dir, nil
+}
+
+// MonitorDirs returns the upper and work directories of the block-mode
+// monitor rootfs (see MonitorDir).
+func MonitorDirs(bundle string) (upper, work string, err error) {
+	dir, err := MonitorDir(bundle)
+	if err != nil {
+		return "", "", err
+	}
+	return filepath.Join(dir, upperName), filepath.Join(dir, workName), nil
+}
+
+// LegacyMonitorDirs returns where a release before MonitorDir kept them,
+// in snapview's directory in the bundle, for the teardown of its views.
+func LegacyMonitorDirs(bundle string) (upper, work string) {
+	return filepath.Join(bundle, dirName, upperName), filepath.Join(bundle, dirName, workName)
+}
 
 // MakeDir creates snapview's directory in bundle, mode 0700. A directory
 // already there (from an earlier attempt in the same bundle) is reused; a

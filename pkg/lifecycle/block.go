@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 
 	"github.com/containerd/log"
 
@@ -72,6 +73,10 @@ func (v *View) attach(p *Plan, containerPath string) error {
 		err error
 	)
 	if loop {
+		// From here on the guest may write it: no host mount of it, ever.
+		if err := blockdev.MarkGuestWritten(m.Source, p.req.ID); err != nil {
+			log.L.WithError(err).WithField("id", p.req.ID).Warn("snapview: the writable disk cannot be marked as a guest's; a later task of the container in view or off mode would not be refused")
+		}
 		d, err = blockdev.Attach(m.Source, false)
 	} else {
 		d, err = blockdev.Resolve(m.Source)
@@ -140,14 +145,15 @@ func (s *setupRun) prepareMonitor(context.Context) error {
 	if s.v.Rootfs, err = monitorRootfs(b, s.v.State.Mountpoint, s.p.monitor, s.p.monitorFrom); err != nil {
 		return err
 	}
-	s.logger.WithFields(log.Fields{"monitor": s.p.monitor, "upper": bundle.UpperDir(b)}).Info("snapview: monitor rootfs ready for runc")
+	s.logger.WithFields(log.Fields{"monitor": s.p.monitor, "overlay": s.v.Rootfs[0].Options}).Info("snapview: monitor rootfs ready for runc")
 	return nil
 }
 
 // monitorRootfs prepares the block-mode container's root: an overlay whose
 // lower layer is the view (monitor "view") or the host directory monitor
 // (from the setting monitorFrom, named in errors), and whose upper and work
-// directories live in the bundle. runc mounts it in place of the
+// directories live in the task's working directory, on containerd's root
+// filesystem (bundle.MonitorDir). runc mounts it in place of the
 // container's own rootfs; runc can create its mount targets in it, and its
 // source is never written.
 func monitorRootfs(bundlePath, viewMount, monitor, monitorFrom string) ([]rootfs.Mount, error) {
@@ -162,7 +168,13 @@ func monitorRootfs(bundlePath, viewMount, monitor, monitorFrom string) ([]rootfs
 		}
 		lower = monitor
 	}
-	upper, work := bundle.UpperDir(bundlePath), bundle.WorkDir(bundlePath)
+	upper, work, err := bundle.MonitorDirs(bundlePath)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: the monitor rootfs: %w", err)
+	}
+	if err := os.Mkdir(filepath.Dir(upper), 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return nil, fmt.Errorf("snapview: create the monitor rootfs's directory: %w", err)
+	}
 	// The upper directory is the root directory the container sees.
 	if err := os.Mkdir(upper, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
 		return nil, fmt.Errorf("snapview: create the monitor rootfs upper dir: %w", err)

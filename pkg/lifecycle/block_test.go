@@ -118,10 +118,17 @@ func TestBlockDevmapper(t *testing.T) {
 	if doc := lifecycletest.CheckParams(t, bundle.ParamsFile(r.Bundle)); !reflect.DeepEqual(doc.Rootfs, want) {
 		t.Fatalf("params.json rootfs %+v, want %+v", doc.Rootfs, want)
 	}
+	// The monitor rootfs's writable layer is in the task's working
+	// directory (containerd's root filesystem), not in the bundle (its
+	// state tmpfs).
+	work := filepath.Join(r.Bundle, "work", "snapview")
 	wantRootfs := []rootfs.Mount{{Type: "overlay", Source: "overlay", Options: []string{
-		"lowerdir=" + bundle.Mountpoint(r.Bundle), "upperdir=" + bundle.UpperDir(r.Bundle), "workdir=" + bundle.WorkDir(r.Bundle)}}}
+		"lowerdir=" + bundle.Mountpoint(r.Bundle), "upperdir=" + filepath.Join(work, "upper"), "workdir=" + filepath.Join(work, "work")}}}
 	if !reflect.DeepEqual(v.Rootfs, wantRootfs) {
 		t.Fatalf("rootfs for runc %+v, want %+v", v.Rootfs, wantRootfs)
+	}
+	if fi, err := os.Stat(filepath.Join(work, "upper")); err != nil || !fi.IsDir() {
+		t.Fatalf("the monitor rootfs's upper directory: %v", err)
 	}
 
 	if err := l.Teardown(e.Ctx, v); err != nil {
@@ -347,4 +354,37 @@ func boundTo(t *testing.T, file string) []string {
 		}
 	}
 	return out
+}
+
+// TestMonitorDirHostile refuses block mode when snapview's directory in the
+// task's working directory, where the monitor rootfs's writable layer goes,
+// is a symlink out of it, and its teardown touches nothing there.
+func TestMonitorDirHostile(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	r := e.Container(t, "hostile-monitor", blockAnn)
+	r.Rootfs = []rootfs.Mount{blockfileRootfs(t)}
+	outside := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(outside, "upper"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(outside, "upper", "keep"), []byte("outside"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(outside, filepath.Join(r.Bundle, "work", "snapview")); err != nil {
+		t.Fatal(err)
+	}
+	p, err := l.Decide(e.Ctx, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Setup(e.Ctx, p); err == nil || !strings.Contains(err.Error(), "not a directory") {
+		t.Fatalf("setup: %v, want a refusal of the symlink", err)
+	}
+	if err := l.TeardownBundle(e.Ctx, lifecycletest.NS, "hostile-monitor", r.Bundle); err != nil {
+		t.Logf("dead-shim teardown: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(outside, "upper", "keep")); err != nil {
+		t.Errorf("a file outside the task's directory was removed: %v", err)
+	}
 }

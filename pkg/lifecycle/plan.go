@@ -3,9 +3,11 @@ package lifecycle
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/snapview/snapview/pkg/annotations"
+	"github.com/snapview/snapview/pkg/blockdev"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/config"
 	"github.com/snapview/snapview/pkg/rootfs"
@@ -114,6 +116,11 @@ func decideLocal(r Request) (*Plan, error) {
 	if err := p.checkVolumes(); err != nil {
 		return nil, err
 	}
+	if mode != config.ModeBlock {
+		if err := checkNoGuestDisk(r, mode, modeFrom); err != nil {
+			return nil, err
+		}
+	}
 	switch mode {
 	case config.ModeOff:
 		if ann.HasBinds() {
@@ -138,6 +145,27 @@ func decideLocal(r Request) (*Plan, error) {
 		p.readOnlyRootfs = rootfs.ReadOnly(r.Rootfs)
 	}
 	return p, nil
+}
+
+// checkNoGuestDisk refuses a container whose rootfs would be mounted on the
+// host (any mode but block) although its disk image was handed to a guest
+// by an earlier task of the container in block mode: a filesystem a guest
+// wrote is never mounted on the host (a crafted or concurrently written
+// ext4 is a host kernel hazard).
+func checkNoGuestDisk(r Request, mode, modeFrom string) error {
+	for _, m := range r.Rootfs {
+		if !slices.Contains(m.Options, "loop") && !strings.HasPrefix(m.Type, "mkfs/") {
+			continue
+		}
+		who, err := blockdev.GuestWritten(m.Source)
+		if err != nil {
+			return fmt.Errorf("snapview: %w", err)
+		}
+		if who != "" {
+			return fmt.Errorf("snapview: the container's writable disk %s was handed to a guest (container %s in block mode), and snapview never mounts on the host a filesystem a guest wrote; mode %s (%s) would mount it: run the container in block mode", m.Source, who, mode, modeFrom)
+		}
+	}
+	return nil
 }
 
 // lookup completes plan p from containerd: the container's snapshotter

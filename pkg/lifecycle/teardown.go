@@ -339,17 +339,26 @@ func (t *teardownRun) detach(dev string, l bundle.Loop) error {
 }
 
 // removeMonitor removes the block-mode monitor rootfs's upper and work
-// directories, unless the overlay still looks mounted: removing an upper
-// directory under a live overlay would pull files from under a container.
+// directories (where a release before kept them too), unless the overlay
+// still looks mounted: removing an upper directory under a live overlay
+// would pull files from under a container.
 func (t *teardownRun) removeMonitor(context.Context) error {
 	if !t.host {
 		return nil
 	}
-	return removeMonitorDirs(t.v.Bundle)
+	upper, work, err := bundle.MonitorDirs(t.v.Bundle)
+	if err != nil {
+		return err
+	}
+	legacyUpper, legacyWork := bundle.LegacyMonitorDirs(t.v.Bundle)
+	err = errors.Join(removeMonitorDirs(t.v.Bundle, upper, work), removeMonitorDirs(t.v.Bundle, legacyUpper, legacyWork))
+	if dir := filepath.Dir(upper); err == nil && dir != bundle.Dir(t.v.Bundle) {
+		err = removeFile(dir)
+	}
+	return err
 }
 
-func removeMonitorDirs(bundlePath string) error {
-	upper, work := bundle.UpperDir(bundlePath), bundle.WorkDir(bundlePath)
+func removeMonitorDirs(bundlePath, upper, work string) error {
 	if _, err := os.Lstat(upper); errors.Is(err, fs.ErrNotExist) {
 		if _, err := os.Lstat(work); errors.Is(err, fs.ErrNotExist) {
 			return nil

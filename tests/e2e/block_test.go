@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"os"
@@ -16,6 +17,8 @@ import (
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/moby/sys/mountinfo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
@@ -346,4 +349,44 @@ func TestBlockShimKilled(t *testing.T) {
 	// The leak check, which waits for the `delete` action, finds no loop
 	// device on containerd's files; this names the one that mattered.
 	t.Logf("loop device %s (%d:%d) on %s", st.Block.Device, st.Block.Major, st.Block.Minor, st.Block.Rootfs.Source)
+}
+
+// TestBlockModeRootOnDisk writes 64 MiB to the root of a block-mode
+// container (the monitor rootfs): the writes land on containerd's root
+// filesystem, in the task's working directory, where a node counts a
+// container's writes, not on its state tmpfs (/run on a node), which one
+// container could fill for every other shim, bundle and socket; and they
+// go with the task.
+func TestBlockModeRootOnDisk(t *testing.T) {
+	d := suite.daemon
+	ctx := setup(t, d)
+	id := "block-root-on-disk"
+	r, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, snapshotter: "blockfile", annotations: blockAnn,
+		args: []string{"sh", "-c", "dd if=/dev/zero of=/fill bs=1M count=64 2>/dev/null && sync && echo ready; exec sleep 300"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.waitOutput("ready"); err != nil {
+		t.Fatalf("%v\nstderr: %s", err, r.stderr.String())
+	}
+	upper := filepath.Join(bundleDir(d, id), "work", "snapview", "upper")
+	fi, err := os.Stat(filepath.Join(upper, "fill"))
+	if err != nil || fi.Size() != 64<<20 {
+		t.Fatalf("the container's root writes are not in %s: %v %v", upper, fi, err)
+	}
+	var upperFS, stateFS, rootFS unix.Statfs_t
+	for p, st := range map[string]*unix.Statfs_t{upper: &upperFS, d.State: &stateFS, d.Root: &rootFS} {
+		if err := unix.Statfs(p, st); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if upperFS.Type == unix.TMPFS_MAGIC || upperFS.Fsid != rootFS.Fsid || upperFS.Fsid == stateFS.Fsid {
+		t.Errorf("the monitor rootfs's writes are on filesystem %x (fsid %v); containerd's root is %v, its state (tmpfs) %v", upperFS.Type, upperFS.Fsid, rootFS.Fsid, stateFS.Fsid)
+	}
+	if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(upper); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the monitor rootfs's writes outlived the task: %v", err)
+	}
 }
