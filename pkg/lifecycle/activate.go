@@ -98,9 +98,7 @@ func mountTypes(mounts []mount.Mount) string {
 func (s *setupRun) activateRootfs(ctx context.Context) error {
 	st, r := s.v.State, s.p.req
 	st.RootfsActivation = r.ID
-	cctx, cancel := callContext(ctx)
-	defer cancel()
-	system, err := s.l.activate(cctx, s.owner, rootfsActivation(r.ID), r.Rootfs)
+	system, err := s.l.activate(ctx, s.owner, rootfsActivation(r.ID), r.Rootfs)
 	if errdefs.IsNotImplemented(err) {
 		// Nothing needed the manager after all: runc mounts them as sent.
 		st.RootfsActivation = ""

@@ -1,5 +1,7 @@
 package lifecycle
 
+import "time"
+
 // Hooks for the external tests (package lifecycle_test).
 
 // SetAfterStep makes l run f after each setup step.
@@ -17,4 +19,11 @@ func CloseDevice(v *View) error {
 		}
 	}
 	return v.device.Close()
+}
+
+// SetCallTimeout bounds each call into containerd by d until the test ends.
+func SetCallTimeout(t interface{ Cleanup(func()) }, d time.Duration) {
+	old := callTimeout
+	callTimeout = d
+	t.Cleanup(func() { callTimeout = old })
 }

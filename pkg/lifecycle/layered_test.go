@@ -9,6 +9,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/errdefs"
@@ -299,14 +300,23 @@ func TestRootfsActivation(t *testing.T) {
 		name     string
 		ann      map[string]string
 		wantSkip bool
+		slow     bool
 	}{
-		{"view mode", bindAnn, false},
-		{"mode off", map[string]string{annotations.Mode: "off"}, true},
+		{"view mode", bindAnn, false, false},
+		{"mode off", map[string]string{annotations.Mode: "off"}, true, false},
+		// An activation (mkfs, many layers) may take longer than a call
+		// into containerd is given, as it may under containerd itself.
+		{"slow activation", bindAnn, false, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			id := "claimed-" + strings.ReplaceAll(tc.name, " ", "-")
 			r := e.Container(t, id, tc.ann)
 			r.Rootfs = claimedRootfs(t)
+			if tc.slow {
+				lifecycle.SetCallTimeout(t, 200*time.Millisecond)
+				e.Backend.ActivateDelay = 500 * time.Millisecond
+				defer func() { e.Backend.ActivateDelay = 0 }()
+			}
 			v, skip, err := l.Prepare(e.Ctx, r)
 			if err != nil || v == nil || (skip != "") != tc.wantSkip {
 				t.Fatalf("prepare: %v %q %v", v, skip, err)
@@ -394,5 +404,31 @@ func TestBlockRefusesGVisor(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), `snapview: block mode (annotation io.snapview.mode) needs an OCI runtime that creates the container's block devices (linux.devices), but BinaryName "`+bin+`" is gVisor ("runsc version 0.0~20221219.0")`) {
 			t.Fatalf("runsc: %v", err)
 		}
+	}
+}
+
+// TestGuestDiskNeverMountedOnHost sets a layered rootfs up in block mode,
+// where its writable disk goes to a guest, tears it down, and then asks for
+// the same container in view mode and in mode off, each of which would
+// mount that disk on the host: refused, before anything is done.
+func TestGuestDiskNeverMountedOnHost(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	r := e.Container(t, "guest-disk", blockAnn)
+	r.Rootfs = layeredRootfs(t, 2)
+	v := e.SetUp(t, l, r)
+	if err := l.Teardown(e.Ctx, v); err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []string{"view", "off"} {
+		r.Config.View.Mode = mode
+		if err := os.WriteFile(filepath.Join(r.Bundle, "config.json"), []byte(`{"ociVersion":"1.2.0"}`), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		_, _, err := l.Prepare(e.Ctx, r)
+		if err == nil || !strings.Contains(err.Error(), "was handed to a guest (container guest-disk in block mode)") || !strings.HasPrefix(err.Error(), "snapview: ") {
+			t.Fatalf("mode %s: %v, want a refusal", mode, err)
+		}
+		e.CheckNothingLeft(t, r, nil)
 	}
 }

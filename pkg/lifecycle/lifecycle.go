@@ -103,8 +103,8 @@ const (
 	StepConfig      = "config"
 )
 
-// callTimeout bounds each call into containerd.
-const callTimeout = 10 * time.Second
+// callTimeout bounds each call into containerd (a variable for the tests).
+var callTimeout = 10 * time.Second
 
 // CleanupTimeout bounds a rollback or teardown that runs after its
 // caller's context ended.

@@ -91,7 +91,10 @@ func (s *setupRun) viewNeedsManager() bool { return view.NeedsManager(s.mounts) 
 func (s *setupRun) withParams() bool       { return s.paramsSource != "" }
 func (s *setupRun) withVolumes() bool      { return len(s.p.volumes) > 0 }
 
-// callContext bounds one call into containerd.
+// callContext bounds one call into containerd. A mount-manager activation
+// is not bounded by it: it mounts (and for a layered rootfs formats) as
+// much as the layers ask, as containerd's own activation of a task's
+// rootfs does within the task's create, which no bound of its own limits.
 func callContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, callTimeout)
 }
@@ -176,10 +179,8 @@ func (s *setupRun) createView(ctx context.Context) error {
 func (s *setupRun) activateView(ctx context.Context) error {
 	st := s.v.State
 	st.Activation = view.Key(st.ContainerID)
-	cctx, cancel := callContext(ctx)
-	defer cancel()
 	var err error
-	s.mounts, err = s.l.activate(cctx, s.owner, viewActivation(st.ContainerID, st.LeaseID), s.mounts)
+	s.mounts, err = s.l.activate(ctx, s.owner, viewActivation(st.ContainerID, st.LeaseID), s.mounts)
 	return err
 }
 

@@ -177,10 +177,8 @@ func (s *setupRun) mountVolume(ctx context.Context, i int) error {
 	ms := s.volumeMounts[i]
 	if view.NeedsManager(ms) {
 		vol.Activation = vol.ViewKey
-		cctx, cancel := callContext(ctx)
 		var err error
-		ms, err = s.l.activate(cctx, s.owner, activation{name: vol.ViewKey, what: "mounts of volume " + vol.Name, leaseID: st.LeaseID}, ms)
-		cancel()
+		ms, err = s.l.activate(ctx, s.owner, activation{name: vol.ViewKey, what: "mounts of volume " + vol.Name, leaseID: st.LeaseID}, ms)
 		if err != nil {
 			return err
 		}

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/containers"
 	"github.com/containerd/containerd/v2/core/content"
@@ -240,6 +241,15 @@ func (e *Env) Container(t *testing.T, id string, ann map[string]string, specOpts
 	if err := os.MkdirAll(bundlePath, 0o711); err != nil {
 		t.Fatal(err)
 	}
+	// The task's working directory, as containerd links it from the bundle
+	// (on its root filesystem, here beside the bundles).
+	work := filepath.Join(e.Dir, "work", id)
+	if err := os.MkdirAll(work, 0o711); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(work, filepath.Join(bundlePath, "work")); err != nil {
+		t.Fatal(err)
+	}
 	spec := specs.Spec{Version: "1.2.0", Process: &specs.Process{Args: []string{"sh"}, User: specs.User{UID: 1000, GID: 1000}},
 		Root: &specs.Root{Path: "rootfs"}, Annotations: ann,
 		Linux: &specs.Linux{Resources: &specs.LinuxResources{Devices: []specs.LinuxDeviceCgroup{{Allow: false, Access: "rwm"}}}}}
@@ -320,8 +330,11 @@ func (e *Env) CheckNothingLeft(t *testing.T, r lifecycle.Request, config []byte)
 	for _, en := range entries {
 		names = append(names, en.Name())
 	}
-	if strings.Join(names, ",") != "config.json" {
-		t.Errorf("bundle holds %v, want config.json alone", names)
+	if strings.Join(names, ",") != "config.json,work" {
+		t.Errorf("bundle holds %v, want config.json and containerd's work link alone", names)
+	}
+	if entries, err := os.ReadDir(filepath.Join(r.Bundle, "work")); err != nil || len(entries) > 0 {
+		t.Errorf("the task's working directory holds %v (%v), want nothing", entries, err)
 	}
 	if got, _ := os.ReadFile(filepath.Join(r.Bundle, "config.json")); config != nil && string(got) != string(config) {
 		t.Errorf("config.json not restored:\n%s\nwant\n%s", got, config)
@@ -357,6 +370,9 @@ type Backend struct {
 	// OnCall, when set, runs before every call, with the call's name
 	// (Container, Snapshotter, Leases, Mounts); a test can hold a call there.
 	OnCall func(name string)
+	// ActivateDelay makes every mount-manager activation take that long
+	// more, as a slow mkfs or many layers do.
+	ActivateDelay time.Duration
 
 	mu    sync.Mutex
 	calls int
@@ -444,7 +460,25 @@ func (b *Backend) Mounts() (mount.Manager, error) {
 	if err := b.call("Mounts"); err != nil {
 		return nil, err
 	}
+	if b.ActivateDelay > 0 {
+		return &slowMounts{Manager: b.env.Mounts, delay: b.ActivateDelay}, nil
+	}
 	return b.env.Mounts, nil
+}
+
+// slowMounts is the mount manager, its activations delay longer.
+type slowMounts struct {
+	mount.Manager
+	delay time.Duration
+}
+
+func (m *slowMounts) Activate(ctx context.Context, name string, mounts []mount.Mount, opts ...mount.ActivateOpt) (mount.ActivationInfo, error) {
+	select {
+	case <-time.After(m.delay):
+	case <-ctx.Done():
+		return mount.ActivationInfo{}, ctx.Err()
+	}
+	return m.Manager.Activate(ctx, name, mounts, opts...)
 }
 
 // lateLeases is the lease manager, with Create reporting a timeout after
