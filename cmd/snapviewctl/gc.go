@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 
@@ -40,8 +41,8 @@ func gc(ctx context.Context, g global, args []string) error {
 		for _, o := range orphans {
 			total++
 			fmt.Printf("%s orphan %s/%s: lease %s, views %v", verb, ns, o.ContainerID, o.Lease, o.Views)
-			if o.Mountpoint != "" {
-				fmt.Printf(", mount %s", o.Mountpoint)
+			if len(o.Mountpoints) > 0 {
+				fmt.Printf(", mount %s", strings.Join(o.Mountpoints, ", "))
 			}
 			fmt.Println()
 		}

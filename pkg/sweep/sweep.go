@@ -46,8 +46,9 @@ type Orphan struct {
 	Lease string
 	// Views are the snapshots the lease held, as "snapshotter/key".
 	Views []string
-	// Mountpoint is a leftover view mountpoint that was unmounted, if any.
-	Mountpoint string
+	// Mountpoints are the leftover mounts (the view's, the volumes') that
+	// were unmounted.
+	Mountpoints []string
 }
 
 // Options of a sweep.
@@ -105,7 +106,7 @@ func Namespace(ctx context.Context, b lifecycle.Backend, ns string, opts Options
 		wasMounted := bundlePath != "" && mounted(mp)
 		if opts.DryRun {
 			if wasMounted {
-				o.Mountpoint = mp
+				o.Mountpoints = []string{mp}
 			}
 			orphans = append(orphans, o)
 			continue
@@ -121,21 +122,37 @@ func Namespace(ctx context.Context, b lifecycle.Backend, ns string, opts Options
 			// Only what the teardown took down: a mount it left (the
 			// bundle is not the orphan's) is not reported, and stays for
 			// the leftover-mount pass to judge.
-			o.Mountpoint = mp
+			o.Mountpoints = []string{mp}
 		}
-		log.G(ctx).WithFields(log.Fields{"id": id, "lease": l.ID, "views": o.Views, "target": o.Mountpoint}).Warn("snapview: orphaned view removed")
+		log.G(ctx).WithFields(log.Fields{"id": id, "lease": l.ID, "views": o.Views, "target": o.Mountpoints}).Warn("snapview: orphaned view removed")
 		orphans = append(orphans, o)
 	}
 	if opts.BundleRoot != "" {
 		seen := map[string]bool{}
 		for _, o := range orphans {
-			seen[o.Mountpoint] = true
+			for _, mp := range o.Mountpoints {
+				seen[mp] = true
+			}
 		}
 		left, err := leftoverMounts(ctx, b, opts, seen)
-		orphans = append(orphans, left...)
+		orphans = merge(orphans, left)
 		errs = append(errs, err)
 	}
 	return orphans, errors.Join(errs...)
+}
+
+// merge adds the leftover mounts to the orphan of their container, or as
+// an orphan of their own: one entry per container.
+func merge(orphans, left []Orphan) []Orphan {
+	for _, o := range left {
+		i := slices.IndexFunc(orphans, func(p Orphan) bool { return p.ContainerID == o.ContainerID })
+		if i < 0 {
+			orphans = append(orphans, o)
+			continue
+		}
+		orphans[i].Mountpoints = append(orphans[i].Mountpoints, o.Mountpoints...)
+	}
+	return orphans
 }
 
 // leftoverMounts unmounts the mounts snapview makes in a bundle (a view, a
@@ -183,7 +200,7 @@ func leftoverMounts(ctx context.Context, b lifecycle.Backend, opts Options, seen
 				continue
 			}
 		}
-		o := Orphan{ContainerID: id, Mountpoint: mi.Mountpoint}
+		o := Orphan{ContainerID: id, Mountpoints: []string{mi.Mountpoint}}
 		if !opts.DryRun {
 			if err := view.Unmount(mi.Mountpoint); err != nil {
 				errs = append(errs, err)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -57,8 +58,8 @@ func TestSweep(t *testing.T) {
 	if err != nil || len(got) != 1 {
 		t.Fatalf("sweep: %+v %v", got, err)
 	}
-	want := sweep.Orphan{ContainerID: "ghost", Lease: lease.ID("ghost"), Views: []string{"native/" + view.Key("ghost")}, Mountpoint: bundle.Mountpoint(filepath.Join(root, "ghost"))}
-	if got[0].ContainerID != want.ContainerID || got[0].Lease != want.Lease || len(got[0].Views) != 1 || got[0].Views[0] != want.Views[0] || got[0].Mountpoint != want.Mountpoint {
+	want := sweep.Orphan{ContainerID: "ghost", Lease: lease.ID("ghost"), Views: []string{"native/" + view.Key("ghost")}, Mountpoints: []string{bundle.Mountpoint(filepath.Join(root, "ghost"))}}
+	if got[0].ContainerID != want.ContainerID || got[0].Lease != want.Lease || !slices.Equal(got[0].Views, want.Views) || !slices.Equal(got[0].Mountpoints, want.Mountpoints) {
 		t.Fatalf("orphan %+v, want %+v", got[0], want)
 	}
 	if leaseExists(t, e, "ghost") {
@@ -67,7 +68,7 @@ func TestSweep(t *testing.T) {
 	if _, err := e.Snapshotter.Stat(e.Ctx, view.Key("ghost")); !errdefs.IsNotFound(err) {
 		t.Errorf("the orphan's view survived: %v", err)
 	}
-	if m, _ := mountinfo.Mounted(want.Mountpoint); m {
+	if m, _ := mountinfo.Mounted(want.Mountpoints[0]); m {
 		t.Error("the orphan's view is still mounted")
 	}
 	if bundle.Started(filepath.Join(root, "ghost")) {
@@ -161,7 +162,7 @@ func TestSweepDeletedBundles(t *testing.T) {
 			defer unix.Unmount(tc.mountpoint(live.Bundle), unix.MNT_DETACH)
 
 			got, err := sweep.Namespace(e.Ctx, e.Backend, lifecycletest.NS, sweep.Options{BundleRoot: root})
-			if err != nil || len(got) != 1 || got[0].ContainerID != "gone" || got[0].Mountpoint != tc.mountpoint(gone) {
+			if err != nil || len(got) != 1 || got[0].ContainerID != "gone" || !slices.Equal(got[0].Mountpoints, []string{tc.mountpoint(gone)}) {
 				t.Fatalf("got %+v %v", got, err)
 			}
 			if _, err := os.Stat(gone); !errors.Is(err, os.ErrNotExist) {

@@ -131,12 +131,21 @@ func TestCrashMatrix(t *testing.T) {
 					t.Fatalf("the shim never reached %s: %v", cp.point, err)
 				}
 				deleteTaskAsUser(ctx, t, ctr)
+				// Before the container record goes (whose delete lets
+				// containerd's GC take what carries its back-reference) and
+				// before any sweep: the dead-shim `delete` action alone must
+				// have removed snapview's lease, views and activations.
+				if left := d.SnapviewObjectsOf(ctx, ns, id); len(left) > 0 {
+					t.Fatalf("after the task delete, before GC or sweep, snapview left: %s", strings.Join(left, ", "))
+				}
 				if err := ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
 					t.Fatalf("container delete: %v", err)
 				}
-				sweepOnce(t, d)
+				if s := sweepOutput(t, d); !strings.HasSuffix(s, "0 orphan(s) removed") {
+					t.Fatalf("the sweep had work after containerd's delete path: %s", s)
+				}
 				if err := d.CheckLeaks(ctx); err != nil {
-					t.Fatalf("after containerd's delete path and one sweep: %v", err)
+					t.Fatalf("after containerd's delete path: %v", err)
 				}
 
 				// The same id runs normally afterwards.
@@ -228,14 +237,6 @@ func deleteTaskAsUser(ctx context.Context, t *testing.T, ctr client.Container) {
 	}
 	if _, err := ctr.Task(ctx, nil); !errdefs.IsNotFound(err) {
 		t.Fatalf("the task is still there after three deletes: %v", err)
-	}
-}
-
-// sweepOnce runs snapviewctl gc once for the test namespace.
-func sweepOnce(t *testing.T, d *harness.Daemon) {
-	t.Helper()
-	if s := sweepOutput(t, d); !strings.HasSuffix(s, "0 orphan(s) removed") {
-		t.Logf("the sweep had work: %s", s)
 	}
 }
 

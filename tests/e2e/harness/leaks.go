@@ -44,12 +44,22 @@ func (d *Daemon) CheckLeaks(ctx context.Context) error {
 }
 
 // ViewLeaks reports what of snapview's own is left in namespace ns: its
-// leases and views, and, on the whole node, the mounts of views (under a
+// leases, views and mount activations, and, on the whole node, the mounts of views (under a
 // bundle's snapview/ directory) and the loop devices backed by the daemon's
 // files. Unlike CheckLeaks it ignores containers, shims and other mounts, so
 // it can judge a node whose other workloads (a kubelet's) still run.
 func (d *Daemon) ViewLeaks(ctx context.Context, ns string) []string {
-	leaks := d.snapviewObjects(Context(ctx, ns), ns)
+	nctx := Context(ctx, ns)
+	leaks := d.snapviewObjects(nctx, ns, all)
+	acts, err := d.client.MountManager().List(nctx)
+	if err != nil && !errdefs.IsNotImplemented(err) {
+		leaks = append(leaks, fmt.Sprintf("list mount activations in %s: %v", ns, err))
+	}
+	for _, a := range acts {
+		if a.Labels[LeaseLabel] != "" || strings.HasPrefix(a.Name, ViewPrefix) {
+			leaks = append(leaks, fmt.Sprintf("mount activation %s/%s %v", ns, a.Name, a.Labels))
+		}
+	}
 	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(d.RunDir))
 	if err != nil {
 		leaks = append(leaks, fmt.Sprintf("read mountinfo: %v", err))
@@ -65,9 +75,31 @@ func (d *Daemon) ViewLeaks(ctx context.Context, ns string) []string {
 	return leaks
 }
 
+// SnapviewObjectsOf lists what of snapview's is left in containerd for
+// container id of namespace ns: its lease, its view and volume snapshots
+// (snapview/<id>...), and the mount activations snapview makes for it (its
+// views', and its rootfs's, named after it and labelled as snapview's).
+// Unlike CheckLeaks it can run while the container record still exists,
+// before containerd's GC could take anything that the record's deletion
+// frees.
+func (d *Daemon) SnapviewObjectsOf(ctx context.Context, ns, id string) []string {
+	nctx := Context(ctx, ns)
+	leaks := d.snapviewObjects(nctx, ns, func(name string) bool { return name == ViewPrefix+id || strings.HasPrefix(name, ViewPrefix+id+"/") })
+	acts, err := d.client.MountManager().List(nctx)
+	if err != nil && !errdefs.IsNotImplemented(err) {
+		leaks = append(leaks, fmt.Sprintf("list mount activations in %s: %v", ns, err))
+	}
+	for _, a := range acts {
+		if a.Name == id && a.Labels[LeaseLabel] == id || a.Name == ViewPrefix+id || strings.HasPrefix(a.Name, ViewPrefix+id+"/") {
+			leaks = append(leaks, fmt.Sprintf("mount activation %s/%s %v", ns, a.Name, a.Labels))
+		}
+	}
+	return leaks
+}
+
 // snapviewObjects lists snapview's leases and view snapshots in namespace
-// ns (nctx carries it).
-func (d *Daemon) snapviewObjects(nctx context.Context, ns string) []string {
+// ns (nctx carries it) whose names match.
+func (d *Daemon) snapviewObjects(nctx context.Context, ns string, match func(name string) bool) []string {
 	var leaks []string
 	c := d.client
 	ls, err := c.LeasesService().List(nctx, fmt.Sprintf("labels.%q", LeaseLabel))
@@ -75,11 +107,13 @@ func (d *Daemon) snapviewObjects(nctx context.Context, ns string) []string {
 		leaks = append(leaks, fmt.Sprintf("list leases in %s: %v", ns, err))
 	}
 	for _, l := range ls {
-		leaks = append(leaks, fmt.Sprintf("lease %s/%s %v", ns, l.ID, l.Labels))
+		if match(l.ID) {
+			leaks = append(leaks, fmt.Sprintf("lease %s/%s %v", ns, l.ID, l.Labels))
+		}
 	}
 	for _, sn := range d.Snapshotters {
 		err := c.SnapshotService(sn).Walk(nctx, func(_ context.Context, info snapshots.Info) error {
-			if strings.HasPrefix(info.Name, ViewPrefix) {
+			if strings.HasPrefix(info.Name, ViewPrefix) && match(info.Name) {
 				leaks = append(leaks, fmt.Sprintf("snapshot %s/%s %s (parent %s)", ns, sn, info.Name, info.Parent))
 			}
 			return nil
@@ -91,6 +125,8 @@ func (d *Daemon) snapviewObjects(nctx context.Context, ns string) []string {
 	return leaks
 }
 
+func all(string) bool { return true }
+
 func (d *Daemon) leaks(ctx context.Context) []string {
 	var leaks []string
 	c := d.client
@@ -100,7 +136,7 @@ func (d *Daemon) leaks(ctx context.Context) []string {
 	}
 	for _, ns := range nss {
 		nctx := Context(ctx, ns)
-		leaks = append(leaks, d.snapviewObjects(nctx, ns)...)
+		leaks = append(leaks, d.snapviewObjects(nctx, ns, all)...)
 		acts, err := c.MountManager().List(nctx)
 		if err != nil && !errdefs.IsNotImplemented(err) {
 			leaks = append(leaks, fmt.Sprintf("list mount activations in %s: %v", ns, err))
