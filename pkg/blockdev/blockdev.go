@@ -202,3 +202,27 @@ func fileKind(mode uint32) string {
 		return "special file"
 	}
 }
+
+// SetReadOnly makes the block device d read-only at the block layer
+// (BLKROSET), so that no opener can write it whatever its cgroup rule or
+// privileges: a device snapview did not attach itself, such as a
+// device-mapper view, which the snapshotter activates writable. It stays
+// read-only until the device goes (a view's is deactivated with the view).
+func (d *Device) SetReadOnly() error {
+	f, err := os.OpenFile(d.Path, os.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", d.Path, err)
+	}
+	defer f.Close()
+	if err := unix.IoctlSetPointerInt(int(f.Fd()), unix.BLKROSET, 1); err != nil {
+		return fmt.Errorf("make %s read-only: %w", d.Path, err)
+	}
+	ro, err := unix.IoctlGetInt(int(f.Fd()), unix.BLKROGET)
+	if err != nil {
+		return fmt.Errorf("read-only state of %s: %w", d.Path, err)
+	}
+	if ro != 1 {
+		return fmt.Errorf("%s is still writable after BLKROSET", d.Path)
+	}
+	return nil
+}

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/mount"
+	"golang.org/x/sys/unix"
 
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/rootfs"
@@ -82,5 +83,49 @@ func TestCountDisks(t *testing.T) {
 				t.Fatalf("got %v, want %q", err, tc.wantErr)
 			}
 		})
+	}
+}
+
+// TestVolumeDeviceReadOnly hands a volume whose view is a block device (a
+// devmapper view, which containerd activates writable; a loop device behind
+// a symlink stands in) to a container read-only at the block layer, not
+// only by its cgroup rule, which a privileged container's allow-all rule
+// precedes.
+func TestVolumeDeviceReadOnly(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: loop devices")
+	}
+	img := filepath.Join(t.TempDir(), "thin.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := mount.SetupLoop(img, mount.LoopParams{Autoclear: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		// A block device's read-only flag outlives its loop binding: the
+		// next user of this loop number must not inherit it.
+		if err := unix.IoctlSetPointerInt(int(f.Fd()), unix.BLKROSET, 0); err != nil {
+			t.Error(err)
+		}
+		f.Close()
+	}()
+	link := filepath.Join(t.TempDir(), "pool-snap-9")
+	if err := os.Symlink(f.Name(), link); err != nil {
+		t.Fatal(err)
+	}
+	d, err := attachReadOnly(link)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Path != f.Name() || d.Backing != nil {
+		t.Fatalf("device %+v, want %s as it is", d, f.Name())
+	}
+	if ro, err := unix.IoctlGetInt(int(f.Fd()), unix.BLKROGET); err != nil || ro != 1 {
+		t.Fatalf("BLKROGET %d %v, want a read-only device", ro, err)
+	}
+	if _, err := f.WriteAt([]byte("x"), 0); err == nil {
+		t.Fatal("the volume's device took a write")
 	}
 }

@@ -269,7 +269,10 @@ func (s *setupRun) attachVolume(i int) error {
 }
 
 // attachReadOnly attaches a regular file to a read-only loop device, or
-// resolves a block device.
+// resolves a block device (a devmapper view, which containerd activates
+// writable) and makes it read-only at the block layer: a disk is read-only
+// whatever the container's cgroup rules (a privileged container's allow-all
+// rule comes before snapview's).
 func attachReadOnly(path string) (*blockdev.Device, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -278,7 +281,14 @@ func attachReadOnly(path string) (*blockdev.Device, error) {
 	if fi.Mode().IsRegular() {
 		return blockdev.Attach(path, true)
 	}
-	return blockdev.Resolve(path)
+	d, err := blockdev.Resolve(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.SetReadOnly(); err != nil {
+		return nil, err
+	}
+	return d, nil
 }
 
 // volumeBinds are the binds of the volumes of a view-mode container: each
