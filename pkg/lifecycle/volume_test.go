@@ -120,22 +120,71 @@ func TestVolumesRecovered(t *testing.T) {
 }
 
 // TestVolumeSetupFailsAtEachStep fails a setup with volumes right after
-// each step, the volume steps included: nothing is left.
+// each step, the volume steps included: nothing is left. With managed views
+// (their mounts need containerd's mount manager, as an erofs view's do),
+// the view's and the volumes' activations are undone too.
 func TestVolumeSetupFailsAtEachStep(t *testing.T) {
 	e := lifecycletest.NewEnv(t)
 	ann := volumeImages(t, e)
-	for _, step := range []string{lifecycle.StepLease, lifecycle.StepView, lifecycle.StepMount, lifecycle.StepVolumeViews, lifecycle.StepVolumes,
-		lifecycle.StepArtifacts, lifecycle.StepState, lifecycle.StepParams, lifecycle.StepConfig} {
-		t.Run(step, func(t *testing.T) {
-			r := e.Container(t, "vols-fail-"+step, ann)
+	for _, managed := range []bool{false, true} {
+		steps := []string{lifecycle.StepLease, lifecycle.StepView, lifecycle.StepMount, lifecycle.StepVolumeViews, lifecycle.StepVolumes,
+			lifecycle.StepArtifacts, lifecycle.StepState, lifecycle.StepParams, lifecycle.StepConfig}
+		prefix := "vols-fail-"
+		if managed {
+			steps = append([]string{lifecycle.StepActivate}, steps...)
+			prefix = "vols-managed-fail-"
+		}
+		for _, step := range steps {
+			t.Run(prefix+step, func(t *testing.T) {
+				e.Backend.ManagedViews = managed
+				defer func() { e.Backend.ManagedViews = false }()
+				r := e.Container(t, prefix+step, ann)
+				allowAcme(&r)
+				orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+				l := lifecycle.New(e.Backend)
+				seen, injected := failAfter(l, step)
+				if _, _, err := l.Prepare(e.Ctx, r); !errors.Is(err, injected) {
+					t.Fatalf("prepare: %v, want the injected failure (steps %v)", err, *seen)
+				}
+				e.CheckNothingLeft(t, r, orig)
+			})
+		}
+	}
+}
+
+// TestVolumesManaged mounts volumes whose views need containerd's mount
+// manager: each volume's activation is named after its view, labelled as
+// the container's, and removed at teardown, and so are they when the shim
+// is gone (the dead-shim path, from the state file).
+func TestVolumesManaged(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	e.Backend.ManagedViews = true
+	ann := volumeImages(t, e)
+	for _, path := range []string{"teardown", "dead shim"} {
+		t.Run(path, func(t *testing.T) {
+			id := "vols-managed-" + strings.ReplaceAll(path, " ", "-")
+			r := e.Container(t, id, ann)
 			allowAcme(&r)
-			orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
 			l := lifecycle.New(e.Backend)
-			seen, injected := failAfter(l, step)
-			if _, _, err := l.Prepare(e.Ctx, r); !errors.Is(err, injected) {
-				t.Fatalf("prepare: %v, want the injected failure (steps %v)", err, *seen)
+			v, _, err := l.Prepare(e.Ctx, r)
+			if err != nil {
+				t.Fatal(err)
 			}
-			e.CheckNothingLeft(t, r, orig)
+			for _, vol := range v.State.Volumes {
+				ai, err := e.Mounts.Info(e.Ctx, view.VolumeKey(id, vol.Name))
+				if err != nil || vol.Activation != ai.Name || ai.Labels["snapview.io/container"] != id || len(ai.Active) == 0 {
+					t.Fatalf("volume %s's activation %+v %v (recorded %q)", vol.Name, ai, err, vol.Activation)
+				}
+			}
+			if path == "teardown" {
+				err = l.Teardown(e.Ctx, v)
+			} else {
+				err = l.TeardownBundle(e.Ctx, lifecycletest.NS, id, r.Bundle)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			e.CheckNothingLeft(t, r, nil)
 		})
 	}
 }

@@ -318,7 +318,7 @@ func (e *Env) CheckNothingLeft(t *testing.T, r lifecycle.Request, config []byte)
 		t.Fatal(err)
 	}
 	for _, a := range acts {
-		if a.Name == r.ID || a.Name == view.Key(r.ID) {
+		if a.Name == r.ID || a.Name == view.Key(r.ID) || strings.HasPrefix(a.Name, view.Key(r.ID)+"/") {
 			t.Errorf("mount activation left: %s %v", a.Name, a.Labels)
 		}
 	}
@@ -373,6 +373,10 @@ type Backend struct {
 	// ActivateDelay makes every mount-manager activation take that long
 	// more, as a slow mkfs or many layers do.
 	ActivateDelay time.Duration
+	// ManagedViews makes every view's mounts need containerd's mount
+	// manager (a bind of a templated bind), as an erofs view of several
+	// layers does.
+	ManagedViews bool
 
 	mu    sync.Mutex
 	calls int
@@ -507,6 +511,9 @@ func (s *lateSnapshotter) View(ctx context.Context, key, parent string, opts ...
 	ms, err := s.Snapshotter.View(ctx, key, parent, opts...)
 	if err == nil && s.b.LateView {
 		return nil, context.DeadlineExceeded
+	}
+	if err == nil && s.b.ManagedViews && len(ms) == 1 {
+		ms = append(ms, mount.Mount{Type: "format/bind", Source: "{{ mount 0 }}", Options: ms[0].Options})
 	}
 	return ms, err
 }
