@@ -16,6 +16,7 @@ import (
 	containersapi "github.com/containerd/containerd/api/services/containers/v1"
 	contentapi "github.com/containerd/containerd/api/services/content/v1"
 	imagesapi "github.com/containerd/containerd/api/services/images/v1"
+	introspectionapi "github.com/containerd/containerd/api/services/introspection/v1"
 	leasesapi "github.com/containerd/containerd/api/services/leases/v1"
 	mountsapi "github.com/containerd/containerd/api/services/mounts/v1"
 	namespacesapi "github.com/containerd/containerd/api/services/namespaces/v1"
@@ -100,6 +101,30 @@ func (b *Backend) Container(ctx context.Context, id string) (snapshotter, snapsh
 		return "", "", errgrpc.ToNative(err)
 	}
 	return resp.Container.Snapshotter, resp.Container.SnapshotKey, nil
+}
+
+// SnapshotterRoot returns the root directory of the snapshotter called
+// name, as its plugin exports it ("" when it exports none, as a proxy
+// snapshotter does).
+func (b *Backend) SnapshotterRoot(ctx context.Context, name string) (string, error) {
+	c, err := b.client()
+	if err != nil {
+		return "", err
+	}
+	cctx, cancel := WithTimeout(ctx)
+	defer cancel()
+	resp, err := introspectionapi.NewIntrospectionClient(c).Plugins(cctx, &introspectionapi.PluginsRequest{
+		Filters: []string{fmt.Sprintf("type==io.containerd.snapshotter.v1,id==%s", name)},
+	})
+	if err != nil {
+		return "", errgrpc.ToNative(err)
+	}
+	for _, p := range resp.Plugins {
+		if p.GetID() == name {
+			return p.GetExports()["root"], nil
+		}
+	}
+	return "", nil
 }
 
 // Snapshotter returns the snapshotter called name.

@@ -76,6 +76,9 @@ func (b mountsOnly) Image(context.Context, string) (ocispec.Descriptor, error) {
 	return ocispec.Descriptor{}, errdefs.ErrNotImplemented
 }
 func (b mountsOnly) Content() (content.Provider, error) { return nil, errdefs.ErrNotImplemented }
+func (b mountsOnly) SnapshotterRoot(context.Context, string) (string, error) {
+	return "", errdefs.ErrNotImplemented
+}
 
 // TestActivateReplacesLeftover checks that a mount-manager activation of the
 // container's name left by a crash is replaced when it is the container's

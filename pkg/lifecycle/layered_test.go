@@ -432,3 +432,48 @@ func TestGuestDiskNeverMountedOnHost(t *testing.T) {
 		e.CheckNothingLeft(t, r, nil)
 	}
 }
+
+// TestBlockDisksConfined refuses a block-mode rootfs whose disk images
+// (the writable image snapview would create, format and attach, the layers
+// it would attach, a blockfile image) lie outside the container's
+// snapshotter's root, or are symlinks, as containerd confines its own mkfs
+// to its snapshotters' roots; nothing is left.
+func TestBlockDisksConfined(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	e.Backend.Roots = map[string]string{"native": filepath.Join(e.Dir, "native")}
+	defer func() { e.Backend.Roots = nil }()
+	link := func(t *testing.T) []rootfs.Mount {
+		ms := layeredRootfs(t, 1)
+		dir, err := os.MkdirTemp(filepath.Join(e.Dir, "native"), "snapshot-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		img := filepath.Join(dir, "planted.img")
+		if err := os.Symlink(ms[1].Source, img); err != nil {
+			t.Fatal(err)
+		}
+		ms[0].Source, ms[1].Source = filepath.Join(dir, "rwlayer.img"), img
+		return ms
+	}
+	for _, tc := range []struct {
+		name   string
+		rootfs func(t *testing.T) []rootfs.Mount
+		want   string
+	}{
+		{"layered rootfs elsewhere", func(t *testing.T) []rootfs.Mount { return layeredRootfs(t, 2) }, "rwlayer.img, which is outside it"},
+		{"blockfile image elsewhere", func(t *testing.T) []rootfs.Mount { return []rootfs.Mount{blockfileRootfs(t)} }, "snapshot.ext4, which is outside it"},
+		{"a layer linked from inside", link, "planted.img, which is a symlink"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := e.Container(t, "confined-"+strings.ReplaceAll(tc.name, " ", "-"), blockAnn)
+			r.Rootfs = tc.rootfs(t)
+			_, _, err := l.Prepare(e.Ctx, r)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "inside snapshotter native's root") {
+				t.Fatalf("prepare: %v, want %q", err, tc.want)
+			}
+			e.CheckNothingLeft(t, r, nil)
+		})
+	}
+}

@@ -37,6 +37,7 @@ import (
 	"context"
 	"fmt"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
@@ -65,11 +66,16 @@ type Backend interface {
 	// Content reads containerd's content store (images' manifests and
 	// configs).
 	Content() (content.Provider, error)
+	// SnapshotterRoot returns the root directory of snapshotter name, as
+	// containerd knows it, or "" when it knows none.
+	SnapshotterRoot(ctx context.Context, name string) (string, error)
 }
 
 // Lifecycle runs the lifecycle of views against one containerd.
 type Lifecycle struct {
 	backend Backend
+	// roots caches each snapshotter's root directory, by name.
+	roots sync.Map
 	// afterStep, when set, runs after each setup step took effect; an error
 	// fails the setup at that point. Unit tests use it to fail every step
 	// in turn.

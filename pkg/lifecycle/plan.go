@@ -2,7 +2,10 @@ package lifecycle
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 
@@ -194,10 +197,77 @@ func (l *Lifecycle) lookup(ctx context.Context, p *Plan) (*Plan, error) {
 		return p.noView("the container's snapshot has no parent image")
 	}
 	p.snapshotter, p.parent = sn, info.Parent
+	if err := l.confine(ctx, p); err != nil {
+		return nil, err
+	}
 	if err := l.resolveVolumes(ctx, p); err != nil {
 		return nil, err
 	}
 	return p, nil
+}
+
+// confine checks that every file block mode will create, format or attach
+// (a layered rootfs's writable image and layer files, a blockfile image)
+// lies inside the root directory of the container's snapshotter, as
+// containerd confines its own mkfs to its snapshotters' roots: a Create
+// request cannot make the shim format or hand a guest any other file. A
+// block device (devmapper) is not a file, and is not checked here.
+func (l *Lifecycle) confine(ctx context.Context, p *Plan) error {
+	var files []string
+	switch {
+	case p.layered != nil:
+		files = append([]string{p.layered.Writable.Source}, p.layered.Disks()...)
+	case p.block != nil && p.block.Loop:
+		files = []string{p.block.Mount.Source}
+	default:
+		return nil
+	}
+	root, err := l.snapshotterRoot(ctx, p.snapshotter)
+	if err != nil {
+		return fmt.Errorf("snapview: block mode: the root directory of snapshotter %s: %w", p.snapshotter, err)
+	}
+	if root == "" {
+		return fmt.Errorf("snapview: block mode: containerd does not say where snapshotter %s keeps its files (a proxy snapshotter has no root), and snapview creates and attaches disk images only there", p.snapshotter)
+	}
+	for _, f := range files {
+		if err := within(root, f); err != nil {
+			return fmt.Errorf("snapview: block mode: the rootfs names the disk image %s, which %v; snapview creates and attaches disk images only inside snapshotter %s's root %s", f, err, p.snapshotter, root)
+		}
+	}
+	return nil
+}
+
+// snapshotterRoot returns snapshotter name's root directory, asked once.
+func (l *Lifecycle) snapshotterRoot(ctx context.Context, name string) (string, error) {
+	if r, ok := l.roots.Load(name); ok {
+		return r.(string), nil
+	}
+	r, err := l.backend.SnapshotterRoot(ctx, name)
+	if err != nil {
+		return "", err
+	}
+	l.roots.Store(name, r)
+	return r, nil
+}
+
+// within checks that file, not a symlink, lies inside directory root, their
+// symlinks resolved.
+func within(root, file string) error {
+	if fi, err := os.Lstat(file); err == nil && fi.Mode()&os.ModeSymlink != 0 {
+		return errors.New("is a symlink")
+	}
+	r, err := filepath.EvalSymlinks(root)
+	if err != nil {
+		return fmt.Errorf("cannot be checked: %w", err)
+	}
+	d, err := filepath.EvalSymlinks(filepath.Dir(file))
+	if err != nil {
+		return fmt.Errorf("cannot be checked: %w", err)
+	}
+	if rel, err := filepath.Rel(r, d); err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return errors.New("is outside it")
+	}
+	return nil
 }
 
 // checkBlock refuses block mode for a container it cannot serve, before

@@ -373,6 +373,9 @@ type Backend struct {
 	// ActivateDelay makes every mount-manager activation take that long
 	// more, as a slow mkfs or many layers do.
 	ActivateDelay time.Duration
+	// Roots are the snapshotters' root directories SnapshotterRoot
+	// answers; a snapshotter not in it has "/".
+	Roots map[string]string
 	// ManagedViews makes every view's mounts need containerd's mount
 	// manager (a bind of a templated bind), as an erofs view of several
 	// layers does.
@@ -457,6 +460,18 @@ func (b *Backend) Content() (content.Provider, error) {
 		return nil, err
 	}
 	return b.env.DB.ContentStore(), nil
+}
+
+// SnapshotterRoot implements lifecycle.Backend: Roots[name], else "/" (the
+// tests' disk images are anywhere).
+func (b *Backend) SnapshotterRoot(_ context.Context, name string) (string, error) {
+	if err := b.call("SnapshotterRoot"); err != nil {
+		return "", err
+	}
+	if r, ok := b.Roots[name]; ok {
+		return r, nil
+	}
+	return "/", nil
 }
 
 // Mounts implements lifecycle.Backend.
