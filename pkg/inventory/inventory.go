@@ -112,10 +112,8 @@ func List(ctx context.Context, b lifecycle.Backend, ns, state string) ([]Entry, 
 		if err != nil {
 			return nil, fmt.Errorf("list resources of lease %s: %w", l.ID, err)
 		}
-		for _, r := range res {
-			if sn, ok := strings.CutPrefix(r.Type, "snapshots/"); ok && r.ID == view.Key(id) {
-				e.Snapshotter, e.ViewKey = sn, r.ID
-			}
+		if held := view.HeldBy(id, res); held.Key != "" {
+			e.Snapshotter, e.ViewKey = held.Snapshotter, held.Key
 		}
 	}
 

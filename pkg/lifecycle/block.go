@@ -115,25 +115,12 @@ func (p *Plan) writableMount() (rootfs.Mount, bool) {
 // is attached. The rootfs params then describe every disk for the guest.
 func (s *setupRun) attachLayers(context.Context) error {
 	l, st := s.p.layered, s.v.State
-	files := l.Disks()
 	st.Block.Layers = []bundle.Disk{}
-	disks := make([][2]string, 0, len(files))
-	for i, f := range files {
-		d, err := blockdev.Attach(f, true)
-		if err != nil {
-			return fmt.Errorf("snapview: layer disk %d of the rootfs (%s): %w", i, f, err)
-		}
-		s.v.layers = append(s.v.layers, d)
-		path := rootfs.LayerDevice(i)
-		st.Block.Layers = append(st.Block.Layers, bundle.Disk{
-			Path: path, Device: d.Path, Major: d.Major, Minor: d.Minor,
-			Loop: bundle.Loop{BackingFile: d.Backing.Path, BackingDev: d.Backing.Dev, BackingIno: d.Backing.Ino},
-		})
-		disks = append(disks, [2]string{d.Path, path})
-		s.logger.WithFields(log.Fields{"layer": i, "device": d.Path, "path": path, "source": f}).Debug("snapview: read-only layer disk attached")
+	if err := attachDisks(l.Disks(), rootfs.LayerDevice, &st.Block.Layers, &s.v.layers); err != nil {
+		return fmt.Errorf("snapview: the rootfs's layers: %w", err)
 	}
-	st.Rootfs = l.Params([2]string{st.Block.Device, s.p.req.Config.Block.Device}, disks)
-	s.logger.WithFields(log.Fields{"layers": len(files), "upperdir": l.UpperDir, "workdir": l.WorkDir}).Info("snapview: layer disks ready for the container")
+	st.Rootfs = l.Params([2]string{st.Block.Device, s.p.req.Config.Block.Device}, diskPlaces(st.Block.Layers))
+	s.logger.WithFields(log.Fields{"layers": len(st.Block.Layers), "upperdir": l.UpperDir, "workdir": l.WorkDir}).Info("snapview: layer disks ready for the container")
 	return nil
 }
 

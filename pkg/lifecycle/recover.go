@@ -4,7 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/leases"
@@ -183,25 +184,16 @@ func (l *Lifecycle) adoptLease(ctx context.Context, v *View, ls leases.Lease) er
 	if err != nil {
 		return fmt.Errorf("list resources of lease %s: %w", ls.ID, err)
 	}
-	for _, r := range res {
-		sn, ok := strings.CutPrefix(r.Type, "snapshots/")
-		if !ok {
-			continue
+	held := view.HeldBy(st.ContainerID, res)
+	st.Snapshotter, st.ViewKey = held.Snapshotter, held.Key
+	// A volume's view, its activation and its mountpoint are named after
+	// it; deactivating or unmounting what is not there is success.
+	for _, name := range slices.Sorted(maps.Keys(held.Volumes)) {
+		vol := bundle.Volume{Name: name, ViewKey: held.Volumes[name], Activation: held.Volumes[name]}
+		if v.Bundle != "" {
+			vol.Mountpoint = bundle.VolumeMountpoint(v.Bundle, name)
 		}
-		if r.ID == view.Key(st.ContainerID) {
-			st.Snapshotter, st.ViewKey = sn, r.ID
-		}
-		// A volume's view, its activation and its mountpoint are named
-		// after it; deactivating or unmounting what is not there is
-		// success.
-		if name, ok := view.VolumeName(st.ContainerID, r.ID); ok {
-			st.Snapshotter = sn
-			vol := bundle.Volume{Name: name, ViewKey: r.ID, Activation: r.ID}
-			if v.Bundle != "" {
-				vol.Mountpoint = bundle.VolumeMountpoint(v.Bundle, name)
-			}
-			st.Volumes = append(st.Volumes, vol)
-		}
+		st.Volumes = append(st.Volumes, vol)
 	}
 	return nil
 }

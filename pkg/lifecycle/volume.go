@@ -243,28 +243,32 @@ func (s *setupRun) countDisks() error {
 // at /dev/snapview/volumes/<name>/<j>.
 func (s *setupRun) attachVolume(i int) error {
 	vol := &s.v.State.Volumes[i]
-	layers := s.volumeLayers[i]
-	var files []string
-	for _, l := range layers {
-		files = append(files, l.Mount.Source)
-	}
-	for _, l := range layers {
-		files = append(files, l.Blobs...)
-	}
 	vol.Disks = []bundle.Disk{}
-	for j, f := range files {
-		d, err := attachReadOnly(f)
-		if err != nil {
-			return fmt.Errorf("snapview: volume %s: disk %d (%s): %w", vol.Name, j, f, err)
-		}
-		disk := bundle.Disk{Path: rootfs.VolumeDevice(vol.Name, j), Device: d.Path, Major: d.Major, Minor: d.Minor}
-		if d.Backing != nil {
-			s.v.volumeDisks = append(s.v.volumeDisks, d)
-			disk.Loop = bundle.Loop{BackingFile: d.Backing.Path, BackingDev: d.Backing.Dev, BackingIno: d.Backing.Ino}
-		}
-		vol.Disks = append(vol.Disks, disk)
+	err := attachDisks(rootfs.DiskFiles(s.volumeLayers[i]), func(j int) string { return rootfs.VolumeDevice(vol.Name, j) }, &vol.Disks, &s.v.volumeDisks)
+	if err != nil {
+		return fmt.Errorf("snapview: volume %s: %w", vol.Name, err)
 	}
 	s.logger.WithFields(log.Fields{"volume": vol.Name, "disks": len(vol.Disks)}).Info("snapview: volume disks ready for the container")
+	return nil
+}
+
+// attachDisks attaches each of files read-only (attachReadOnly), in order,
+// as the container's disk at pathOf(i), and records each in *recorded as it
+// is attached, and the devices this process holds open in *held, so that a
+// rollback undoes those attached before a failure.
+func attachDisks(files []string, pathOf func(int) string, recorded *[]bundle.Disk, held *[]*blockdev.Device) error {
+	for i, f := range files {
+		d, err := attachReadOnly(f)
+		if err != nil {
+			return fmt.Errorf("disk %d (%s): %w", i, f, err)
+		}
+		disk := bundle.Disk{Path: pathOf(i), Device: d.Path, Major: d.Major, Minor: d.Minor}
+		if d.Backing != nil {
+			*held = append(*held, d)
+			disk.Loop = bundle.Loop{BackingFile: d.Backing.Path, BackingDev: d.Backing.Dev, BackingIno: d.Backing.Ino}
+		}
+		*recorded = append(*recorded, disk)
+	}
 	return nil
 }
 
@@ -319,24 +323,20 @@ func (s *setupRun) volumeDocs() map[string]params.Volume {
 			vp.Subpath = v.Subpath
 		}
 		if s.blockMode() && i < len(s.volumeLayers) {
-			next := len(s.volumeLayers[i])
-			for j, l := range s.volumeLayers[i] {
-				d := diskParams(v.Disks[j], l.Mount)
-				for range l.Blobs {
-					d.Devices = append(d.Devices, v.Disks[next].Path)
-					next++
-				}
-				vp.Layers = append(vp.Layers, d)
-			}
+			vp.Layers = rootfs.LayerParams(s.volumeLayers[i], diskPlaces(v.Disks))
 		}
 		out[v.Name] = vp
 	}
 	return out
 }
 
-// diskParams describes disk d, of mount m, for a guest.
-func diskParams(d bundle.Disk, m rootfs.Mount) rootfs.DiskParams {
-	return rootfs.DiskParams{Device: d.Path, FSType: m.Type, Source: d.Device, Options: rootfs.GuestOptions(m.Options)}
+// diskPlaces are where disks are: {host device, container path}.
+func diskPlaces(disks []bundle.Disk) [][2]string {
+	out := make([][2]string, len(disks))
+	for i, d := range disks {
+		out[i] = [2]string{d.Device, d.Path}
+	}
+	return out
 }
 
 // releaseVolumes undoes what the volume step did, volume by volume in

@@ -447,35 +447,49 @@ func Claimed(mounts []Mount) bool {
 	return false
 }
 
-// Disks returns the files of the read-only disks of l, in disk order: each
-// layer's file, top-most first, then the blob files of the bottom layer.
-func (l *Layered) Disks() []string {
+// Disks returns the files of the read-only disks of l, in disk order (see
+// DiskFiles).
+func (l *Layered) Disks() []string { return DiskFiles(l.Layers) }
+
+// DiskFiles returns the files (or devices) of the read-only disks of
+// layers, in disk order: each layer's, top-most first, then the blob files
+// of the bottom layer. A layered rootfs and a volume number their disks
+// this way.
+func DiskFiles(layers []Layer) []string {
 	var files, blobs []string
-	for _, ly := range l.Layers {
+	for _, ly := range layers {
 		files = append(files, ly.Mount.Source)
 		blobs = append(blobs, ly.Blobs...)
 	}
 	return append(files, blobs...)
 }
 
-// Params describes l for a guest, given where each of its disks is:
-// writable is the writable disk ({host device, container path}), disks the
-// read-only ones in the order of Disks.
-func (l *Layered) Params(writable [2]string, disks [][2]string) Params {
-	p := Params{
-		Kind: KindLayered, FSType: l.FSType, Source: writable[0], Options: GuestOptions(l.Writable.Options), Device: writable[1],
-		UpperDir: l.UpperDir, WorkDir: l.WorkDir, OverlayOptions: l.OverlayOptions,
-	}
-	next := len(l.Layers)
-	for i, ly := range l.Layers {
+// LayerParams describes layers for a guest, given where each of their
+// disks is ({host device, container path}, in the order of DiskFiles): one
+// disk per layer, a layer's blob disks named in its Devices.
+func LayerParams(layers []Layer, disks [][2]string) []DiskParams {
+	var out []DiskParams
+	next := len(layers)
+	for i, ly := range layers {
 		d := DiskParams{Device: disks[i][1], FSType: ly.Mount.Type, Source: disks[i][0], Options: GuestOptions(ly.Mount.Options)}
 		for range ly.Blobs {
 			d.Devices = append(d.Devices, disks[next][1])
 			next++
 		}
-		p.Layers = append(p.Layers, d)
+		out = append(out, d)
 	}
-	return p
+	return out
+}
+
+// Params describes l for a guest, given where each of its disks is:
+// writable is the writable disk ({host device, container path}), disks the
+// read-only ones in the order of Disks.
+func (l *Layered) Params(writable [2]string, disks [][2]string) Params {
+	return Params{
+		Kind: KindLayered, FSType: l.FSType, Source: writable[0], Options: GuestOptions(l.Writable.Options), Device: writable[1],
+		UpperDir: l.UpperDir, WorkDir: l.WorkDir, OverlayOptions: l.OverlayOptions,
+		Layers: LayerParams(l.Layers, disks),
+	}
 }
 
 // GuestOptions are a mount's options as a guest mounts the disk: without

@@ -48,6 +48,39 @@ func VolumeName(containerID, key string) (string, bool) {
 	return name, ok && name != "" && !strings.Contains(name, "/")
 }
 
+// Held is what a container's lease holds of snapview's: the view and the
+// volumes' views, in snapshotter Snapshotter.
+type Held struct {
+	Snapshotter string
+	// Key is the view's key ("" when the lease does not hold it).
+	Key string
+	// Volumes are the names of the volumes whose views it holds, with
+	// their keys.
+	Volumes map[string]string
+}
+
+// HeldBy reads the views of containerID among the resources of its lease.
+func HeldBy(containerID string, res []leases.Resource) Held {
+	var h Held
+	for _, r := range res {
+		sn, ok := strings.CutPrefix(r.Type, "snapshots/")
+		if !ok {
+			continue
+		}
+		if r.ID == Key(containerID) {
+			h.Snapshotter, h.Key = sn, r.ID
+		}
+		if name, ok := VolumeName(containerID, r.ID); ok {
+			h.Snapshotter = sn
+			if h.Volumes == nil {
+				h.Volumes = map[string]string{}
+			}
+			h.Volumes[name] = r.ID
+		}
+	}
+	return h
+}
+
 // Labels returns the labels of o's view: o's ownership labels and the
 // back-reference that lets containerd's GC take it with the container.
 func Labels(o lease.Owner) map[string]string {
