@@ -22,6 +22,7 @@ import (
 	namespacesapi "github.com/containerd/containerd/api/services/namespaces/v1"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
 	contentproxy "github.com/containerd/containerd/v2/core/content/proxy"
 	"github.com/containerd/containerd/v2/core/leases"
 	leasesproxy "github.com/containerd/containerd/v2/core/leases/proxy"
@@ -145,22 +146,27 @@ func (b *Backend) Leases() (leases.Manager, error) {
 	return leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(c)), nil
 }
 
-// Image returns the target of the image called name in ctx's namespace;
-// an image containerd does not know is an error wrapping
-// errdefs.ErrNotFound.
-func (b *Backend) Image(ctx context.Context, name string) (ocispec.Descriptor, error) {
+// Image returns the image record called name in ctx's namespace (its
+// target and labels); an image containerd does not know is an error
+// wrapping errdefs.ErrNotFound.
+func (b *Backend) Image(ctx context.Context, name string) (images.Image, error) {
 	c, err := b.client()
 	if err != nil {
-		return ocispec.Descriptor{}, err
+		return images.Image{}, err
 	}
 	cctx, cancel := WithTimeout(ctx)
 	defer cancel()
 	resp, err := imagesapi.NewImagesClient(c).Get(cctx, &imagesapi.GetImageRequest{Name: name})
 	if err != nil {
-		return ocispec.Descriptor{}, errgrpc.ToNative(err)
+		return images.Image{}, errgrpc.ToNative(err)
 	}
-	t := resp.Image.GetTarget()
-	return ocispec.Descriptor{MediaType: t.GetMediaType(), Digest: digest.Digest(t.GetDigest()), Size: t.GetSize(), Annotations: t.GetAnnotations()}, nil
+	i := resp.Image
+	t := i.GetTarget()
+	return images.Image{
+		Name:   i.GetName(),
+		Labels: i.GetLabels(),
+		Target: ocispec.Descriptor{MediaType: t.GetMediaType(), Digest: digest.Digest(t.GetDigest()), Size: t.GetSize(), Annotations: t.GetAnnotations()},
+	}, nil
 }
 
 // Content returns containerd's content store.

@@ -7,11 +7,11 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/snapview/snapview/pkg/lease"
 	"github.com/snapview/snapview/pkg/view"
@@ -72,8 +72,8 @@ func (b mountsOnly) Snapshotter(string) (snapshots.Snapshotter, error) {
 }
 func (b mountsOnly) Leases() (leases.Manager, error) { return nil, errdefs.ErrNotImplemented }
 func (b mountsOnly) Mounts() (mount.Manager, error)  { return b.mm, nil }
-func (b mountsOnly) Image(context.Context, string) (ocispec.Descriptor, error) {
-	return ocispec.Descriptor{}, errdefs.ErrNotImplemented
+func (b mountsOnly) Image(context.Context, string) (images.Image, error) {
+	return images.Image{}, errdefs.ErrNotImplemented
 }
 func (b mountsOnly) Content() (content.Provider, error) { return nil, errdefs.ErrNotImplemented }
 func (b mountsOnly) SnapshotterRoot(context.Context, string) (string, error) {

@@ -41,11 +41,11 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/log"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/snapview/snapview/pkg/fault"
 )
@@ -60,9 +60,10 @@ type Backend interface {
 	Snapshotter(name string) (snapshots.Snapshotter, error)
 	Leases() (leases.Manager, error)
 	Mounts() (mount.Manager, error)
-	// Image returns the target of image name in the namespace of ctx; a
-	// missing image is an error wrapping errdefs.ErrNotFound.
-	Image(ctx context.Context, name string) (ocispec.Descriptor, error)
+	// Image returns the image record name (its target and labels) in the
+	// namespace of ctx; a missing image is an error wrapping
+	// errdefs.ErrNotFound.
+	Image(ctx context.Context, name string) (images.Image, error)
 	// Content reads containerd's content store (images' manifests and
 	// configs).
 	Content() (content.Provider, error)

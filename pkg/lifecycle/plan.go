@@ -84,7 +84,7 @@ func skip(r Request, reason string) *Plan {
 // snapview must refuse is an error that starts with "snapview:" and names
 // the annotation, setting or rootfs at fault.
 func (l *Lifecycle) Decide(ctx context.Context, r Request) (*Plan, error) {
-	p, err := decideLocal(r)
+	p, err := decideLocal(ctx, r)
 	if err != nil || p.Skip != "" {
 		return p, err
 	}
@@ -94,7 +94,7 @@ func (l *Lifecycle) Decide(ctx context.Context, r Request) (*Plan, error) {
 // decideLocal is the part of Decide that needs no call into containerd:
 // the bundle's config.json, the annotations, the configuration and the
 // rootfs mounts.
-func decideLocal(r Request) (*Plan, error) {
+func decideLocal(ctx context.Context, r Request) (*Plan, error) {
 	spec, err := bundle.ReadConfig(r.Bundle)
 	if err != nil {
 		return nil, err
@@ -131,7 +131,7 @@ func decideLocal(r Request) (*Plan, error) {
 		}
 		return skip(r, "mode off ("+modeFrom+")"), nil
 	case config.ModeBlock:
-		if err := p.checkBlock(modeFrom); err != nil {
+		if err := p.checkBlock(ctx, modeFrom); err != nil {
 			return nil, err
 		}
 		p.claimRootfs = false // the rootfs becomes the guest's disks
@@ -276,7 +276,7 @@ func within(root, file string) error {
 // layered one (the erofs snapshotter in block mode), and the spec must not
 // ask for a user namespace (runc would bind the host's device node, which a
 // remapped root cannot open).
-func (p *Plan) checkBlock(modeFrom string) error {
+func (p *Plan) checkBlock(ctx context.Context, modeFrom string) error {
 	const want = "a block-backed rootfs (the blockfile or devmapper snapshotter, or erofs in block mode)"
 	mounts := p.req.Rootfs
 	if len(mounts) == 0 {
@@ -298,7 +298,7 @@ func (p *Plan) checkBlock(modeFrom string) error {
 	if p.spec.UserNamespace {
 		return fmt.Errorf("snapview: block mode (%s) is refused for a container with a user namespace: runc would bind the host's device node, which the remapped root cannot open", modeFrom)
 	}
-	if err := checkDeviceRuntime(p.req.Config.BinaryName); err != nil {
+	if err := checkDeviceRuntime(ctx, p.req.Config.BinaryName); err != nil {
 		return fmt.Errorf("snapview: block mode (%s) %w", modeFrom, err)
 	}
 	return nil

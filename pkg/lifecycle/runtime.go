@@ -25,7 +25,7 @@ var runtimeNames sync.Map
 
 // ociRuntimeName returns the first line of `binary --version`, or "" when
 // it cannot be run (runc's own create reports that).
-func ociRuntimeName(binary string) string {
+func ociRuntimeName(ctx context.Context, binary string) string {
 	path, err := exec.LookPath(binary)
 	if err != nil {
 		return ""
@@ -38,7 +38,7 @@ func ociRuntimeName(binary string) string {
 	if v, ok := runtimeNames.Load(key); ok {
 		return v.(string)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	out, err := child.Output(exec.CommandContext(ctx, path, "--version"))
 	if err != nil {
@@ -51,11 +51,11 @@ func ociRuntimeName(binary string) string {
 
 // checkDeviceRuntime refuses an OCI runtime that cannot hand a container
 // block devices (binary "" is runc, from PATH).
-func checkDeviceRuntime(binary string) error {
+func checkDeviceRuntime(ctx context.Context, binary string) error {
 	if binary == "" {
 		binary = "runc"
 	}
-	if name := ociRuntimeName(binary); strings.HasPrefix(name, "runsc") {
+	if name := ociRuntimeName(ctx, binary); strings.HasPrefix(name, "runsc") {
 		return fmt.Errorf("needs an OCI runtime that creates the container's block devices (linux.devices), but BinaryName %q is gVisor (%q), which has none: run block-mode containers under runc (or another runtime that creates device nodes)", binary, name)
 	}
 	return nil

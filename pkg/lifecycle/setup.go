@@ -88,7 +88,7 @@ func (l *Lifecycle) Setup(ctx context.Context, p *Plan) (*View, error) {
 // snapshot).
 func (l *Lifecycle) Prepare(ctx context.Context, r Request) (_ *View, _ string, retErr error) {
 	defer recoverTo(ctx, &retErr, "setup", r.ID)
-	p, err := decideLocal(r)
+	p, err := decideLocal(ctx, r)
 	if err != nil {
 		return nil, "", err
 	}

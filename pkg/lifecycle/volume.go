@@ -11,18 +11,17 @@ import (
 	"github.com/snapview/snapview/params"
 
 	"github.com/containerd/containerd/v2/core/content"
-	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/containerd/platforms"
 	securejoin "github.com/cyphar/filepath-securejoin"
-	"github.com/opencontainers/image-spec/identity"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/snapview/snapview/pkg/annotations"
 	"github.com/snapview/snapview/pkg/blockdev"
 	"github.com/snapview/snapview/pkg/bundle"
+	"github.com/snapview/snapview/pkg/image"
 	"github.com/snapview/snapview/pkg/rootfs"
 	"github.com/snapview/snapview/pkg/view"
 )
@@ -91,28 +90,21 @@ func (l *Lifecycle) volumeSource(ctx context.Context, cs content.Provider, sn sn
 	r := p.req
 	cctx, cancel := callContext(ctx)
 	defer cancel()
-	target, err := l.backend.Image(cctx, v.Ref)
+	img, err := l.backend.Image(cctx, v.Ref)
 	if errdefs.IsNotFound(err) {
 		return "", fmt.Errorf("no such image in namespace %s; pull or import it there first (ctr -n %s images pull --snapshotter %s %s)", r.Namespace, r.Namespace, p.snapshotter, v.Ref)
 	}
 	if err != nil {
 		return "", fmt.Errorf("look up the image: %w", err)
 	}
-	config, err := images.Config(cctx, cs, target, platforms.Default())
+	ri, err := image.Resolve(cctx, cs, img.Target, nil)
 	if err != nil {
-		if errdefs.IsNotFound(err) {
-			return "", fmt.Errorf("it has no manifest for this platform (%s) in the content store: %w", platforms.DefaultString(), err)
-		}
-		return "", fmt.Errorf("read its manifest for this platform (%s): %w", platforms.DefaultString(), err)
+		return "", fmt.Errorf("read it for this platform (%s): %w", platforms.DefaultString(), err)
 	}
-	diffIDs, err := images.RootFS(cctx, cs, config)
-	if err != nil {
-		return "", fmt.Errorf("read its config %s: %w", config.Digest, err)
-	}
-	if len(diffIDs) == 0 {
+	if ri.ChainID == "" {
 		return "", fmt.Errorf("it has no layers for this platform (%s): nothing to mount", platforms.DefaultString())
 	}
-	chain := identity.ChainID(diffIDs).String()
+	chain := ri.ChainID
 	if _, err := sn.Stat(cctx, chain); err != nil {
 		if errdefs.IsNotFound(err) {
 			return "", fmt.Errorf("not unpacked in snapshotter %s, the container's (no snapshot %s); unpack it there (ctr -n %s images pull --snapshotter %s %s, or ctr images import --snapshotter %s, or a CRI pull for a runtime handler of that snapshotter)",

@@ -443,15 +443,11 @@ func (b *Backend) Leases() (leases.Manager, error) {
 }
 
 // Image implements lifecycle.Backend.
-func (b *Backend) Image(ctx context.Context, name string) (ocispec.Descriptor, error) {
+func (b *Backend) Image(ctx context.Context, name string) (images.Image, error) {
 	if err := b.call("Image"); err != nil {
-		return ocispec.Descriptor{}, err
+		return images.Image{}, err
 	}
-	img, err := metadata.NewImageStore(b.env.DB).Get(ctx, name)
-	if err != nil {
-		return ocispec.Descriptor{}, err
-	}
-	return img.Target, nil
+	return metadata.NewImageStore(b.env.DB).Get(ctx, name)
 }
 
 // Content implements lifecycle.Backend.
