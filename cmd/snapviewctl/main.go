@@ -9,6 +9,9 @@
 //	install    put the shim and snapviewctl in place and register a CRI runtime
 //	           handler with containerd (see `snapviewctl install --help`)
 //	uninstall  take back what install did
+//	snapshot   take, list, inspect, remove, push and pull snapshots of containers
+//	           (create, ls, inspect, rm, push, pull; the namespace defaults to
+//	           "default")
 //
 // Every namespace is covered unless --namespace names one. The exit code is
 // 0 on success, 1 when the command failed or was incomplete, 2 on bad usage.
@@ -20,7 +23,9 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/snapview/snapview/pkg/backend"
@@ -42,6 +47,7 @@ var commands = map[string]func(ctx context.Context, g global, args []string) err
 	"inspect":   inspect,
 	"install":   install,
 	"uninstall": uninstall,
+	"snapshot":  snapshot,
 }
 
 func main() {
@@ -53,6 +59,9 @@ func main() {
 			fmt.Fprintln(os.Stderr, "snapviewctl:", err)
 		}
 		os.Exit(2)
+	case strings.HasPrefix(err.Error(), "snapview:"):
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
 	default:
 		fmt.Fprintln(os.Stderr, "snapviewctl:", err)
 		os.Exit(1)
@@ -66,7 +75,7 @@ func run(args []string) error {
 	fs.StringVar(&g.namespace, "namespace", "", "only this namespace (default: all)")
 	fs.StringVar(&g.state, "state", "/run/containerd", "containerd's state directory, where the bundles are")
 	fs.Usage = func() {
-		fmt.Fprintln(fs.Output(), "usage: snapviewctl [flags] gc|ls|inspect|install|uninstall [command flags]")
+		fmt.Fprintln(fs.Output(), "usage: snapviewctl [flags] gc|ls|inspect|install|uninstall|snapshot [command flags]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -81,8 +90,15 @@ func run(args []string) error {
 		fs.Usage()
 		return fmt.Errorf("%w: unknown command %q", errUsage, strings.Join(fs.Args(), " "))
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	// A snapshot takes as long as its data does (a capture's lease has no
+	// expiry either); an interrupt ends it, and it cleans up after itself.
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
+	if fs.Arg(0) != "snapshot" {
+		var cancelT context.CancelFunc
+		ctx, cancelT = context.WithTimeout(ctx, 5*time.Minute)
+		defer cancelT()
+	}
 	return cmd(ctx, g, fs.Args()[1:])
 }
 

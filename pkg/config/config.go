@@ -27,6 +27,7 @@ import (
 	"strings"
 
 	runcoptions "github.com/containerd/containerd/api/types/runc/options"
+	"github.com/docker/go-units"
 	"github.com/pelletier/go-toml/v2"
 )
 
@@ -96,9 +97,10 @@ type Config struct {
 	ConfigPath string `toml:"ConfigPath"`
 	TypeURL    string `toml:"TypeUrl"`
 
-	View    View    `toml:"view"`
-	Block   Block   `toml:"block"`
-	Volumes Volumes `toml:"volumes"`
+	View      View      `toml:"view"`
+	Block     Block     `toml:"block"`
+	Volumes   Volumes   `toml:"volumes"`
+	Snapshots Snapshots `toml:"snapshots"`
 
 	// Source says where this configuration came from, for logs and errors.
 	Source string `toml:"-"`
@@ -141,6 +143,28 @@ type Volumes struct {
 	Allow []string `toml:"allow"`
 }
 
+// Snapshots holds the [snapshots] table.
+type Snapshots struct {
+	// Restore lets containers restore snapshots (a directory snapshot as a
+	// volume, a disk snapshot as a block-mode container's writable disk);
+	// a snapshot id is an unguessable capability within its namespace.
+	// Default true.
+	Restore bool `toml:"restore"`
+	// MaxDirectorySize caps a directory snapshot (the directory's files as
+	// a tar, before compression), with a unit: "1GiB", "500MB". Default
+	// 1GiB.
+	MaxDirectorySize string `toml:"max_directory_size"`
+}
+
+// DefaultMaxDirectorySize is the cap on a directory snapshot by default.
+const DefaultMaxDirectorySize = "1GiB"
+
+// MaxDirectoryBytes returns the cap on a directory snapshot in bytes.
+func (s Snapshots) MaxDirectoryBytes() int64 {
+	n, _ := units.RAMInBytes(s.MaxDirectorySize) // validated
+	return n
+}
+
 // AllowsVolume reports whether the configuration allows image ref (a
 // normalised reference) as a volume.
 func (c *Config) AllowsVolume(ref string) bool {
@@ -166,7 +190,8 @@ func Default() *Config {
 			MonitorRootfs: MonitorRootfsView,
 			Device:        "/dev/snapview/rootfs",
 		},
-		Source: "built-in defaults",
+		Snapshots: Snapshots{Restore: true, MaxDirectorySize: DefaultMaxDirectorySize},
+		Source:    "built-in defaults",
 	}
 }
 
@@ -274,6 +299,9 @@ func (c *Config) validate() error {
 		if _, err := path.Match(strings.TrimSuffix(p, "/**"), ""); err != nil {
 			return fmt.Errorf("snapview: invalid volumes.allow pattern %q in %s: %w", p, c.Source, err)
 		}
+	}
+	if n, err := units.RAMInBytes(c.Snapshots.MaxDirectorySize); err != nil || n <= 0 {
+		return fmt.Errorf("snapview: invalid snapshots.max_directory_size %q in %s: want a size such as \"1GiB\"", c.Snapshots.MaxDirectorySize, c.Source)
 	}
 	if strings.HasPrefix(c.Block.Device+"/", layersDir+"/") {
 		return fmt.Errorf("snapview: invalid block.device %q in %s: %s holds a layered rootfs's layer disks", c.Block.Device, c.Source, layersDir)
