@@ -21,8 +21,8 @@ func TestParseID(t *testing.T) {
 	for _, bad := range []string{
 		"", "x", strings.ToUpper(id), "{" + id + "}", "urn:uuid:" + id, strings.ReplaceAll(id, "-", ""),
 		id + " ", " " + id, id + "\n", "../" + id,
-		"6ba7b810-9dad-11d1-80b4-00c04fd430c8", // version 1
-		"00000000-0000-0000-0000-000000000000", // nil
+		"6ba7b810-9dad-11d1-80b4-00c04fd430c8",    // version 1
+		"00000000-0000-0000-0000-000000000000",    // nil
 		id[:14] + "4" + id[15:19] + "c" + id[20:], // variant not RFC 4122
 	} {
 		if bad == id {
