@@ -165,10 +165,19 @@ type Disk struct {
 	Devices []string `json:"devices,omitempty"`
 }
 
-// Volume is a volume: a read-only view of another image.
+// Volume is a volume: a read-only view of another image or of a directory
+// snapshot, or a writable clone of a directory snapshot.
 type Volume struct {
-	// Image is the image's normalised reference.
+	// Image is the image's normalised reference (for a snapshot, the name
+	// of its image record).
 	Image string `json:"image"`
+	// Snapshot is the id of the directory snapshot it is of, if it is.
+	Snapshot string `json:"snapshot,omitempty"`
+	// Writable is a writable clone's writable part: in view mode it is
+	// bound read-write (Writable set, no disk); in block mode its writable
+	// disk, with, when the snapshot's layers are disks of their own
+	// (Layers), the overlay's upper and work directories on it.
+	Writable *WritableDisk `json:"writable,omitempty"`
 	// Target is where the volume is in the container (view mode), or where
 	// the guest should mount it (block mode).
 	Target string `json:"target"`
@@ -178,6 +187,21 @@ type Volume struct {
 	// Layers are its read-only disks in block mode, top-most first: one
 	// for a blockfile or devmapper volume, one per layer for erofs.
 	Layers []Disk `json:"layers,omitempty"`
+}
+
+// WritableDisk is a writable clone's writable part.
+type WritableDisk struct {
+	// Device is where its writable disk is in the container (block mode).
+	Device string `json:"device,omitempty"`
+	// FSType, Source and Options mount that disk (Source is its host
+	// block device, for operators).
+	FSType  string   `json:"fstype,omitempty"`
+	Source  string   `json:"source,omitempty"`
+	Options []string `json:"options,omitempty"`
+	// UpperDir and WorkDir are the overlay's upper and work directories in
+	// that disk's filesystem, when the volume's Layers stack under it.
+	UpperDir string `json:"upperdir,omitempty"`
+	WorkDir  string `json:"workdir,omitempty"`
 }
 
 // Parse decodes a params document: strict about its version (one this

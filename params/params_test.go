@@ -115,6 +115,7 @@ func TestSchemaMatchesTypes(t *testing.T) {
 		{reflect.TypeFor[Rootfs](), defs["rootfs"].(map[string]any)},
 		{reflect.TypeFor[Disk](), defs["disk"].(map[string]any)},
 		{reflect.TypeFor[Volume](), defs["volume"].(map[string]any)},
+		{reflect.TypeFor[WritableDisk](), defs["writable"].(map[string]any)},
 	} {
 		props := c.node["properties"].(map[string]any)
 		var fields, required []string
@@ -184,6 +185,8 @@ func jsonType(t reflect.Type) string {
 		return "array"
 	case reflect.Map, reflect.Struct:
 		return "object"
+	case reflect.Pointer:
+		return jsonType(t.Elem())
 	}
 	return "?"
 }

@@ -1,6 +1,7 @@
 package annotations
 
 import (
+	"github.com/snapview/snapview/pkg/snapshot/record"
 	"path"
 	"strings"
 	"testing"
@@ -55,7 +56,9 @@ func FuzzParse(f *testing.F) {
 // the parser, and that whatever it accepts is a volume within the rules:
 // an image reference that parsed, a target bind-able under the rules of
 // every bind, a subpath that stays inside the volume, and nothing taken
-// from a field other than image, target and subpath.
+// from a field other than image or snapshot, target, subpath and writable:
+// exactly one of an image and a canonical snapshot id, and writable only
+// for a snapshot.
 func FuzzParseVolume(f *testing.F) {
 	for _, s := range []string{
 		`{"image":"docker.io/acme/models:v3","target":"/models"}`,
@@ -67,6 +70,11 @@ func FuzzParseVolume(f *testing.F) {
 		`{"image":["x"],"target":"/a"}`,
 		`{"image":"x","target":"/a"} trailing`,
 		`null`,
+		`{"snapshot":"2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f","target":"/data","writable":true}`,
+		`{"snapshot":"2F1C0A3E-5B7D-4E8A-9F00-1A2B3C4D5E6F","target":"/data"}`,
+		`{"snapshot":"2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f","image":"x","target":"/data"}`,
+		`{"image":"x","target":"/a","writable":true}`,
+		`{"snapshot":"2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f","target":"/","writable":1}`,
 	} {
 		f.Add(s)
 	}
@@ -82,8 +90,15 @@ func FuzzParseVolume(f *testing.F) {
 			t.Fatalf("accepted %d volumes", len(r.Volumes))
 		}
 		v := r.Volumes[0]
-		if v.Name != "v" || v.Image == "" || v.Ref == "" || !strings.Contains(value, "image") || !strings.Contains(value, "target") {
+		image := v.Image != "" && v.Ref != "" && v.Snapshot == "" && !v.Writable && strings.Contains(value, "image")
+		snapshot := v.Image == "" && v.Ref == "" && v.Snapshot != "" && strings.Contains(value, v.Snapshot)
+		if v.Name != "v" || image == snapshot || !strings.Contains(value, "target") {
 			t.Fatalf("accepted %+v from %q", v, value)
+		}
+		if snapshot {
+			if id, err := record.ParseID(v.Snapshot); err != nil || id != v.Snapshot {
+				t.Fatalf("accepted snapshot id %q from %q", v.Snapshot, value)
+			}
 		}
 		for _, p := range []string{v.Target, v.Subpath} {
 			if !path.IsAbs(p) || path.Clean(p) != p || strings.Contains("/"+p+"/", "/../") {

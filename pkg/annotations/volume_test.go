@@ -7,6 +7,9 @@ import (
 	"testing"
 )
 
+// snapID is a snapshot id as snapview prints them.
+const snapID = "2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f"
+
 func TestParseVolumes(t *testing.T) {
 	vol := func(name, image, ref, target, sub string) Volume {
 		return Volume{Name: name, Image: image, Ref: ref, Target: target, Subpath: sub}
@@ -38,7 +41,19 @@ func TestParseVolumes(t *testing.T) {
 		{name: "wrong type", ann: map[string]string{"io.snapview.volume.a": `{"image":"x","target":7}`}, wantErr: []string{`field "target" is not a string`}},
 		{name: "object as a value", ann: map[string]string{"io.snapview.volume.a": `{"image":{"name":"x"},"target":"/a"}`}, wantErr: []string{`field "image" is not a string`}},
 		{name: "null", ann: map[string]string{"io.snapview.volume.a": `{"image":null,"target":"/a"}`}, wantErr: []string{`field "image" is not a string`}},
-		{name: "no image", ann: map[string]string{"io.snapview.volume.a": `{"target":"/a"}`}, wantErr: []string{`no "image" field`}},
+		{name: "no image", ann: map[string]string{"io.snapview.volume.a": `{"target":"/a"}`}, wantErr: []string{`no "image" or "snapshot" field`}},
+		{name: "a snapshot", ann: map[string]string{"io.snapview.volume.a": `{"snapshot":"` + snapID + `","target":"/data","subpath":"x"}`},
+			want: []Volume{{Name: "a", Snapshot: snapID, Target: "/data", Subpath: "/x"}}},
+		{name: "a writable snapshot", ann: map[string]string{"io.snapview.volume.a": `{"snapshot":"` + snapID + `","target":"/data","writable":true}`},
+			want: []Volume{{Name: "a", Snapshot: snapID, Writable: true, Target: "/data", Subpath: "/"}}},
+		{name: "writable false", ann: map[string]string{"io.snapview.volume.a": `{"snapshot":"` + snapID + `","target":"/data","writable":false}`},
+			want: []Volume{{Name: "a", Snapshot: snapID, Target: "/data", Subpath: "/"}}},
+		{name: "image and snapshot", ann: map[string]string{"io.snapview.volume.a": `{"image":"x","snapshot":"` + snapID + `","target":"/a"}`}, wantErr: []string{`both "image" and "snapshot"`}},
+		{name: "a writable image", ann: map[string]string{"io.snapview.volume.a": `{"image":"x","target":"/a","writable":true}`}, wantErr: []string{`"writable" applies to a snapshot`}},
+		{name: "writable as a string", ann: map[string]string{"io.snapview.volume.a": `{"snapshot":"` + snapID + `","target":"/a","writable":"true"}`}, wantErr: []string{`field "writable" is not true or false`}},
+		{name: "an upper-case id", ann: map[string]string{"io.snapview.volume.a": `{"snapshot":"` + strings.ToUpper(snapID) + `","target":"/a"}`}, wantErr: []string{"not a snapshot id"}},
+		{name: "a name for an id", ann: map[string]string{"io.snapview.volume.a": `{"snapshot":"nightly","target":"/a"}`}, wantErr: []string{`snapshot id "nightly"`, "not a snapshot id"}},
+		{name: "a snapshot at the root", ann: map[string]string{"io.snapview.volume.a": `{"snapshot":"` + snapID + `","target":"/"}`}, wantErr: []string{"root directory"}},
 		{name: "no target", ann: map[string]string{"io.snapview.volume.a": `{"image":"x"}`}, wantErr: []string{`no "target" field`}},
 		{name: "bad reference", ann: map[string]string{"io.snapview.volume.a": `{"image":"Upper/Case","target":"/a"}`}, wantErr: []string{"not an image reference"}},
 		{name: "relative target", ann: map[string]string{"io.snapview.volume.a": `{"image":"x","target":"a"}`}, wantErr: []string{`target "a"`, "absolute"}},

@@ -35,7 +35,7 @@ func FuzzParseState(f *testing.F) {
 			return
 		}
 		bundleDir := filepath.Dir(filepath.Dir(s.Mountpoint))
-		if s.Version != StateVersion && s.Version != 1 || s.ViewKey == "" || s.LeaseID == "" || s.ContainerID == "" ||
+		if s.Version < 1 || s.Version > StateVersion || s.Version < s.minVersion() || s.ViewKey == "" || s.LeaseID == "" || s.ContainerID == "" ||
 			!filepath.IsAbs(s.Mountpoint) || Mountpoint(bundleDir) != s.Mountpoint || bundleDir == "/" {
 			t.Fatalf("accepted %+v", s)
 		}

@@ -34,10 +34,15 @@ const StateFile = "snapview.json"
 // release, after a rollback, still reads the state of every container
 // that release could have made; each older version is read strictly,
 // without any field of a later one.
-const StateVersion = 2
+const StateVersion = 3
 
 // minVersion returns the lowest state file version that can hold s.
 func (s *State) minVersion() int {
+	for _, v := range s.Volumes {
+		if v.Snapshot != "" || v.Writable || v.WritableDisk != nil {
+			return 3
+		}
+	}
 	if s.RootfsActivation != "" || s.Mode == ModeNone || s.Block != nil && s.Block.Layers != nil || s.Volumes != nil {
 		return 2
 	}
@@ -126,6 +131,15 @@ type Volume struct {
 	Source      string   `json:"source,omitempty"`
 	// Block mode: the volume's read-only disks.
 	Disks []Disk `json:"disks,omitempty"`
+	// Snapshot is the id of the directory snapshot the volume is of (its
+	// image then its record's). Version 3.
+	Snapshot string `json:"snapshot,omitempty"`
+	// Writable: the volume is a writable clone of the snapshot, an active
+	// snapshot under ViewKey, discarded with the container. Version 3.
+	Writable bool `json:"writable,omitempty"`
+	// WritableDisk is a writable clone's writable disk in block mode (its
+	// read-only layers are Disks). Version 3.
+	WritableDisk *Disk `json:"writable_disk,omitempty"`
 }
 
 // Modes recorded in the state file.
@@ -245,8 +259,8 @@ func ParseState(data []byte) (*State, error) {
 	if probe.Version == nil {
 		return nil, errors.New("no version")
 	}
-	if *probe.Version != StateVersion && *probe.Version != 1 {
-		return nil, fmt.Errorf("unsupported version %d (this shim reads versions 1 and %d)", *probe.Version, StateVersion)
+	if *probe.Version < 1 || *probe.Version > StateVersion {
+		return nil, fmt.Errorf("unsupported version %d (this shim reads versions 1 to %d)", *probe.Version, StateVersion)
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
@@ -345,6 +359,17 @@ func (v Volume) check(bundle string, block bool) error {
 		if !isDevPath(d.Path) || !isDevPath(d.Device) || d.Loop.BackingFile != "" && (!loopPath.MatchString(d.Device) || d.Loop.BackingIno == 0) {
 			return fmt.Errorf("volume %q: disk %d (%s on %q) is not identified", v.Name, i, d.Path, d.Device)
 		}
+	}
+	if d := v.WritableDisk; d != nil {
+		if !block || !v.Writable {
+			return fmt.Errorf("volume %q has a writable disk outside block mode or a writable clone", v.Name)
+		}
+		if !isDevPath(d.Path) || !isDevPath(d.Device) || d.Loop.BackingFile != "" && (!loopPath.MatchString(d.Device) || d.Loop.BackingIno == 0) {
+			return fmt.Errorf("volume %q: the writable disk (%s on %q) is not identified", v.Name, d.Path, d.Device)
+		}
+	}
+	if v.Writable && v.Snapshot == "" {
+		return fmt.Errorf("volume %q: a writable clone of no snapshot", v.Name)
 	}
 	return nil
 }

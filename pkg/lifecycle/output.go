@@ -57,6 +57,9 @@ func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Co
 		for _, d := range v.Disks {
 			patch.AddDisk(d.Path, d.Major, d.Minor, true, p.spec.UID, p.spec.GID)
 		}
+		if d := v.WritableDisk; d != nil {
+			patch.AddDisk(d.Path, d.Major, d.Minor, false, p.spec.UID, p.spec.GID)
+		}
 	}
 	return patch, nil
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/moby/sys/mountinfo"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/snapview/snapview/params"
 	"github.com/snapview/snapview/pkg/boot"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/lease"
@@ -81,6 +82,9 @@ type setupRun struct {
 	// mode, each volume's disks as found in them.
 	volumeMounts [][]mount.Mount
 	volumeLayers [][]rootfs.Layer
+	// writable describes, by volume name, the writable part of each
+	// writable clone, for the params.
+	writable map[string]*params.WritableDisk
 }
 
 func (s *setupRun) withView() bool         { return s.p.Skip == "" }
@@ -190,7 +194,7 @@ func (s *setupRun) activateView(ctx context.Context) error {
 func (s *setupRun) mountView(context.Context) error {
 	st := s.v.State
 	mp := bundle.Mountpoint(s.v.Bundle)
-	loops, mounts, err := mountAt(s.mounts, mp, func() { st.Mountpoint = mp })
+	loops, mounts, err := mountAt(s.mounts, mp, false, func() { st.Mountpoint = mp })
 	st.LoopDevices, st.Mounts = loops, mounts
 	if err != nil {
 		return fmt.Errorf("snapview: the view: %w", err)
@@ -199,16 +203,21 @@ func (s *setupRun) mountView(context.Context) error {
 	return nil
 }
 
-// mountAt mounts mounts read-only on mountpoint, which must not be a mount
-// point already (a mount not made by this setup stays, rollback included);
-// record runs once it is known not to be, before the mount. It returns the
-// loop devices the mount attached and the mounts as recorded.
-func mountAt(mounts []mount.Mount, mountpoint string, record func()) ([]string, []bundle.Mount, error) {
+// mountAt mounts mounts read-only (writable: as they are) on mountpoint,
+// which must not be a mount point already (a mount not made by this setup
+// stays, rollback included); record runs once it is known not to be,
+// before the mount. It returns the loop devices the mount attached and the
+// mounts as recorded.
+func mountAt(mounts []mount.Mount, mountpoint string, writable bool, record func()) ([]string, []bundle.Mount, error) {
 	if m, err := mountinfo.Mounted(mountpoint); err == nil && m {
 		return nil, nil, fmt.Errorf("its mountpoint %s is already a mount point, not made by this setup", mountpoint)
 	}
 	record()
-	loops, err := view.Mount(mounts, mountpoint)
+	mountFn := view.Mount
+	if writable {
+		mountFn = view.MountWritable
+	}
+	loops, err := mountFn(mounts, mountpoint)
 	if err != nil {
 		return loops, nil, err
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/image"
 	"github.com/snapview/snapview/pkg/rootfs"
+	"github.com/snapview/snapview/pkg/snapshot/record"
 	"github.com/snapview/snapview/pkg/view"
 )
 
@@ -47,6 +48,13 @@ type volumePlan struct {
 func (p *Plan) checkVolumes() error {
 	cfg := p.req.Config
 	for _, v := range p.ann.Volumes {
+		if v.Snapshot != "" {
+			if err := p.checkSnapshotVolume(v); err != nil {
+				return err
+			}
+			p.volumes = append(p.volumes, volumePlan{Volume: v})
+			continue
+		}
 		if !cfg.AllowsVolume(v.Ref) {
 			allowed := "none: it is empty, the default"
 			if len(cfg.Volumes.Allow) > 0 {
@@ -77,6 +85,12 @@ func (l *Lifecycle) resolveVolumes(ctx context.Context, p *Plan) error {
 	}
 	for i := range p.volumes {
 		v := &p.volumes[i]
+		if v.Snapshot != "" {
+			if v.parent, err = l.snapshotSource(ctx, cs, sn, p, v.Volume); err != nil {
+				return fmt.Errorf("snapview: annotation %s%s: %w", annotations.VolumePrefix, v.Name, err)
+			}
+			continue
+		}
 		if v.parent, err = l.volumeSource(ctx, cs, sn, p, v.Volume); err != nil {
 			return fmt.Errorf("snapview: annotation %s%s: image %s: %w", annotations.VolumePrefix, v.Name, v.Ref, err)
 		}
@@ -126,9 +140,18 @@ func (s *setupRun) createVolumeViews(ctx context.Context) error {
 	}
 	for _, vp := range s.p.volumes {
 		key := view.VolumeKey(id, vp.Name)
-		st.Volumes = append(st.Volumes, bundle.Volume{Name: vp.Name, Image: vp.Ref, Parent: vp.parent, ViewKey: key, Target: vp.Target, Subpath: vp.Subpath})
+		ref := vp.Ref
+		if vp.Snapshot != "" {
+			ref = record.ImageName(vp.Snapshot)
+		}
+		st.Volumes = append(st.Volumes, bundle.Volume{Name: vp.Name, Image: ref, Parent: vp.parent, ViewKey: key, Target: vp.Target, Subpath: vp.Subpath,
+			Snapshot: vp.Snapshot, Writable: vp.Writable})
+		make := view.CreateKey
+		if vp.Writable {
+			make = view.PrepareKey
+		}
 		cctx, cancel := callContext(ctx)
-		ms, err := view.CreateKey(cctx, sn, s.owner, key, vp.parent, st.LeaseID)
+		ms, err := make(cctx, sn, s.owner, key, vp.parent, st.LeaseID)
 		cancel()
 		if err != nil {
 			return fmt.Errorf("snapview: volume %s: %w", vp.Name, err)
@@ -147,11 +170,15 @@ func (s *setupRun) prepareVolumes(ctx context.Context) error {
 	if err := s.countDisks(); err != nil {
 		return err
 	}
-	for i := range s.v.State.Volumes {
+	s.writable = map[string]*params.WritableDisk{}
+	for i, vol := range s.v.State.Volumes {
 		var err error
-		if s.blockMode() {
+		switch {
+		case s.blockMode() && vol.Writable:
+			err = s.attachWritableVolume(ctx, i)
+		case s.blockMode():
 			err = s.attachVolume(i)
-		} else {
+		default:
 			err = s.mountVolume(ctx, i)
 		}
 		if err != nil {
@@ -176,7 +203,7 @@ func (s *setupRun) mountVolume(ctx context.Context, i int) error {
 		}
 	}
 	mp := bundle.VolumeMountpoint(s.v.Bundle, vol.Name)
-	loops, mounts, err := mountAt(ms, mp, func() { vol.Mountpoint = mp })
+	loops, mounts, err := mountAt(ms, mp, vol.Writable, func() { vol.Mountpoint = mp })
 	vol.LoopDevices, vol.Mounts = loops, mounts
 	if err != nil {
 		return fmt.Errorf("snapview: volume %s: %w", vol.Name, err)
@@ -192,7 +219,10 @@ func (s *setupRun) mountVolume(ctx context.Context, i int) error {
 		return fmt.Errorf("snapview: annotation %s%s: subpath %q in image %s: %w (symlinks are resolved inside the image)", annotations.VolumePrefix, vol.Name, vol.Subpath, vol.Image, err)
 	}
 	vol.Source = src
-	s.logger.WithFields(log.Fields{"volume": vol.Name, "target": mp, "source": src, "loop": loops}).Info("snapview: volume mounted")
+	if vol.Writable {
+		s.writable[vol.Name] = &params.WritableDisk{}
+	}
+	s.logger.WithFields(log.Fields{"volume": vol.Name, "target": mp, "source": src, "loop": loops, "writable": vol.Writable}).Info("snapview: volume mounted")
 	return nil
 }
 
@@ -212,6 +242,13 @@ func (s *setupRun) countDisks() error {
 	}
 	s.volumeLayers = make([][]rootfs.Layer, len(st.Volumes))
 	for i, vol := range st.Volumes {
+		if vol.Writable {
+			if d := writableDiskCount(s.volumeMounts[i]); d > 0 {
+				n += d
+				counts = append(counts, fmt.Sprintf("volume %s %d", vol.Name, d))
+			}
+			continue
+		}
 		layers, err := rootfs.ReadOnlyDisks(s.volumeMounts[i])
 		if err != nil && s.blockMode() {
 			return fmt.Errorf("snapview: volume %s: block mode hands a volume to the guest as disks, but its view in snapshotter %s %w (use the blockfile, devmapper or erofs snapshotter)", vol.Name, s.p.snapshotter, err)
@@ -288,12 +325,16 @@ func attachReadOnly(path string) (*blockdev.Device, error) {
 }
 
 // volumeBinds are the binds of the volumes of a view-mode container: each
-// read-only, nosuid, nodev at its target.
+// read-only (a writable clone read-write), nosuid, nodev at its target.
 func volumeBinds(st *bundle.State) []specs.Mount {
 	var ms []specs.Mount
 	for _, v := range st.Volumes {
 		if v.Source != "" {
-			ms = append(ms, specs.Mount{Destination: v.Target, Type: "bind", Source: v.Source, Options: []string{"rbind", "ro", "nosuid", "nodev"}})
+			access := "ro"
+			if v.Writable {
+				access = "rw"
+			}
+			ms = append(ms, specs.Mount{Destination: v.Target, Type: "bind", Source: v.Source, Options: []string{"rbind", access, "nosuid", "nodev"}})
 		}
 	}
 	return ms
@@ -310,7 +351,7 @@ func (s *setupRun) volumeDocs() map[string]params.Volume {
 	}
 	out := map[string]params.Volume{}
 	for i, v := range st.Volumes {
-		vp := params.Volume{Image: v.Image, Target: v.Target}
+		vp := params.Volume{Image: v.Image, Target: v.Target, Snapshot: v.Snapshot, Writable: s.writable[v.Name]}
 		if v.Subpath != "/" {
 			vp.Subpath = v.Subpath
 		}
@@ -347,6 +388,9 @@ func (t *teardownRun) releaseVolumes(ctx context.Context) error {
 				if d.Loop.BackingFile != "" {
 					errs = append(errs, t.detach(d.Device, d.Loop))
 				}
+			}
+			if d := vol.WritableDisk; d != nil && d.Loop.BackingFile != "" {
+				errs = append(errs, t.detach(d.Device, d.Loop))
 			}
 			if vol.Mountpoint != "" {
 				errs = append(errs, unmountAt(vol.Mountpoint, vol.LoopDevices, vol.Mounts))

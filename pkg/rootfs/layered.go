@@ -515,6 +515,10 @@ const VolumesDir = params.VolumesDir
 // container: /dev/snapview/volumes/<name>/<i>, 0 its top-most layer.
 func VolumeDevice(name string, i int) string { return fmt.Sprintf("%s/%s/%d", VolumesDir, name, i) }
 
+// VolumeWritableDevice returns where the writable disk of volume name, a
+// writable clone of a snapshot, is inside a block-mode container.
+func VolumeWritableDevice(name string) string { return fmt.Sprintf("%s/%s/writable", VolumesDir, name) }
+
 // LayerDevice returns where read-only disk i of a layered rootfs is inside
 // the container: /dev/snapview/layers/<i>, 0 the top-most layer.
 func LayerDevice(i int) string { return fmt.Sprintf("%s/%d", LayersDir, i) }

@@ -98,9 +98,22 @@ func Create(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner, parent
 
 // CreateKey is Create for a view of o's under another key (a volume's).
 func CreateKey(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner, key, parent, leaseID string) ([]mount.Mount, error) {
+	return create(ctx, sn.View, sn, o, key, parent, leaseID)
+}
+
+// PrepareKey is CreateKey for a writable clone of parent: an active
+// snapshot of o's under key (a writable snapshot volume), under the same
+// lease and labels, removed the same way.
+func PrepareKey(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner, key, parent, leaseID string) ([]mount.Mount, error) {
+	return create(ctx, sn.Prepare, sn, o, key, parent, leaseID)
+}
+
+type makeFunc func(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error)
+
+func create(ctx context.Context, make makeFunc, sn snapshots.Snapshotter, o lease.Owner, key, parent, leaseID string) ([]mount.Mount, error) {
 	ctx = leases.WithLease(ctx, leaseID)
 	opt := snapshots.WithLabels(Labels(o))
-	mounts, err := sn.View(ctx, key, parent, opt)
+	mounts, err := make(ctx, key, parent, opt)
 	if err == nil {
 		return mounts, nil
 	}
@@ -120,7 +133,7 @@ func CreateKey(ctx context.Context, sn snapshots.Snapshotter, o lease.Owner, key
 	if err := RemoveKey(ctx, sn, key); err != nil {
 		return nil, err
 	}
-	mounts, err = sn.View(ctx, key, parent, opt)
+	mounts, err = make(ctx, key, parent, opt)
 	if err != nil {
 		return nil, fmt.Errorf("create view %s of %s: %w", key, parent, err)
 	}
@@ -209,10 +222,20 @@ func ReadOnly(mounts []mount.Mount) []mount.Mount {
 // devices the mount attached (for blockfile and erofs layers). On error
 // nothing stays mounted.
 func Mount(mounts []mount.Mount, target string) ([]string, error) {
+	return mountAll(ReadOnly(mounts), target)
+}
+
+// MountWritable mounts a writable clone's mounts as they are (writable) on
+// target, as Mount does.
+func MountWritable(mounts []mount.Mount, target string) ([]string, error) {
+	return mountAll(mounts, target)
+}
+
+func mountAll(mounts []mount.Mount, target string) ([]string, error) {
 	if err := os.MkdirAll(target, 0o700); err != nil {
 		return nil, fmt.Errorf("create mountpoint %s: %w", target, err)
 	}
-	if err := mount.All(ReadOnly(mounts), target); err != nil {
+	if err := mount.All(mounts, target); err != nil {
 		_ = mount.UnmountAll(target, unix.MNT_DETACH)
 		return nil, fmt.Errorf("mount view on %s: %w", target, err)
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -239,4 +240,116 @@ func ctrRun(ctx context.Context, t *testing.T, d *harness.Daemon, args ...string
 		t.Fatalf("ctr %s: %v\n%s", strings.Join(full, " "), err, out)
 	}
 	return string(out)
+}
+
+// dirScript makes a directory of every kind of entry a directory snapshot
+// meets: files, a subdirectory, a symlink out of the directory (kept as a
+// symlink), a hard link, a FIFO (left out), then says so and waits.
+const dirScript = `mkdir -p /data/sub && echo one > /data/one && echo two > /data/sub/two && chmod 0640 /data/sub/two && ` +
+	`ln -s /etc/passwd /data/passwd-link && ln /data/one /data/one-again && mkfifo /data/pipe && echo ready; exec sleep 300`
+
+// dirCheck reads, in a container, a directory snapshot restored at
+// /restored, and tries to write into it.
+const dirCheck = `cat /restored/one /restored/sub/two; stat -c '%a' /restored/sub/two; readlink /restored/passwd-link; ` +
+	`test -e /restored/pipe && echo pipe-present || echo pipe-gone; ` +
+	`if echo x > /restored/new 2>/dev/null; then echo written; cat /restored/new; else echo write-refused; fi`
+
+// TestSnapshotDirectory takes a directory snapshot of a running container
+// and restores it into containers of another image as a volume: read-only,
+// and as writable clones, each its own; then removes it while a container
+// still uses it, which keeps running with its data.
+func TestSnapshotDirectory(t *testing.T) {
+	d := suite.daemon
+	ctx := setup(t, d)
+	r, err := start(ctx, t, d, "dir-src", runOpts{runtime: snapviewRT, args: []string{"sh", "-c", dirScript}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.waitOutput("ready"); err != nil {
+		t.Fatalf("%v\nstderr: %s", err, r.stderr.String())
+	}
+	s := takeSnapshot(t, d, "--dir", "/data", "dir-src")
+	if s.Kind != "directory" || s.Form != "image" || s.Dir != "/data" || s.Skipped != 1 || s.Base != "" || s.Size <= 0 {
+		t.Fatalf("snapshot %+v", s)
+	}
+	if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
+		t.Fatal(err)
+	}
+	vol := func(writable bool) map[string]string {
+		w := ""
+		if writable {
+			w = `,"writable":true`
+		}
+		return map[string]string{"io.snapview.volume.data": `{"snapshot":"` + s.ID + `","target":"/restored"` + w + `}`}
+	}
+	for _, tc := range []struct {
+		name     string
+		writable bool
+		want     string
+	}{
+		{"read-only", false, "one\ntwo\n640\n/etc/passwd\npipe-gone\nwrite-refused"},
+		{"writable clone", true, "one\ntwo\n640\n/etc/passwd\npipe-gone\nwritten\nx"},
+		// A second clone starts from the snapshot, not from the first's writes.
+		{"another writable clone", true, "one\ntwo\n640\n/etc/passwd\npipe-gone\nwritten\nx"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			id := "dir-" + strings.ReplaceAll(tc.name, " ", "-")
+			c, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, image: otherImage(ctx, t, d), args: []string{"sh", "-c", dirCheck}, annotations: vol(tc.writable)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if code, err := c.wait(t); err != nil || code != 0 {
+				t.Fatalf("exit %d: %v\n%s", code, err, c.stderr.String())
+			}
+			if got := c.stdout.String(); !strings.Contains(got, tc.want) {
+				t.Errorf("the container says %q, want %q", got, tc.want)
+			}
+			if _, err := c.task.Delete(ctx); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+
+	// Removed while a container uses it: the container keeps its volume.
+	user, err := start(ctx, t, d, "dir-user", runOpts{runtime: snapviewRT, image: otherImage(ctx, t, d), annotations: vol(false),
+		args: []string{"sh", "-c", `echo ready; while [ ! -e /tmp/go ]; do sleep 0.1; done; cat /restored/one /restored/sub/two`}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := user.waitOutput("ready"); err != nil {
+		t.Fatal(err)
+	}
+	removeSnapshot(ctx, t, d, s.ID)
+	if code, _, errOut, err := user.exec(ctx, "go", "touch", "/tmp/go"); err != nil || code != 0 {
+		t.Fatalf("exec: %d %v %s", code, err, errOut)
+	}
+	if code, err := user.wait(t); err != nil || code != 0 || !strings.Contains(user.stdout.String(), "one\ntwo") {
+		t.Fatalf("the container using the removed snapshot: exit %d %v: %q", code, err, user.stdout.String())
+	}
+}
+
+// otherImageRef is an image of its own, not the source container's: a
+// directory snapshot restores into a container of any image.
+const otherImageRef = "docker.io/snapview/other:1"
+
+var otherImageOnce struct {
+	sync.Once
+	img *harness.Image
+	err error
+}
+
+// otherImage imports otherImageRef into d (unpacked for its snapshotters)
+// and returns its name.
+func otherImage(ctx context.Context, t *testing.T, d *harness.Daemon, snapshotters ...string) string {
+	t.Helper()
+	otherImageOnce.Do(func() {
+		otherImageOnce.img, otherImageOnce.err = harness.BuildImage(suite.dir, harness.ImageSpec{Ref: otherImageRef, KernelSize: 4 << 10})
+	})
+	if otherImageOnce.err != nil {
+		t.Fatal(otherImageOnce.err)
+	}
+	if _, err := d.Import(ctx, ns, otherImageOnce.img, snapshotters...); err != nil {
+		t.Fatal(err)
+	}
+	return otherImageRef
 }
