@@ -15,6 +15,8 @@ SHIM      := $(BIN)/containerd-shim-snapview-v2
 CTL       := $(BIN)/snapviewctl
 # The shim with crash points compiled in, for the e2e crash matrix only.
 FAULT_SHIM := $(BIN)/fault/containerd-shim-snapview-v2
+# snapviewctl with crash points, for the e2e test of killed captures.
+FAULT_CTL := $(BIN)/fault/snapviewctl
 # The shims of earlier releases, for the upgrade test, built from this
 # repository's history: the release before this one, and the last release
 # whose shim performs none of the mounts snapview claims from containerd
@@ -38,7 +40,7 @@ LDFLAGS  := -s -w \
 	-X github.com/containerd/containerd/v2/version.Package=github.com/snapview/snapview
 
 # What the e2e harness and the demo are told about the tools.
-E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT_SHIM) SNAPVIEW_PREVIOUS_SHIMS="$(foreach r,$(PREVIOUS_RELEASES),$(r)=$(BIN)/previous-$(r)/containerd-shim-snapview-v2)" \
+E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT_SHIM) SNAPVIEW_FAULT_CTL=$(FAULT_CTL) SNAPVIEW_PREVIOUS_SHIMS="$(foreach r,$(PREVIOUS_RELEASES),$(r)=$(BIN)/previous-$(r)/containerd-shim-snapview-v2)" \
 	SNAPVIEW_CONTAINERD=$(TOOLS)/containerd-$(CONTAINERD_VERSION)/containerd \
 	SNAPVIEW_CONTAINERD_COMPAT=$(TOOLS)/containerd-$(CONTAINERD_COMPAT_VERSION)/containerd \
 	SNAPVIEW_RUNC=$(TOOLS)/runc-$(RUNC_VERSION)-seccomp/runc \
@@ -56,18 +58,22 @@ build: $(SHIM) $(CTL)
 # Module downloads on a fresh machine are kept out of the way.
 QUIET := 2> >(grep -v '^go: downloading' >&2)
 
-$(SHIM): $(shell find cmd pkg -name '*.go') go.mod go.sum
+$(SHIM): $(shell find cmd pkg params -name '*.go') go.mod go.sum
 	@echo "[build] containerd-shim-snapview-v2"
 	@CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $@ ./cmd/containerd-shim-snapview-v2 $(QUIET)
 
-$(FAULT_SHIM): $(shell find cmd pkg -name '*.go') go.mod go.sum
+$(FAULT_SHIM): $(shell find cmd pkg params -name '*.go') go.mod go.sum
 	@echo "[build] containerd-shim-snapview-v2 with fault points (tests only)"
 	@CGO_ENABLED=0 $(GO) build -trimpath -tags snapview_faults -ldflags '$(LDFLAGS)' -o $@ ./cmd/containerd-shim-snapview-v2 $(QUIET)
 
 $(BIN)/previous-%/containerd-shim-snapview-v2:
 	@./hack/build-previous.sh $* $@
 
-$(CTL): $(shell find cmd pkg -name '*.go') go.mod go.sum
+$(FAULT_CTL): $(shell find cmd pkg snapshots params -name '*.go') go.mod go.sum
+	@echo "[build] snapviewctl with fault points (tests only)"
+	@CGO_ENABLED=0 $(GO) build -trimpath -tags snapview_faults -ldflags '-s -w' -o $@ ./cmd/snapviewctl $(QUIET)
+
+$(CTL): $(shell find cmd pkg snapshots params -name '*.go') go.mod go.sum
 	@echo "[build] snapviewctl"
 	@CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $@ ./cmd/snapviewctl $(QUIET)
 
@@ -91,7 +97,7 @@ test: build deps unit
 unit:
 	$(GO) test -count=1 $(UNIT_PKGS)
 
-e2e: build $(FAULT_SHIM) $(PREVIOUS_SHIMS) deps
+e2e: build $(FAULT_SHIM) $(FAULT_CTL) $(PREVIOUS_SHIMS) deps
 	$(E2E_ENV) $(GO) test $(E2E_FLAGS) -v ./tests/e2e/ 2>&1 | tee $(CACHE)/e2e.log | grep -E '^(=== RUN|--- |\s+--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 

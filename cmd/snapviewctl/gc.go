@@ -40,6 +40,14 @@ func gc(ctx context.Context, g global, args []string) error {
 		orphans, err := sweep.Namespace(nctx, b, ns, sweep.Options{BundleRoot: inventory.BundleRoot(g.state, ns), DryRun: *dryRun})
 		for _, o := range orphans {
 			total++
+			if o.Snapshot != "" {
+				fmt.Printf("%s dead capture %s/%s: lease %s", verb, ns, o.Snapshot, o.Lease)
+				if o.ContainerID != "" {
+					fmt.Printf(", container %s resumed", o.ContainerID)
+				}
+				fmt.Println()
+				continue
+			}
 			fmt.Printf("%s orphan %s/%s: lease %s, views %v", verb, ns, o.ContainerID, o.Lease, o.Views)
 			if len(o.Mountpoints) > 0 {
 				fmt.Printf(", mount %s", strings.Join(o.Mountpoints, ", "))

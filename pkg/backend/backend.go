@@ -21,6 +21,8 @@ import (
 	mountsapi "github.com/containerd/containerd/api/services/mounts/v1"
 	namespacesapi "github.com/containerd/containerd/api/services/namespaces/v1"
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	tasksapi "github.com/containerd/containerd/api/services/tasks/v1"
+	"github.com/containerd/containerd/api/types/task"
 	"github.com/containerd/containerd/v2/core/content"
 	contentproxy "github.com/containerd/containerd/v2/core/content/proxy"
 	"github.com/containerd/containerd/v2/core/images"
@@ -126,6 +128,29 @@ func (b *Backend) SnapshotterRoot(ctx context.Context, name string) (string, err
 		}
 	}
 	return "", nil
+}
+
+// ResumePaused resumes the task of container id if it is paused; a
+// container without a task is an error wrapping errdefs.ErrNotFound.
+func (b *Backend) ResumePaused(ctx context.Context, id string) error {
+	c, err := b.client()
+	if err != nil {
+		return err
+	}
+	cctx, cancel := WithTimeout(ctx)
+	defer cancel()
+	tc := tasksapi.NewTasksClient(c)
+	resp, err := tc.Get(cctx, &tasksapi.GetRequest{ContainerID: id})
+	if err != nil {
+		return errgrpc.ToNative(err)
+	}
+	if resp.GetProcess().GetStatus() != task.Status_PAUSED {
+		return nil
+	}
+	if _, err := tc.Resume(cctx, &tasksapi.ResumeTaskRequest{ContainerID: id}); err != nil {
+		return errgrpc.ToNative(err)
+	}
+	return nil
 }
 
 // Snapshotter returns the snapshotter called name.

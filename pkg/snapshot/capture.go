@@ -21,26 +21,6 @@ import (
 	"github.com/snapview/snapview/pkg/snapshot/record"
 )
 
-// Labels of a capture's lease.
-const (
-	// LabelCapture names the lock file of the command that holds the
-	// capture, in CaptureDir.
-	LabelCapture = "snapview.io/capture"
-	// LabelPaused names the container the capture paused, which the sweep
-	// resumes if the command died before it could.
-	LabelPaused = "snapview.io/paused"
-)
-
-// LeasePrefix starts the id of every capture's lease.
-const LeasePrefix = "snapview/snapshot/"
-
-// CaptureDir returns where the captures' locks are: a hidden directory of
-// containerd's task state directory (containerd skips names that start
-// with a dot there).
-func CaptureDir(stateDir string) string {
-	return filepath.Join(stateDir, "io.containerd.runtime.v2.task", ".snapview-captures")
-}
-
 // capture is a capture in progress: its lease and the lock that says its
 // command is alive.
 type capture struct {
@@ -56,7 +36,7 @@ type capture struct {
 // container's. It returns ctx with the lease, under which everything the
 // capture makes is created.
 func (n *Node) startCapture(ctx context.Context, id, container string, pause bool) (_ *capture, _ context.Context, retErr error) {
-	dir := CaptureDir(n.StateDir)
+	dir := record.CaptureDir(n.StateDir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, ctx, fmt.Errorf("snapview: the captures' lock directory: %w", err)
 	}
@@ -74,11 +54,11 @@ func (n *Node) startCapture(ctx context.Context, id, container string, pause boo
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		return nil, ctx, fmt.Errorf("snapview: lock %s: %w", path, err)
 	}
-	labels := map[string]string{record.LabelSnapshot: id, LabelCapture: filepath.Base(path)}
+	labels := map[string]string{record.LabelSnapshot: id, record.LabelCapture: filepath.Base(path)}
 	if pause {
-		labels[LabelPaused] = container
+		labels[record.LabelPaused] = container
 	}
-	l, err := n.Client.LeasesService().Create(ctx, leases.WithID(LeasePrefix+id), leases.WithLabels(labels))
+	l, err := n.Client.LeasesService().Create(ctx, leases.WithID(record.LeasePrefix+id), leases.WithLabels(labels))
 	if err != nil {
 		return nil, ctx, fmt.Errorf("snapview: the capture's lease: %w", err)
 	}

@@ -87,7 +87,7 @@ func (n *Node) captureContainer(ctx context.Context, rec *record.Record, info co
 	if err != nil {
 		return 0, fmt.Errorf("snapview: the changes of container %s's rootfs: %w", info.ID, err)
 	}
-	fault.Point(PointLayer, rec.ID)
+	fault.Point(PointLayer, rec.Source)
 	empty, err := emptyLayer(ctx, cs, layer)
 	if err != nil {
 		return 0, err
@@ -106,12 +106,12 @@ func (n *Node) captureContainer(ctx context.Context, rec *record.Record, info co
 	if err != nil {
 		return 0, err
 	}
-	fault.Point(PointConfig, rec.ID)
+	fault.Point(PointConfig, rec.Source)
 	man, err := n.writeManifest(ctx, rec, base, config, added)
 	if err != nil {
 		return 0, err
 	}
-	fault.Point(PointManifest, rec.ID)
+	fault.Point(PointManifest, rec.Source)
 	rec.Target = man
 	return man.Size + config.Size + sizeOf(added), nil
 }

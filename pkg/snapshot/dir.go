@@ -64,7 +64,7 @@ func (n *Node) captureDir(ctx context.Context, rec *record.Record, info containe
 		return 0, fmt.Errorf("snapview: read directory %s of container %s: %w", dir, info.ID, err)
 	}
 	rec.Skipped = t.skipped
-	fault.Point(PointLayer, rec.ID)
+	fault.Point(PointLayer, rec.Source)
 
 	p := platforms.DefaultSpec()
 	cfg := ocispec.Image{
@@ -78,7 +78,7 @@ func (n *Node) captureDir(ctx context.Context, rec *record.Record, info containe
 	if err != nil {
 		return 0, err
 	}
-	fault.Point(PointConfig, rec.ID)
+	fault.Point(PointConfig, rec.Source)
 	m := ocispec.Manifest{MediaType: ocispec.MediaTypeImageManifest, Config: config, Layers: []ocispec.Descriptor{layer}, Annotations: annotations(*rec)}
 	m.SchemaVersion = 2
 	man, err := n.writeJSON(ctx, rec, "manifest", ocispec.MediaTypeImageManifest, m, map[string]string{
@@ -87,7 +87,7 @@ func (n *Node) captureDir(ctx context.Context, rec *record.Record, info containe
 	if err != nil {
 		return 0, err
 	}
-	fault.Point(PointManifest, rec.ID)
+	fault.Point(PointManifest, rec.Source)
 	rec.Target = man
 	// Unpacked now, in the container's snapshotter: a volume views it there,
 	// and the shim, which mounts volumes, does not unpack.
@@ -95,7 +95,7 @@ func (n *Node) captureDir(ctx context.Context, rec *record.Record, info containe
 	if err := img.Unpack(ctx, info.Snapshotter); err != nil {
 		return 0, fmt.Errorf("snapview: unpack the directory snapshot in snapshotter %s: %w", info.Snapshotter, err)
 	}
-	fault.Point(PointUnpacked, rec.ID)
+	fault.Point(PointUnpacked, rec.Source)
 	return layer.Size + config.Size + man.Size, nil
 }
 
@@ -117,7 +117,7 @@ func (n *Node) withContainerRoot(ctx context.Context, rec *record.Record, info c
 	if slices.ContainsFunc(ms, diskImage) {
 		return fmt.Errorf("snapview: container %s has no task, and its rootfs in snapshotter %s is a disk image, which snapview does not mount on the host to read a directory; take the snapshot while the container runs", info.ID, info.Snapshotter)
 	}
-	return n.withReadOnly(ctx, LeasePrefix+rec.ID+"/rootfs", ms, func(dir string) error {
+	return n.withReadOnly(ctx, rec, "rootfs", ms, func(dir string) error {
 		root, err := os.OpenFile(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			return err

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 
@@ -20,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/snapview/snapview/pkg/blockdev"
+	"github.com/snapview/snapview/pkg/fault"
 	"github.com/snapview/snapview/pkg/snapshot/record"
 	"github.com/snapview/snapview/pkg/view"
 )
@@ -73,7 +75,7 @@ func (n *Node) writeChanges(ctx context.Context, rec *record.Record, sn, key str
 	if err != nil {
 		return fmt.Errorf("snapview: the container's snapshot %s: %w", key, err)
 	}
-	lowerKey := LeasePrefix + rec.ID + "/parent"
+	lowerKey := record.LeasePrefix + rec.ID + "/parent"
 	lower, err := s.View(ctx, lowerKey, info.Parent)
 	if err != nil {
 		return fmt.Errorf("snapview: a view of the container's image: %w", err)
@@ -83,7 +85,7 @@ func (n *Node) writeChanges(ctx context.Context, rec *record.Record, sn, key str
 		defer cancel()
 		_ = s.Remove(cctx, lowerKey)
 	}()
-	return n.withReadOnly(ctx, lowerKey, lower, func(lowerRoot string) error {
+	return n.withReadOnly(ctx, rec, "parent", lower, func(lowerRoot string) error {
 		upper, err := s.Mounts(ctx, key)
 		if err != nil {
 			return fmt.Errorf("snapview: the container's snapshot %s: %w", key, err)
@@ -95,7 +97,7 @@ func (n *Node) writeChanges(ctx context.Context, rec *record.Record, sn, key str
 			}
 			return cw.Close()
 		}
-		return n.withReadOnly(ctx, LeasePrefix+rec.ID+"/rootfs", upper, func(upperRoot string) error {
+		return n.withReadOnly(ctx, rec, "rootfs", upper, func(upperRoot string) error {
 			return archive.WriteDiff(ctx, w, lowerRoot, upperRoot)
 		})
 	})
@@ -119,10 +121,12 @@ func upperDir(mounts []mount.Mount) string {
 	return ""
 }
 
-// withReadOnly mounts mounts read-only in a temporary directory (through
-// containerd's mount manager, as activation name, when they need it), runs
-// f on it, and unmounts. A disk image a guest wrote is never mounted.
-func (n *Node) withReadOnly(ctx context.Context, name string, mounts []mount.Mount, f func(root string) error) error {
+// withReadOnly mounts mounts read-only (through containerd's mount
+// manager, as activation <lease>/<part>, when they need it) at
+// record.CaptureMounts(<state>, id)/<part>, runs f on it, and unmounts. The
+// mountpoint is where the sweep finds it if the command dies before that.
+// A disk image a guest wrote is never mounted.
+func (n *Node) withReadOnly(ctx context.Context, rec *record.Record, part string, mounts []mount.Mount, f func(root string) error) error {
 	for _, m := range mounts {
 		if who, err := guestWritten(m); err != nil || who != "" {
 			return fmt.Errorf("snapview: %s was handed to a guest (container %s), and snapview never mounts a filesystem a guest wrote on the host: %w", m.Source, who, err)
@@ -130,7 +134,8 @@ func (n *Node) withReadOnly(ctx context.Context, name string, mounts []mount.Mou
 	}
 	if view.NeedsManager(mounts) {
 		mm := n.Client.MountManager()
-		ai, err := mm.Activate(ctx, name, mounts, mount.WithLabels(map[string]string{record.LabelSnapshot: strings.TrimPrefix(name, LeasePrefix)}))
+		name := record.LeasePrefix + rec.ID + "/" + part
+		ai, err := mm.Activate(ctx, name, mounts, mount.WithLabels(map[string]string{record.LabelSnapshot: rec.ID}))
 		if err != nil {
 			return fmt.Errorf("snapview: activate the mounts of %s: %w", name, err)
 		}
@@ -141,16 +146,16 @@ func (n *Node) withReadOnly(ctx context.Context, name string, mounts []mount.Mou
 		}()
 		mounts = ai.System
 	}
-	tmp, err := os.MkdirTemp("", "snapview-snapshot-")
-	if err != nil {
-		return err
+	mp := filepath.Join(record.CaptureMounts(n.StateDir, rec.ID), part)
+	if _, err := view.Mount(mounts, mp); err != nil {
+		return fmt.Errorf("snapview: mount the %s read-only: %w", part, err)
 	}
-	if _, err := view.Mount(mounts, tmp); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("snapview: mount %s read-only: %w", name, err)
-	}
-	defer func() { _ = view.Unmount(tmp) }()
-	return f(tmp)
+	defer func() {
+		_ = view.Unmount(mp)
+		_ = os.Remove(filepath.Dir(mp))
+	}()
+	fault.Point(PointMounted, rec.Source)
+	return f(mp)
 }
 
 // syncRoot flushes the filesystem a running container's root is on to its

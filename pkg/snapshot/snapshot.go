@@ -70,10 +70,12 @@ type Snapshot struct {
 }
 
 // Crash points of a capture, for the fault build of snapviewctl (package
-// fault), after each step that leaves something behind.
+// fault), after each step that leaves something behind, for the source
+// container's id.
 const (
 	PointLease    = "capture-lease"
 	PointPaused   = "capture-paused"
+	PointMounted  = "capture-mounted"
 	PointLayer    = "capture-layer"
 	PointConfig   = "capture-config"
 	PointManifest = "capture-manifest"
@@ -131,14 +133,14 @@ func (n *Node) Create(ctx context.Context, ns, id string, o CreateOptions) (_ *S
 		return nil, err
 	}
 	defer func() { retErr = errors.Join(retErr, c.end(ctx, retErr)) }()
-	fault.Point(PointLease, sid)
+	fault.Point(PointLease, id)
 	if pause {
 		resume, err := n.pause(ctx, task, id)
 		if err != nil {
 			return nil, err
 		}
 		defer resume()
-		fault.Point(PointPaused, sid)
+		fault.Point(PointPaused, id)
 	}
 
 	var err2 error
@@ -161,7 +163,7 @@ func (n *Node) Create(ctx context.Context, ns, id string, o CreateOptions) (_ *S
 	if err != nil {
 		return nil, fmt.Errorf("snapview: record snapshot %s: %w", sid, err)
 	}
-	fault.Point(PointRecord, sid)
+	fault.Point(PointRecord, id)
 	rec.Target = img.Target
 	logger.WithFields(log.Fields{"kind": rec.Kind, "form": rec.Form, "size": rec.Size, "dir": rec.Dir, "base": rec.Base, "name": rec.Name}).Info("snapview: snapshot taken")
 	return &Snapshot{Record: rec}, nil

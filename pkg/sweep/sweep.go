@@ -41,7 +41,11 @@ import (
 // Orphan is what the sweep removed (or, in a dry run, would remove) for
 // one container.
 type Orphan struct {
+	// ContainerID is the orphaned view's container (for a dead capture,
+	// the container it had paused and the sweep resumed, if any).
 	ContainerID string
+	// Snapshot is the snapshot of a dead capture.
+	Snapshot string
 	// Lease is the orphaned lease, or "" for a leftover mount alone.
 	Lease string
 	// Views are the snapshots the lease held, as "snapshotter/key".
@@ -64,7 +68,7 @@ type Options struct {
 // Namespace sweeps namespace ns and returns the orphans it removed, or would
 // remove in a dry run. Every orphan is attempted; the errors of those that
 // could not be removed are joined, and they are not in the result.
-func Namespace(ctx context.Context, b lifecycle.Backend, ns string, opts Options) ([]Orphan, error) {
+func Namespace(ctx context.Context, b Backend, ns string, opts Options) ([]Orphan, error) {
 	lc := lifecycle.New(b)
 	lm, err := b.Leases()
 	if err != nil {
@@ -126,6 +130,11 @@ func Namespace(ctx context.Context, b lifecycle.Backend, ns string, opts Options
 		}
 		log.G(ctx).WithFields(log.Fields{"id": id, "lease": l.ID, "views": o.Views, "target": o.Mountpoints}).Warn("snapview: orphaned view removed")
 		orphans = append(orphans, o)
+	}
+	if opts.BundleRoot != "" {
+		dead, err := captures(ctx, b, captureDir(opts.BundleRoot), opts.DryRun)
+		orphans = append(orphans, dead...)
+		errs = append(errs, err)
 	}
 	if opts.BundleRoot != "" {
 		seen := map[string]bool{}

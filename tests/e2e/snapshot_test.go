@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -352,4 +353,94 @@ func otherImage(ctx context.Context, t *testing.T, d *harness.Daemon, snapshotte
 		t.Fatal(err)
 	}
 	return otherImageRef
+}
+
+// TestSnapshotCaptureKilled kills snapviewctl (SIGKILL, from inside, as a
+// crash would: its fault build) at every step of a capture that leaves
+// something behind, container and directory snapshots alike, and then runs
+// the sweep (snapviewctl gc): the container the capture paused runs again,
+// and no capture lease, lock, mount, activation or blob of the capture is
+// left; a capture killed after its record exists left a whole snapshot.
+func TestSnapshotCaptureKilled(t *testing.T) {
+	faultCtl := os.Getenv("SNAPVIEW_FAULT_CTL")
+	if faultCtl == "" {
+		t.Fatal("SNAPVIEW_FAULT_CTL is not set: run through `make e2e`")
+	}
+	d := suite.daemon
+	ctx := setup(t, d)
+	src := "capture-killed"
+	r, err := start(ctx, t, d, src, runOpts{runtime: snapviewRT, args: []string{"sh", "-c", dirScript}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.waitOutput("ready"); err != nil {
+		t.Fatal(err)
+	}
+	faultFile := t.TempDir() + "/fault"
+	for _, tc := range []struct {
+		args   []string
+		points []string
+	}{
+		{nil, []string{"capture-lease", "capture-paused", "capture-mounted", "capture-layer", "capture-config", "capture-manifest", "capture-record"}},
+		{[]string{"--dir", "/data"}, []string{"capture-lease", "capture-paused", "capture-layer", "capture-config", "capture-manifest", "capture-unpacked", "capture-record"}},
+	} {
+		kind := "container"
+		if tc.args != nil {
+			kind = "directory"
+		}
+		for _, point := range tc.points {
+			t.Run(kind+"/"+point, func(t *testing.T) {
+				before := blobSet(ctx, t, d)
+				if err := os.WriteFile(faultFile, []byte(point+" "+src), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				full := append([]string{"--address", d.Address, "--state", d.State, "--namespace", ns, "snapshot", "create"}, append(tc.args, src)...)
+				cmd := exec.Command(faultCtl, full...)
+				cmd.Env = append(os.Environ(), "SNAPVIEW_FAULT_FILE="+faultFile)
+				out, err := cmd.CombinedOutput()
+				if _, ferr := os.Stat(faultFile + ".fired"); ferr != nil || err == nil {
+					t.Fatalf("snapviewctl was not killed at %s: %v\n%s", point, err, out)
+				}
+				os.Remove(faultFile + ".fired")
+				gc, _, code := ctlRun(t, d, nil, "gc")
+				if code != 0 || !strings.Contains(gc, "removed dead capture "+ns+"/") {
+					t.Fatalf("snapviewctl gc (exit %d) did not remove the dead capture:\n%s", code, gc)
+				}
+				if st, err := r.task.Status(ctx); err != nil || st.Status != client.Running {
+					t.Fatalf("the source container is %v after the sweep (%v), want it running", st.Status, err)
+				}
+				checkNoSnapshotLeftovers(ctx, t, d)
+				var kept []string
+				if point == "capture-record" {
+					imgs, err := d.Client().ImageService().List(ctx, `labels."snapview.io/snapshot"`)
+					if err != nil || len(imgs) != 1 {
+						t.Fatalf("a capture killed after its record: %v %v, want one snapshot", imgs, err)
+					}
+					for _, b := range blobsOf(ctx, t, d.Client(), imgs[0].Target) {
+						kept = append(kept, b.Digest.String())
+					}
+					defer removeSnapshot(ctx, t, d, strings.TrimPrefix(imgs[0].Name, "localhost/snapview/snapshot:"))
+				}
+				for dg := range blobSet(ctx, t, d) {
+					if !before[dg] && !slices.Contains(kept, dg) {
+						t.Errorf("blob %s of the killed capture left", dg)
+					}
+				}
+			})
+		}
+	}
+}
+
+// blobSet returns the digests of every blob in the content store of the
+// test namespace.
+func blobSet(ctx context.Context, t *testing.T, d *harness.Daemon) map[string]bool {
+	t.Helper()
+	set := map[string]bool{}
+	if err := d.Client().ContentStore().Walk(ctx, func(info content.Info) error {
+		set[info.Digest.String()] = true
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return set
 }

@@ -458,6 +458,14 @@ func (b *Backend) Content() (content.Provider, error) {
 	return b.env.DB.ContentStore(), nil
 }
 
+// ResumePaused implements sweep.Backend: the unit tests have no tasks.
+func (b *Backend) ResumePaused(context.Context, string) error {
+	if err := b.call("ResumePaused"); err != nil {
+		return err
+	}
+	return errdefs.ErrNotFound
+}
+
 // SnapshotterRoot implements lifecycle.Backend: Roots[name], else "/" (the
 // tests' disk images are anywhere).
 func (b *Backend) SnapshotterRoot(_ context.Context, name string) (string, error) {

@@ -17,6 +17,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"regexp"
 	"time"
 
@@ -242,6 +243,32 @@ func Lookup(ctx context.Context, get Getter, ns, id string) (Record, error) {
 	}
 	return r, nil
 }
+
+// Labels of a capture's lease.
+const (
+	// LabelCapture names the lock file of the command that holds the
+	// capture, in CaptureDir.
+	LabelCapture = "snapview.io/capture"
+	// LabelPaused names the container the capture paused, which the sweep
+	// resumes if the command died before it could.
+	LabelPaused = "snapview.io/paused"
+)
+
+// LeasePrefix starts the id of every capture's lease.
+const LeasePrefix = "snapview/snapshot/"
+
+// CaptureDir returns where the captures' locks are, for containerd's
+// state directory stateDir: a hidden directory of
+// containerd's task state directory (containerd skips names that start
+// with a dot there).
+func CaptureDir(stateDir string) string {
+	return filepath.Join(stateDir, "io.containerd.runtime.v2.task", ".snapview-captures")
+}
+
+// CaptureMounts returns where a capture of snapshot id mounts what it
+// reads (a view of the container's image, its rootfs): below CaptureDir,
+// where the sweep unmounts them if the capture's command died.
+func CaptureMounts(stateDir, id string) string { return filepath.Join(CaptureDir(stateDir), id+".d") }
 
 // Filter selects the image records of snapshots in an images List call.
 var Filter = fmt.Sprintf("labels.%q", LabelSnapshot)
