@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"slices"
@@ -13,9 +14,13 @@ import (
 	"testing"
 	"time"
 
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/platforms"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
@@ -443,4 +448,165 @@ func blobSet(ctx context.Context, t *testing.T, d *harness.Daemon) map[string]bo
 		t.Fatal(err)
 	}
 	return set
+}
+
+// TestSnapshotRefused checks that every bad request is refused with a
+// snapview: error that names what was wrong, exit code 1 (2 for bad usage),
+// and leaves nothing: captures of a container that does not exist, has no
+// image snapshot, or whose image lacks its layers' blobs, a bad name, a
+// relative directory or one that is not there, one larger than the cap;
+// and every wrong id given back, in any command and as a volume.
+func TestSnapshotRefused(t *testing.T) {
+	d := suite.daemon
+	ctx := setup(t, d)
+	src := "snap-refused"
+	r, err := start(ctx, t, d, src, runOpts{runtime: snapviewRT, args: []string{"sh", "-c", dirScript}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.waitOutput("ready"); err != nil {
+		t.Fatal(err)
+	}
+	// A container whose rootfs was given to containerd (ctr run --rootfs,
+	// Docker): no image snapshot.
+	bare, err := d.Client().NewContainer(ctx, "snap-refused-bare", client.WithRuntime(snapviewRT, nil),
+		client.WithNewSpec(oci.WithRootFSPath(t.TempDir()), oci.WithProcessArgs("true")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { deleteContainer(t, bare) })
+	container := takeSnapshot(t, d, src)
+	defer removeSnapshot(ctx, t, d, container.ID)
+	unknown := "2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f"
+	small := t.TempDir() + "/small.toml"
+	if err := os.WriteFile(small, []byte("[snapshots]\nmax_directory_size = \"2KiB\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		want []string
+	}{
+		{"no such container", []string{"create", "nope"}, 1, []string{"container nope: not found in namespace " + ns}},
+		{"no image snapshot", []string{"create", "snap-refused-bare"}, 1, []string{"container snap-refused-bare has no image snapshot"}},
+		{"bad name", []string{"create", "--name", "../x", src}, 1, []string{`snapshot name "../x" must match`}},
+		{"relative directory", []string{"create", "--dir", "data", src}, 1, []string{`--dir "data" is not a clean absolute path`}},
+		{"no such directory", []string{"create", "--dir", "/nope", src}, 1, []string{"directory /nope of container " + src, "no such file or directory"}},
+		{"a file for a directory", []string{"create", "--dir", "/data/one", src}, 1, []string{"directory /data/one of container " + src, "not a directory"}},
+		{"a directory out through a symlink", []string{"create", "--dir", "/data/passwd-link", src}, 1, []string{"directory /data/passwd-link", "not a directory"}},
+		{"larger than the cap", []string{"create", "--config", small, "--dir", "/bin", src}, 1, []string{"directory /bin of container " + src + " is larger than the 2KiB a directory snapshot may be", "max_directory_size in " + small}},
+		{"no container", []string{"create"}, 2, []string{"snapshot create takes one container"}},
+		{"malformed id", []string{"inspect", "nightly"}, 1, []string{`snapshot id "nightly"`, "not a snapshot id"}},
+		{"upper-case id", []string{"rm", strings.ToUpper(container.ID)}, 1, []string{"not a snapshot id"}},
+		{"unknown id", []string{"inspect", unknown}, 1, []string{"snapshot " + unknown + ": not found in namespace " + ns}},
+		{"another namespace's", []string{"--namespace-of-test", "inspect", container.ID}, 1, []string{"snapshot " + container.ID + ": not found in namespace other-" + ns}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{"snapshot"}, tc.args...)
+			var env []string
+			if args[1] == "--namespace-of-test" {
+				args = append([]string{"--namespace", "other-" + ns, "snapshot"}, tc.args[1:]...)
+			}
+			before := blobSet(ctx, t, d)
+			out, errOut, code := ctlRun(t, d, env, args...)
+			if code != tc.code || out != "" {
+				t.Fatalf("exit %d, stdout %q, want exit %d and nothing on stdout\n%s", code, out, tc.code, errOut)
+			}
+			if tc.code == 1 && !strings.HasPrefix(errOut, "snapview: ") {
+				t.Errorf("stderr does not start with snapview: %q", errOut)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(errOut, w) {
+					t.Errorf("stderr lacks %q:\n%s", w, errOut)
+				}
+			}
+			checkNoSnapshotLeftovers(ctx, t, d)
+			for dg := range blobSet(ctx, t, d) {
+				if !before[dg] {
+					t.Errorf("blob %s left", dg)
+				}
+			}
+			if st, err := r.task.Status(ctx); err != nil || st.Status != client.Running {
+				t.Fatalf("the source container is %v (%v), want it running", st.Status, err)
+			}
+		})
+	}
+
+	// Every wrong id as a volume: a snapview: error naming it, never an
+	// empty volume, and nothing left.
+	vol := func(id string, extra string) map[string]string {
+		return map[string]string{"io.snapview.volume.v": `{"snapshot":"` + id + `","target":"/restored"` + extra + `}`}
+	}
+	for _, tc := range []struct {
+		name   string
+		ann    map[string]string
+		config string
+		want   []string
+	}{
+		{"malformed", vol("nightly", ""), "", []string{"annotation io.snapview.volume.v", `snapshot id "nightly"`, "not a snapshot id"}},
+		{"unknown", vol(unknown, ""), "", []string{"annotation io.snapview.volume.v", "snapshot " + unknown + ": not found in namespace " + ns}},
+		{"a container snapshot", vol(container.ID, ""), "", []string{"snapshot " + container.ID + " is a container snapshot, not a directory snapshot", container.Image}},
+		{"restore off", vol(unknown, ""), "[snapshots]\nrestore = false\n", []string{"restoring snapshots is off ([snapshots] restore = false"}},
+		{"at the root", vol(unknown, ""), "", []string{}},
+	} {
+		t.Run("volume "+tc.name, func(t *testing.T) {
+			ann := tc.ann
+			if tc.name == "at the root" {
+				ann = map[string]string{"io.snapview.volume.v": `{"snapshot":"` + unknown + `","target":"/"}`}
+				tc.want = []string{"annotation io.snapview.volume.v", `target "/"`, "root directory"}
+			}
+			var opts any
+			if tc.config != "" {
+				opts = &runtimeoptions.Options{ConfigBody: []byte(tc.config)}
+			}
+			refused(ctx, t, d, "snap-vol-refused-"+strings.ReplaceAll(tc.name, " ", "-"), runOpts{runtime: snapviewRT, runtimeOpts: opts, annotations: ann, args: []string{"true"}}, tc.want...)
+		})
+	}
+	if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSnapshotBaseLayersMissing refuses a container snapshot of a container
+// whose image lacks its layers' blobs in the content store (as after a pull
+// that discarded them once unpacked): such a snapshot could not be pushed
+// or moved. The error names the layers and says what to do.
+func TestSnapshotBaseLayersMissing(t *testing.T) {
+	d := suite.daemon
+	ctx := setup(t, d)
+	const ref = "docker.io/snapview/partial:1"
+	built, err := harness.BuildImage(t.TempDir(), harness.ImageSpec{Ref: ref, KernelSize: 2 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := d.Import(ctx, ns, built)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = d.Client().ImageService().Delete(harness.Context(context.Background(), ns), ref)
+	})
+	r, err := start(ctx, t, d, "snap-partial", runOpts{runtime: snapviewRT, image: ref, args: []string{"sleep", "300"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	man, err := images.Manifest(ctx, d.Client().ContentStore(), img.Target(), platforms.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range man.Layers {
+		if err := d.Client().ContentStore().Delete(ctx, l.Digest); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, errOut, code := ctlRun(t, d, nil, "snapshot", "create", "snap-partial")
+	if code != 1 || out != "" || !strings.Contains(errOut, fmt.Sprintf("image %s lacks %d of its layers in the content store (%s", ref, len(man.Layers), man.Layers[0].Digest)) ||
+		!strings.Contains(errOut, "content fetch") {
+		t.Fatalf("exit %d\n%s%s", code, out, errOut)
+	}
+	checkNoSnapshotLeftovers(ctx, t, d)
+	if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
+		t.Fatal(err)
+	}
 }
