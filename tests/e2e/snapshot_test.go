@@ -18,6 +18,7 @@ import (
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/platforms"
@@ -28,17 +29,18 @@ import (
 
 // snapshotJSON is what `snapviewctl snapshot create` prints.
 type snapshotJSON struct {
-	ID      string    `json:"id"`
-	Kind    string    `json:"kind"`
-	Form    string    `json:"form"`
-	Size    int64     `json:"size"`
-	Name    string    `json:"name"`
-	Created time.Time `json:"created"`
-	Source  string    `json:"source"`
-	Base    string    `json:"base"`
-	Dir     string    `json:"dir"`
-	Skipped int       `json:"skipped"`
-	Image   string    `json:"image"`
+	ID      string     `json:"id"`
+	Kind    string     `json:"kind"`
+	Form    string     `json:"form"`
+	Size    int64      `json:"size"`
+	Name    string     `json:"name"`
+	Created time.Time  `json:"created"`
+	Source  string     `json:"source"`
+	Base    string     `json:"base"`
+	Dir     string     `json:"dir"`
+	Skipped int        `json:"skipped"`
+	Expires *time.Time `json:"expires"`
+	Image   string     `json:"image"`
 }
 
 // ctlRun runs snapviewctl against daemon d with args and returns its
@@ -608,5 +610,165 @@ func TestSnapshotBaseLayersMissing(t *testing.T) {
 	checkNoSnapshotLeftovers(ctx, t, d)
 	if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestSnapshotTaskStates takes snapshots of containers whose task is
+// paused (it stays paused), created (not started: it stays created),
+// stopped, or that have no task, container and directory snapshots alike
+// (a directory of a container without a task is read from its rootfs
+// mounted read-only, which a disk image never is).
+func TestSnapshotTaskStates(t *testing.T) {
+	d := suite.daemon
+	ctx := setup(t, d)
+	for _, tc := range []struct {
+		state string
+		sn    string
+		want  client.ProcessStatus // after the capture; "" for no task
+	}{
+		{"paused", "overlayfs", client.Paused},
+		{"created", "overlayfs", client.Created},
+		{"stopped", "overlayfs", client.Stopped},
+		{"no task", "overlayfs", ""},
+		{"no task", "native", ""},
+	} {
+		t.Run(tc.state+"/"+tc.sn, func(t *testing.T) {
+			id := "snap-state-" + strings.ReplaceAll(tc.state, " ", "-") + "-" + tc.sn
+			o := runOpts{runtime: snapviewRT, snapshotter: tc.sn, args: []string{"sh", "-c", "mkdir -p /data && echo kept > /data/f; exec sleep 300"}}
+			switch tc.state {
+			case "created":
+				o.noStart = true
+			case "stopped", "no task":
+				o.args = []string{"sh", "-c", "mkdir -p /data && echo kept > /data/f"}
+			}
+			r, err := start(ctx, t, d, id, o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch tc.state {
+			case "paused":
+				deadline := time.Now().Add(10 * time.Second)
+				for {
+					if out, _, _, _ := r.exec(ctx, "check", "cat", "/data/f"); out == 0 {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatal("the container never wrote /data/f")
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
+				if err := r.task.Pause(ctx); err != nil {
+					t.Fatal(err)
+				}
+			case "stopped", "no task":
+				if code, err := r.wait(t); err != nil || code != 0 {
+					t.Fatalf("exit %d %v", code, err)
+				}
+				if tc.state == "no task" {
+					if _, err := r.task.Delete(ctx); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			whole := takeSnapshot(t, d, id)
+			var dir snapshotJSON
+			if tc.state != "created" {
+				dir = takeSnapshot(t, d, "--dir", "/data", id)
+			}
+			switch task, err := r.ctr.Task(ctx, nil); {
+			case tc.want == "" && !errdefs.IsNotFound(err):
+				t.Errorf("a task after the capture: %v", err)
+			case tc.want != "":
+				if err != nil {
+					t.Fatal(err)
+				}
+				if st, err := task.Status(ctx); err != nil || st.Status != tc.want {
+					t.Errorf("the task is %v after the capture (%v), want %v", st.Status, err, tc.want)
+				}
+			}
+			if tc.state == "paused" {
+				if err := r.task.Resume(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if dir.ID != "" {
+				got := ctrRun(ctx, t, d, "--snapshotter", tc.sn, "--runtime", snapviewRT, "--annotation",
+					`io.snapview.volume.d={"snapshot":"`+dir.ID+`","target":"/restored"}`, testImageID, id+"-restore", "cat", "/restored/f")
+				if !strings.Contains(got, "kept") {
+					t.Errorf("the directory snapshot restored holds %q", got)
+				}
+				removeSnapshot(ctx, t, d, dir.ID)
+			}
+			if tc.state != "created" {
+				got := ctrRun(ctx, t, d, "--snapshotter", tc.sn, "--runtime", snapviewRT, whole.Image, id+"-whole", "cat", "/data/f")
+				if !strings.Contains(got, "kept") {
+					t.Errorf("the container snapshot restored holds %q", got)
+				}
+			}
+			if tc.state != "no task" {
+				if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
+					t.Fatal(err)
+				}
+			}
+			removeSnapshot(ctx, t, d, whole.ID)
+		})
+	}
+	t.Run("no task on a disk image", func(t *testing.T) {
+		r, err := start(ctx, t, d, "snap-state-blockfile", runOpts{runtime: snapviewRT, snapshotter: "blockfile", args: []string{"true"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.wait(t); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.task.Delete(ctx); err != nil {
+			t.Fatal(err)
+		}
+		out, errOut, code := ctlRun(t, d, nil, "snapshot", "create", "--dir", "/etc", "snap-state-blockfile")
+		if code != 1 || out != "" || !strings.Contains(errOut, "has no task, and its rootfs in snapshotter blockfile is a disk image, which snapview does not mount on the host") {
+			t.Fatalf("exit %d\n%s%s", code, out, errOut)
+		}
+		checkNoSnapshotLeftovers(ctx, t, d)
+	})
+}
+
+// TestSnapshotTTL takes a snapshot that containerd may collect after a
+// second: once that is past, containerd's garbage collector takes its
+// record and its blobs.
+func TestSnapshotTTL(t *testing.T) {
+	d := suite.daemon
+	ctx := setup(t, d)
+	r, err := start(ctx, t, d, "snap-ttl", runOpts{runtime: snapviewRT, args: []string{"sh", "-c", snapshotScript}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.waitOutput("ready"); err != nil {
+		t.Fatal(err)
+	}
+	s := takeSnapshot(t, d, "--ttl", "1s", "snap-ttl")
+	img, err := d.Client().ImageService().Get(ctx, s.Image)
+	if err != nil || img.Labels["containerd.io/gc.expire"] == "" {
+		t.Fatalf("the record %+v (%v) has no expiry", img.Labels, err)
+	}
+	own := ownBlobs(ctx, t, d.Client(), img.Target)
+	if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	// A collection, as containerd schedules them.
+	l, err := d.Client().LeasesService().Create(ctx, leases.WithRandomID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Client().LeasesService().Delete(ctx, l, leases.SynchronousDelete); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Client().ImageService().Get(ctx, s.Image); !errdefs.IsNotFound(err) {
+		t.Errorf("the expired snapshot's record is still there: %v", err)
+	}
+	for _, b := range own {
+		if _, err := d.Client().ContentStore().Info(ctx, b.Digest); !errdefs.IsNotFound(err) {
+			t.Errorf("the expired snapshot's %s is still there: %v", b.Digest, err)
+		}
 	}
 }
