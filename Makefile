@@ -22,6 +22,9 @@ RUNC_VERSION              ?= v1.5.2
 K8S_VERSION               ?= v1.37.2
 CNI_PLUGINS_VERSION       ?= v1.10.0
 GOLANGCI_LINT_VERSION     ?= v2.15.0
+NERDCTL_VERSION           ?= v2.3.5
+DOCKERD_VERSION           ?= v2.0.0-beta.24
+REGISTRY_VERSION          ?= v3.1.2
 GOLANGCI_LINT             := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)/golangci-lint
 
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
@@ -36,7 +39,10 @@ E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT
 	SNAPVIEW_CONTAINERD=$(TOOLS)/containerd-$(CONTAINERD_VERSION)/containerd \
 	SNAPVIEW_CONTAINERD_COMPAT=$(TOOLS)/containerd-$(CONTAINERD_COMPAT_VERSION)/containerd \
 	SNAPVIEW_RUNC=$(TOOLS)/runc-$(RUNC_VERSION)-seccomp/runc \
-	SNAPVIEW_GUEST_KERNEL=$(TOOLS)/guest-kernel/root
+	SNAPVIEW_GUEST_KERNEL=$(TOOLS)/guest-kernel/root \
+	SNAPVIEW_NERDCTL=$(TOOLS)/nerdctl-$(NERDCTL_VERSION)/nerdctl \
+	SNAPVIEW_DOCKERD=$(TOOLS)/dockerd-$(DOCKERD_VERSION)/dockerd \
+	SNAPVIEW_REGISTRY=$(TOOLS)/registry-$(REGISTRY_VERSION)/registry
 
 E2E_FLAGS ?= -count=1 -timeout 40m
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
@@ -62,10 +68,13 @@ $(CTL): $(shell find cmd pkg -name '*.go') go.mod go.sum
 	@echo "[build] snapviewctl"
 	@CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $@ ./cmd/snapviewctl $(QUIET)
 
-# Everything the tests use: both containerd versions.
+# Everything the tests use: both containerd versions, and the clients
+# (nerdctl, dockerd, the Distribution registry).
 deps:
 	@TOOLS=$(TOOLS) CONTAINERD_VERSIONS="$(CONTAINERD_VERSION) $(CONTAINERD_COMPAT_VERSION)" \
 		RUNC_VERSION=$(RUNC_VERSION) ./hack/install-deps.sh
+	@TOOLS=$(TOOLS) NERDCTL_VERSION=$(NERDCTL_VERSION) DOCKERD_VERSION=$(DOCKERD_VERSION) \
+		REGISTRY_VERSION=$(REGISTRY_VERSION) ./hack/install-clients.sh
 
 # What the demos use: the newest containerd only.
 demo-deps:
