@@ -2,9 +2,10 @@ SHELL := /bin/bash
 # snapview: containerd-shim-snapview-v2
 #
 #   make demo    build, start a private containerd, run a container with snapview, clean up
-#   make test    every test: unit, e2e against real containerd + runc, and containerd's own
-#                client suite on runc and snapview, and a Kubernetes cluster
-#                (e2e, parity and k8s-e2e need root)
+#   make test    every test: unit, e2e against real containerd + runc (and nerdctl),
+#                the Docker Engine on snapview, containerd's own client suite on
+#                runc and snapview, and a Kubernetes cluster
+#                (e2e, docker-e2e, parity and k8s-e2e need root)
 
 GO        ?= go
 PREFIX    ?= /usr/local
@@ -47,7 +48,7 @@ E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT
 E2E_FLAGS ?= -count=1 -timeout 40m
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
 
-.PHONY: all build deps demo-deps k8s-deps test unit e2e k8s-e2e demo demo-vm bench soak parity parity-runsc fuzz install lint clean
+.PHONY: all build deps demo-deps k8s-deps test unit e2e docker-e2e k8s-e2e demo demo-vm bench soak parity parity-runsc fuzz install lint clean
 
 all: build
 
@@ -85,7 +86,8 @@ test: build deps unit
 	@if [ "$$(id -u)" -ne 0 ]; then \
 		echo "make test: e2e and parity SKIPPED: they need root (mounts, loop devices, a private containerd); run 'sudo make test'"; \
 	else \
-		$(MAKE) --no-print-directory e2e && $(MAKE) --no-print-directory parity && $(MAKE) --no-print-directory k8s-e2e; \
+		$(MAKE) --no-print-directory e2e && $(MAKE) --no-print-directory docker-e2e && \
+		$(MAKE) --no-print-directory parity && $(MAKE) --no-print-directory k8s-e2e; \
 	fi
 
 unit:
@@ -93,6 +95,14 @@ unit:
 
 e2e: build $(FAULT_SHIM) deps
 	$(E2E_ENV) $(GO) test $(E2E_FLAGS) -v ./tests/e2e/ 2>&1 | tee $(CACHE)/e2e.log | grep -E '^(=== RUN|--- |\s+--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
+		exit $${PIPESTATUS[0]}
+
+# Docker's Engine (dockerd, built by hack/install-clients.sh) on a private
+# containerd, driven by moby's Go client from a module of its own
+# (tests/docker), so that the shim's module never imports moby.
+DOCKER_E2E_FLAGS ?= -count=1 -timeout 20m
+docker-e2e: build deps
+	cd tests/docker && $(E2E_ENV) $(GO) test $(DOCKER_E2E_FLAGS) -v ./... 2>&1 | tee $(CACHE)/docker-e2e.log | grep -E '^(=== RUN|--- |\s+--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 
 # The Kubernetes components, from Kubernetes' own code (hack/k8s), and the
