@@ -276,8 +276,11 @@ func TestNerdctlDetached(t *testing.T) {
 		if !strings.Contains(stdout, "kernel "+suite.image.Files[harness.KernelPath]) || !strings.Contains(stderr, "to-stderr") {
 			t.Errorf("nerdctl logs: stdout %q, stderr %q", stdout, stderr)
 		}
-		if leaks := d.ViewLeaks(ctx, nerdctlNS); !slices.ContainsFunc(leaks, func(l string) bool { return strings.HasPrefix(l, "lease "+nerdctlNS+"/") }) {
-			t.Errorf("no snapview lease for nerdctl's running container: %v", leaks)
+		hasLease := func() bool {
+			return slices.ContainsFunc(d.ViewLeaks(ctx, nerdctlNS), func(l string) bool { return strings.HasPrefix(l, "lease "+nerdctlNS+"/") })
+		}
+		if !hasLease() {
+			t.Errorf("no snapview lease for nerdctl's running container: %v", d.ViewLeaks(ctx, nerdctlNS))
 		}
 
 		out := n.must(ctx, t, "exec", name, "sh", "-c", `echo "exec-kernel $(sha256sum < /.snapview/boot/kernel | cut -c1-64)"; echo "netns $(readlink /proc/1/ns/net)"`)
@@ -319,6 +322,9 @@ func TestNerdctlDetached(t *testing.T) {
 		}
 		if _, err := os.Stat(filepath.Join(stateDir(), "oci-hook.postStop.log")); err == nil {
 			t.Error("the postStop hook ran before the task's delete")
+		}
+		if !hasLease() {
+			t.Error("the view went with the stop; it belongs to the task, which nerdctl deletes only at start or rm")
 		}
 
 		first := lifecycle.StartedAt
