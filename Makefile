@@ -161,9 +161,11 @@ install: build
 	install -D -m 0755 $(CTL) $(DESTDIR)$(PREFIX)/bin/snapviewctl
 
 # golangci-lint v2 with .golangci.yml (gofmt, goimports, vet, staticcheck and
-# the linters listed there), installed once into .cache/tools.
+# the linters listed there), installed once into .cache/tools; also over the
+# Docker tests' module.
 lint: $(GOLANGCI_LINT)
 	$(GOLANGCI_LINT) run ./...
+	cd tests/docker && $(GOLANGCI_LINT) run ./...
 
 $(GOLANGCI_LINT):
 	@echo "[lint] installing golangci-lint $(GOLANGCI_LINT_VERSION) (first time only, about 3 minutes)"

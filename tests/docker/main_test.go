@@ -133,7 +133,7 @@ func start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	suite.api, err = client.New(client.WithHost(suite.docker.Host()), client.WithAPIVersionNegotiation())
+	suite.api, err = client.New(client.WithHost(suite.docker.Host()))
 	if err != nil {
 		return err
 	}
