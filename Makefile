@@ -2,9 +2,10 @@ SHELL := /bin/bash
 # snapview: containerd-shim-snapview-v2
 #
 #   make demo    build, start a private containerd, run a container with snapview, clean up
-#   make test    every test: unit, e2e against real containerd + runc, and containerd's own
-#                client suite on runc and snapview, and a Kubernetes cluster
-#                (e2e, parity and k8s-e2e need root)
+#   make test    every test: unit, e2e against real containerd + runc (and nerdctl),
+#                the Docker Engine on snapview, containerd's own client suite on
+#                runc and snapview, and a Kubernetes cluster
+#                (e2e, docker-e2e, parity and k8s-e2e need root)
 
 GO        ?= go
 PREFIX    ?= /usr/local
@@ -30,6 +31,9 @@ RUNC_VERSION              ?= v1.5.2
 K8S_VERSION               ?= v1.37.2
 CNI_PLUGINS_VERSION       ?= v1.10.0
 GOLANGCI_LINT_VERSION     ?= v2.15.0
+NERDCTL_VERSION           ?= v2.3.5
+DOCKERD_VERSION           ?= v2.0.0-beta.24
+REGISTRY_VERSION          ?= v3.1.2
 GOLANGCI_LINT             := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)/golangci-lint
 
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
@@ -44,12 +48,15 @@ E2E_ENV := SNAPVIEW_SHIM=$(SHIM) SNAPVIEW_CTL=$(CTL) SNAPVIEW_FAULT_SHIM=$(FAULT
 	SNAPVIEW_CONTAINERD=$(TOOLS)/containerd-$(CONTAINERD_VERSION)/containerd \
 	SNAPVIEW_CONTAINERD_COMPAT=$(TOOLS)/containerd-$(CONTAINERD_COMPAT_VERSION)/containerd \
 	SNAPVIEW_RUNC=$(TOOLS)/runc-$(RUNC_VERSION)-seccomp/runc \
-	SNAPVIEW_GUEST_KERNEL=$(TOOLS)/guest-kernel/root
+	SNAPVIEW_GUEST_KERNEL=$(TOOLS)/guest-kernel/root \
+	SNAPVIEW_NERDCTL=$(TOOLS)/nerdctl-$(NERDCTL_VERSION)/nerdctl \
+	SNAPVIEW_DOCKERD=$(TOOLS)/dockerd-$(DOCKERD_VERSION)/dockerd \
+	SNAPVIEW_REGISTRY=$(TOOLS)/registry-$(REGISTRY_VERSION)/registry
 
 E2E_FLAGS ?= -count=1 -timeout 40m
 UNIT_PKGS  = $(shell $(GO) list ./... | grep -v /tests/)
 
-.PHONY: all build deps demo-deps k8s-deps test unit e2e k8s-e2e demo demo-vm bench soak parity parity-runsc fuzz install lint clean
+.PHONY: all build deps demo-deps k8s-deps test unit e2e docker-e2e k8s-e2e demo demo-vm bench soak parity parity-runsc fuzz install lint clean
 
 all: build
 
@@ -77,10 +84,13 @@ $(CTL): $(shell find cmd pkg snapshots params -name '*.go') go.mod go.sum
 	@echo "[build] snapviewctl"
 	@CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w' -o $@ ./cmd/snapviewctl $(QUIET)
 
-# Everything the tests use: both containerd versions.
+# Everything the tests use: both containerd versions, and the clients
+# (nerdctl, dockerd, the Distribution registry).
 deps:
 	@TOOLS=$(TOOLS) CONTAINERD_VERSIONS="$(CONTAINERD_VERSION) $(CONTAINERD_COMPAT_VERSION)" \
 		RUNC_VERSION=$(RUNC_VERSION) ./hack/install-deps.sh
+	@TOOLS=$(TOOLS) NERDCTL_VERSION=$(NERDCTL_VERSION) DOCKERD_VERSION=$(DOCKERD_VERSION) \
+		REGISTRY_VERSION=$(REGISTRY_VERSION) ./hack/install-clients.sh
 
 # What the demos use: the newest containerd only.
 demo-deps:
@@ -91,7 +101,8 @@ test: build deps unit
 	@if [ "$$(id -u)" -ne 0 ]; then \
 		echo "make test: e2e and parity SKIPPED: they need root (mounts, loop devices, a private containerd); run 'sudo make test'"; \
 	else \
-		$(MAKE) --no-print-directory e2e && $(MAKE) --no-print-directory parity && $(MAKE) --no-print-directory k8s-e2e; \
+		$(MAKE) --no-print-directory e2e && $(MAKE) --no-print-directory docker-e2e && \
+		$(MAKE) --no-print-directory parity && $(MAKE) --no-print-directory k8s-e2e; \
 	fi
 
 unit:
@@ -99,6 +110,14 @@ unit:
 
 e2e: build $(FAULT_SHIM) $(FAULT_CTL) $(PREVIOUS_SHIMS) deps
 	$(E2E_ENV) $(GO) test $(E2E_FLAGS) -v ./tests/e2e/ 2>&1 | tee $(CACHE)/e2e.log | grep -E '^(=== RUN|--- |\s+--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
+		exit $${PIPESTATUS[0]}
+
+# Docker's Engine (dockerd, built by hack/install-clients.sh) on a private
+# containerd, driven by moby's Go client from a module of its own
+# (tests/docker), so that the shim's module never imports moby.
+DOCKER_E2E_FLAGS ?= -count=1 -timeout 20m
+docker-e2e: build deps
+	cd tests/docker && $(E2E_ENV) $(GO) test $(DOCKER_E2E_FLAGS) -v ./... 2>&1 | tee $(CACHE)/docker-e2e.log | grep -E '^(=== RUN|--- |\s+--- |PASS|FAIL|ok|panic|\s+\S+_test.go)' ; \
 		exit $${PIPESTATUS[0]}
 
 # The Kubernetes components, from Kubernetes' own code (hack/k8s), and the
@@ -157,9 +176,11 @@ install: build
 	install -D -m 0755 $(CTL) $(DESTDIR)$(PREFIX)/bin/snapviewctl
 
 # golangci-lint v2 with .golangci.yml (gofmt, goimports, vet, staticcheck and
-# the linters listed there), installed once into .cache/tools.
+# the linters listed there), installed once into .cache/tools; also over the
+# Docker tests' module.
 lint: $(GOLANGCI_LINT)
 	$(GOLANGCI_LINT) run ./...
+	cd tests/docker && $(GOLANGCI_LINT) run ./...
 
 $(GOLANGCI_LINT):
 	@echo "[lint] installing golangci-lint $(GOLANGCI_LINT_VERSION) (first time only, about 3 minutes)"

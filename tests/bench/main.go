@@ -5,7 +5,8 @@
 // created at once in one pod-grouped shim, and the `delete` action
 // containerd runs after every task delete; with views on and with views
 // off; on the newest and the oldest supported containerd, each also with
-// 100 containers of each runtime running (busy.go). Then block mode's
+// 100 containers of each runtime running (busy.go); nerdctl's and
+// Docker's run --rm (clients.go). Then block mode's
 // two shapes by image size, both under snapview: blockfile against the
 // erofs snapshotter's layers. Runs of the
 // two runtimes alternate. -runs N repeats the whole comparison and prints
@@ -259,6 +260,11 @@ func onDaemon(ctx context.Context, s *harness.Session, which string, ratios map[
 	if *volumeRows && which == strings.Split(*daemons, ",")[0] {
 		if err := b.volumes(ctx); err != nil {
 			return fmt.Errorf("volumes: %w", err)
+		}
+	}
+	if *clientRows && which == strings.Split(*daemons, ",")[0] {
+		if err := b.clients(ctx, imgSmall); err != nil {
+			return fmt.Errorf("clients: %w", err)
 		}
 	}
 	return d.CheckLeaks(ctx)

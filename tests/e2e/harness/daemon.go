@@ -32,6 +32,12 @@ type Tools struct {
 	Shim       string // containerd-shim-snapview-v2
 	Containerd string // containerd (its directory also holds ctr and containerd-shim-runc-v2)
 	Runc       string
+
+	// The clients, built by hack/install-clients.sh; empty when their
+	// variable is not set (a test that needs one then skips, saying so).
+	Nerdctl  string // nerdctl ($SNAPVIEW_NERDCTL)
+	Dockerd  string // dockerd, the Docker Engine ($SNAPVIEW_DOCKERD)
+	Registry string // the CNCF Distribution registry ($SNAPVIEW_REGISTRY)
 }
 
 // ToolsFromEnv reads the tool paths the Makefile exports. compat selects the
@@ -54,7 +60,31 @@ func ToolsFromEnv(compat bool) (Tools, error) {
 			return t, fmt.Errorf("%s: %w (run `make deps build`)", name, err)
 		}
 	}
+	// The clients are optional, but a path that is set must exist: the
+	// Makefile always sets them, so a missing binary is a failure, not a skip.
+	for _, c := range []struct {
+		name string
+		dst  *string
+	}{{"SNAPVIEW_NERDCTL", &t.Nerdctl}, {"SNAPVIEW_DOCKERD", &t.Dockerd}, {"SNAPVIEW_REGISTRY", &t.Registry}} {
+		*c.dst = os.Getenv(c.name)
+		if *c.dst == "" {
+			continue
+		}
+		if _, err := os.Stat(*c.dst); err != nil {
+			return t, fmt.Errorf("%s: %w (run `make deps`)", c.name, err)
+		}
+	}
 	return t, nil
+}
+
+// NeedClient returns why a test that needs the client whose binary is path
+// (a Tools field) cannot run, or "" if it can: its variable (name) is not
+// set, as when the tests run without the Makefile.
+func NeedClient(name, path string) string {
+	if path != "" {
+		return ""
+	}
+	return name + " is not set: the test needs that client (hack/install-clients.sh builds it; `make e2e` sets the variable)"
 }
 
 // Ctr returns the ctr binary built with containerd.
