@@ -207,3 +207,46 @@ func public(r record.Record) *Snapshot {
 	}
 	return s
 }
+
+// Registry says how to reach an OCI registry, as ctr is told.
+type Registry struct {
+	// HostsDir holds hosts.toml files by registry host, containerd's
+	// certs.d layout (default /etc/containerd/certs.d).
+	HostsDir string
+	// PlainHTTP talks HTTP, not HTTPS, to a registry no hosts.toml
+	// configures (containerd talks HTTP to localhost without being told).
+	PlainHTTP bool
+	// User is USER[:PASSWORD] for the registry.
+	User string
+}
+
+// Push pushes snapshot id to ref (a tag) in a registry and returns the
+// digest of the manifest pushed. Blobs the registry has already, such as
+// the base image's layers pushed before, are not sent again.
+func (c *Client) Push(ctx context.Context, id, ref string, reg Registry) (string, error) {
+	d, err := c.node.Push(ctx, c.ns, id, ref, snapshot.Registry(reg))
+	if err != nil {
+		return "", err
+	}
+	return d.Digest.String(), nil
+}
+
+// PullOptions says how to pull a snapshot and where it goes.
+type PullOptions struct {
+	Registry
+	// Snapshotter is where an image-form snapshot is unpacked (default:
+	// the name of the one it was taken in).
+	Snapshotter string
+}
+
+// Pull pulls the snapshot at ref into the namespace and returns it, with
+// the id, kind, form, name and source it had on the node it was taken on
+// and its size measured here. Blobs the content store has already are not
+// fetched.
+func (c *Client) Pull(ctx context.Context, ref string, o PullOptions) (*Snapshot, error) {
+	s, err := c.node.Pull(ctx, c.ns, ref, snapshot.PullOptions{Registry: snapshot.Registry(o.Registry), Snapshotter: o.Snapshotter})
+	if err != nil {
+		return nil, err
+	}
+	return public(s.Record), nil
+}

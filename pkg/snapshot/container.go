@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -39,6 +40,7 @@ const (
 	AnnotationName        = "io.snapview.snapshot.name"
 	AnnotationDir         = "io.snapview.snapshot.dir"
 	AnnotationSnapshotter = "io.snapview.snapshot.snapshotter"
+	AnnotationSkipped     = "io.snapview.snapshot.skipped"
 )
 
 // annotations are the manifest annotations of rec.
@@ -51,6 +53,9 @@ func annotations(rec record.Record) map[string]string {
 		if v != "" {
 			a[k] = v
 		}
+	}
+	if rec.Skipped > 0 {
+		a[AnnotationSkipped] = strconv.Itoa(rec.Skipped)
 	}
 	return a
 }
