@@ -6,8 +6,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -183,57 +185,67 @@ const snapshotScript = `mkdir -p /data/sub && echo hello > /data/sub/hello && ec
 // snapshotCheck reads in a container what snapshotScript did.
 const snapshotCheck = `cat /data/sub/hello /etc/motd; readlink /data/link; test -e /etc/profile && echo profile-present || echo profile-gone`
 
-// TestSnapshotContainer takes a container snapshot of a running container
-// on overlayfs, native and the erofs snapshotter (directory mode), which is
+// TestSnapshotContainer takes a container snapshot of a running container,
+// on containerd 2.4 (overlayfs, native and the erofs snapshotter in
+// directory mode) and 2.2 (overlayfs), which is
 // paused for the capture and resumed after, and runs it as an image: the
 // new container starts from the first one's filesystem. The snapshot is
 // listed, inspected, and removed with nothing left.
 func TestSnapshotContainer(t *testing.T) {
-	d := suite.daemon
-	for _, sn := range []string{"overlayfs", "native", "erofs"} {
-		t.Run(sn, func(t *testing.T) {
-			ctx := setup(t, d)
-			id := "snap-src-" + sn
-			r, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, snapshotter: sn, args: []string{"sh", "-c", snapshotScript}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := r.waitOutput("ready"); err != nil {
-				t.Fatalf("%v\nstderr: %s", err, r.stderr.String())
-			}
-			img, err := r.ctr.Image(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			s := takeSnapshot(t, d, "--name", "nightly-"+sn, id)
-			if s.Kind != "container" || s.Form != "image" || s.Source != id || s.Base != img.Target().Digest.String() || s.Size <= 0 || s.Name != "nightly-"+sn ||
-				s.Image != "localhost/snapview/snapshot:"+s.ID || time.Since(s.Created) > time.Minute {
-				t.Fatalf("snapshot %+v", s)
-			}
-			if st, err := r.task.Status(ctx); err != nil || st.Status != client.Running {
-				t.Fatalf("the source container is %v after the capture (%v), want it running again", st.Status, err)
-			}
-			// Restore: the snapshot is an image; a new container runs it, as
-			// a user runs any image (ctr unpacks it first).
-			if got := ctrRun(ctx, t, d, "--snapshotter", sn, "--runtime", snapviewRT, s.Image, "snap-restored-"+sn, "sh", "-c", snapshotCheck); !strings.Contains(got, "hello\nchanged\n/data/sub/hello\nprofile-gone") {
-				t.Errorf("the restored container says %q", got)
-			}
+	eachVersion(t, func(t *testing.T, compat bool) {
+		d, sns := suite.daemon, []string{"overlayfs", "native", "erofs"}
+		if compat {
+			d, sns = layeredDaemon(t, true), []string{"overlayfs"}
+		}
+		for _, sn := range sns {
+			snapshotContainer(t, d, sn)
+		}
+	})
+}
 
-			out, _, code := ctlRun(t, d, nil, "snapshot", "ls")
-			if code != 0 || !strings.Contains(out, s.ID) || !strings.Contains(out, "nightly-"+sn) || !strings.Contains(out, "container  image") {
-				t.Errorf("snapshot ls (exit %d):\n%s", code, out)
-			}
-			out, _, code = ctlRun(t, d, nil, "snapshot", "inspect", s.ID)
-			var got snapshotJSON
-			if code != 0 || json.Unmarshal([]byte(out), &got) != nil || got.ID != s.ID || got.Size != s.Size || got.Base != s.Base {
-				t.Errorf("snapshot inspect (exit %d):\n%s", code, out)
-			}
-			if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
-				t.Fatal(err)
-			}
-			removeSnapshot(ctx, t, d, s.ID)
-		})
-	}
+func snapshotContainer(t *testing.T, d *harness.Daemon, sn string) {
+	t.Run(sn, func(t *testing.T) {
+		ctx := setup(t, d)
+		id := "snap-src-" + sn
+		r, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, snapshotter: sn, args: []string{"sh", "-c", snapshotScript}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.waitOutput("ready"); err != nil {
+			t.Fatalf("%v\nstderr: %s", err, r.stderr.String())
+		}
+		img, err := r.ctr.Image(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := takeSnapshot(t, d, "--name", "nightly-"+sn, id)
+		if s.Kind != "container" || s.Form != "image" || s.Source != id || s.Base != img.Target().Digest.String() || s.Size <= 0 || s.Name != "nightly-"+sn ||
+			s.Image != "localhost/snapview/snapshot:"+s.ID || time.Since(s.Created) > time.Minute {
+			t.Fatalf("snapshot %+v", s)
+		}
+		if st, err := r.task.Status(ctx); err != nil || st.Status != client.Running {
+			t.Fatalf("the source container is %v after the capture (%v), want it running again", st.Status, err)
+		}
+		// Restore: the snapshot is an image; a new container runs it, as
+		// a user runs any image (ctr unpacks it first).
+		if got := ctrRun(ctx, t, d, "--snapshotter", sn, "--runtime", snapviewRT, s.Image, "snap-restored-"+sn, "sh", "-c", snapshotCheck); !strings.Contains(got, "hello\nchanged\n/data/sub/hello\nprofile-gone") {
+			t.Errorf("the restored container says %q", got)
+		}
+
+		out, _, code := ctlRun(t, d, nil, "snapshot", "ls")
+		if code != 0 || !strings.Contains(out, s.ID) || !strings.Contains(out, "nightly-"+sn) || !strings.Contains(out, "container  image") {
+			t.Errorf("snapshot ls (exit %d):\n%s", code, out)
+		}
+		out, _, code = ctlRun(t, d, nil, "snapshot", "inspect", s.ID)
+		var got snapshotJSON
+		if code != 0 || json.Unmarshal([]byte(out), &got) != nil || got.ID != s.ID || got.Size != s.Size || got.Base != s.Base {
+			t.Errorf("snapshot inspect (exit %d):\n%s", code, out)
+		}
+		if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
+			t.Fatal(err)
+		}
+		removeSnapshot(ctx, t, d, s.ID)
+	})
 }
 
 // ctrRun runs `ctr run --rm` with args against daemon d, as a user would,
@@ -267,7 +279,16 @@ const dirCheck = `cat /restored/one /restored/sub/two; stat -c '%a' /restored/su
 // and as writable clones, each its own; then removes it while a container
 // still uses it, which keeps running with its data.
 func TestSnapshotDirectory(t *testing.T) {
-	d := suite.daemon
+	eachVersion(t, func(t *testing.T, compat bool) {
+		d := suite.daemon
+		if compat {
+			d = layeredDaemon(t, true)
+		}
+		snapshotDirectory(t, d)
+	})
+}
+
+func snapshotDirectory(t *testing.T, d *harness.Daemon) {
 	ctx := setup(t, d)
 	r, err := start(ctx, t, d, "dir-src", runOpts{runtime: snapviewRT, args: []string{"sh", "-c", dirScript}})
 	if err != nil {
@@ -770,5 +791,199 @@ func TestSnapshotTTL(t *testing.T) {
 		if _, err := d.Client().ContentStore().Info(ctx, b.Digest); !errdefs.IsNotFound(err) {
 			t.Errorf("the expired snapshot's %s is still there: %v", b.Digest, err)
 		}
+	}
+}
+
+// snapVolumeState is the part of snapview.json snapshot volumes add.
+type snapVolumeState struct {
+	Volumes []struct {
+		Name, Image, Snapshot, Target, Mountpoint string
+		Writable                                  bool
+		Disks                                     []struct{ Path, Device string } `json:"disks"`
+		WritableDisk                              *struct{ Path, Device string }  `json:"writable_disk"`
+	} `json:"volumes"`
+}
+
+func readSnapVolumeState(t *testing.T, d *harness.Daemon, id string) snapVolumeState {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(bundleDir(d, id), "snapview.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st snapVolumeState
+	if err := json.Unmarshal(raw, &st); err != nil || len(st.Volumes) != 2 {
+		t.Fatalf("volumes in the state %s: %v", raw, err)
+	}
+	return st
+}
+
+// snapVolumeDiskScript is what a block-mode container with a directory
+// snapshot as a read-only volume (data) and as a writable clone (scratch)
+// does, a stand-in for a monitor: it reports each volume disk with its
+// superblock's magic, tries to write the read-only one, writes into the
+// writable one, and reports the params.
+const snapVolumeDiskScript = `
+for d in /dev/snapview/volumes/*/*; do
+  echo "disk $d $(stat -c '%F' $d) ext4=$(dd if=$d bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1 | tr -d ' \n') erofs=$(dd if=$d bs=1 skip=1024 count=4 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+done
+if printf x | dd of=/dev/snapview/volumes/data/0 bs=1 seek=8192 conv=notrunc 2>/dev/null; then echo "read-only disk written"; else echo "read-only disk write refused"; fi
+if printf x | dd of=/dev/snapview/volumes/scratch/writable bs=1 seek=1048576 conv=notrunc 2>/dev/null; then echo "writable disk written"; else echo "writable disk write refused"; fi
+echo "params $(tr -d '\n ' < /.snapview/params.json)"
+echo ready; exec sleep 300
+`
+
+// TestSnapshotVolumesBlock restores a directory snapshot into block-mode
+// containers on blockfile and on the erofs snapshotter in block mode, on
+// both containerd versions, read-only and as a writable clone at once: the
+// read-only volume's disks are read-only loop devices (one ext4 image on
+// blockfile, the layer's erofs image on erofs), the writable clone's disk
+// a writable one the shim made (the clone's own ext4 image on blockfile; a
+// new ext4 image over the read-only erofs layer on erofs), none mounted on
+// the host; the writable clone goes with the container, the snapshot stays.
+func TestSnapshotVolumesBlock(t *testing.T) {
+	eachVersion(t, func(t *testing.T, compat bool) {
+		d := layeredDaemon(t, compat)
+		for _, tc := range []struct {
+			sn, magic   string
+			layers      int // the writable clone's read-only disks
+			upperOnDisk bool
+		}{
+			{"blockfile", "ext4=53ef", 0, false},
+			{"erofs", "erofs=e2e1f5e0", 1, true},
+		} {
+			t.Run(tc.sn, func(t *testing.T) {
+				ctx := setup(t, d)
+				src := "snapvol-src-" + tc.sn
+				r, err := start(ctx, t, d, src, runOpts{runtime: snapviewRT, snapshotter: tc.sn, args: []string{"sh", "-c", dirScript}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := r.waitOutput("ready"); err != nil {
+					t.Fatalf("%v\nstderr: %s", err, r.stderr.String())
+				}
+				s := takeSnapshot(t, d, "--dir", "/data", src)
+				if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
+					t.Fatal(err)
+				}
+				ann := maps.Clone(blockAnn)
+				ann["io.snapview.volume.data"] = `{"snapshot":"` + s.ID + `","target":"/restored"}`
+				ann["io.snapview.volume.scratch"] = `{"snapshot":"` + s.ID + `","target":"/scratch","writable":true}`
+				id := "snapvol-block-" + tc.sn
+				c, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, snapshotter: tc.sn, annotations: ann, args: []string{"sh", "-c", snapVolumeDiskScript}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := c.waitOutput("ready"); err != nil {
+					t.Fatalf("%v\nstderr: %s", err, c.stderr.String())
+				}
+				out := c.stdout.String()
+				st := readSnapVolumeState(t, d, id)
+				for _, v := range st.Volumes {
+					if v.Snapshot != s.ID || v.Mountpoint != "" || v.Image != s.Image {
+						t.Errorf("volume %+v", v)
+					}
+					for _, disk := range v.Disks {
+						if !strings.Contains(lineOf(out, "disk "+disk.Path), tc.magic) {
+							t.Errorf("disk %s does not read %s:\n%s", disk.Path, tc.magic, out)
+						}
+						if ro, err := os.ReadFile("/sys/block/" + filepath.Base(disk.Device) + "/ro"); err != nil || strings.TrimSpace(string(ro)) != "1" {
+							t.Errorf("volume %s's disk %s is not read-only: %q %v", v.Name, disk.Device, ro, err)
+						}
+						checkNotMounted(t, disk.Device)
+					}
+					switch v.Name {
+					case "data":
+						if v.Writable || v.WritableDisk != nil || len(v.Disks) != 1 {
+							t.Errorf("the read-only volume: %+v", v)
+						}
+					case "scratch":
+						if !v.Writable || v.WritableDisk == nil || len(v.Disks) != tc.layers || v.WritableDisk.Path != "/dev/snapview/volumes/scratch/writable" {
+							t.Fatalf("the writable clone: %+v", v)
+						}
+						if ro, err := os.ReadFile("/sys/block/" + filepath.Base(v.WritableDisk.Device) + "/ro"); err != nil || strings.TrimSpace(string(ro)) != "0" {
+							t.Errorf("the writable clone's disk %s: ro %q %v", v.WritableDisk.Device, ro, err)
+						}
+						if !strings.Contains(lineOf(out, "disk "+v.WritableDisk.Path), "ext4=53ef") {
+							t.Errorf("the writable clone's disk is not ext4:\n%s", out)
+						}
+						checkNotMounted(t, v.WritableDisk.Device)
+					}
+				}
+				for _, w := range []string{"read-only disk write refused", "writable disk written",
+					`"snapshot":"` + s.ID + `","writable":{"device":"/dev/snapview/volumes/scratch/writable","fstype":"ext4"`} {
+					if !strings.Contains(out, w) {
+						t.Errorf("container output lacks %q:\n%s", w, out)
+					}
+				}
+				if got := strings.Contains(lineOf(out, "params"), `"upperdir"`); got != tc.upperOnDisk {
+					t.Errorf("the params name an upper directory on the writable disk: %v, want %v:\n%s", got, tc.upperOnDisk, lineOf(out, "params"))
+				}
+				if _, err := c.task.Delete(ctx, client.WithProcessKill); err != nil {
+					t.Fatal(err)
+				}
+				if err := c.ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil {
+					t.Fatal(err)
+				}
+				// The snapshot outlives the containers; its removal leaves nothing.
+				removeSnapshot(ctx, t, d, s.ID)
+			})
+		}
+	})
+}
+
+// TestSnapshotVolumesShimKilled SIGKILLs the shim of a container with a
+// directory snapshot as a read-only volume and as a writable clone, in view
+// mode and in block mode: the task's delete after the shim died removes
+// the views, the clone's writable snapshot, the disks and the lease.
+func TestSnapshotVolumesShimKilled(t *testing.T) {
+	d := layeredDaemon(t, false)
+	for _, tc := range []struct {
+		name, sn string
+		ann      map[string]string
+	}{
+		{"view", "overlayfs", map[string]string{}},
+		{"block", "erofs", blockAnn},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := setup(t, d)
+			src := "snapvol-kill-src-" + tc.name
+			r, err := start(ctx, t, d, src, runOpts{runtime: snapviewRT, snapshotter: tc.sn, args: []string{"sh", "-c", dirScript}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := r.waitOutput("ready"); err != nil {
+				t.Fatalf("%v\nstderr: %s", err, r.stderr.String())
+			}
+			s := takeSnapshot(t, d, "--dir", "/data", src)
+			if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
+				t.Fatal(err)
+			}
+			ann := maps.Clone(tc.ann)
+			ann["io.snapview.volume.data"] = `{"snapshot":"` + s.ID + `","target":"/restored"}`
+			ann["io.snapview.volume.scratch"] = `{"snapshot":"` + s.ID + `","target":"/scratch","writable":true}`
+			id := "snapvol-killed-" + tc.name
+			c, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, snapshotter: tc.sn, annotations: ann, args: []string{"sleep", "300"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			st := readSnapVolumeState(t, d, id)
+			c.killShimAndDelete(ctx, t, d, id)
+			// The dead shim's cleanup, which containerd runs when it sees the
+			// shim gone (the task's delete may return before it ends), removes
+			// the writable clone's snapshot with the rest, before the
+			// container's record (and with it containerd's hold) goes, and
+			// with no GC or sweep: the lease would keep them from GC.
+			leaks := d.SnapviewObjectsOf(ctx, ns, id)
+			for deadline := time.Now().Add(10 * time.Second); len(leaks) > 0 && time.Now().Before(deadline); leaks = d.SnapviewObjectsOf(ctx, ns, id) {
+				time.Sleep(100 * time.Millisecond)
+			}
+			if len(leaks) > 0 {
+				t.Errorf("left after the dead shim's task delete: %v (state %+v)", leaks, st)
+			}
+			if err := c.ctr.Delete(ctx, client.WithSnapshotCleanup); err != nil {
+				t.Fatal(err)
+			}
+			removeSnapshot(ctx, t, d, s.ID)
+		})
 	}
 }
