@@ -58,9 +58,29 @@ func ls(ctx context.Context, g global, args []string) error {
 			device += fmt.Sprintf(" +%d layers", e.Layers)
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Namespace, e.Container, dash(e.Mode), dash(e.Snapshotter),
-			dash(e.ViewKey), dash(e.Lease), dash(e.Mountpoint), dash(device), dash(strings.Join(e.Volumes, ",")), age(e.Age()), e.Health)
+			dash(e.ViewKey), dash(e.Lease), dash(e.Mountpoint), dash(device), dash(volumesColumn(e)), age(e.Age()), e.Health)
 	}
 	return w.Flush()
+}
+
+// volumesColumn names a container's volumes, a snapshot volume with its
+// snapshot's id (shortened, as image ids are) and "rw" for a writable clone.
+func volumesColumn(e inventory.Entry) string {
+	snaps := map[string]inventory.SnapshotVolume{}
+	for _, v := range e.SnapshotVolumes {
+		snaps[v.Name] = v
+	}
+	out := make([]string, 0, len(e.Volumes))
+	for _, name := range e.Volumes {
+		if v, ok := snaps[name]; ok {
+			name += "=snapshot:" + v.Snapshot[:min(8, len(v.Snapshot))]
+			if v.Writable {
+				name += ":rw"
+			}
+		}
+		out = append(out, name)
+	}
+	return strings.Join(out, ",")
 }
 
 // inspect prints what snapview holds for one container, for
@@ -124,13 +144,23 @@ func describe(ctx context.Context, b *backend.Backend, e *inventory.Entry) error
 			fmt.Printf("bind        %s -> %s (from %s in the image)\n", a.Source, a.Target, a.Path)
 		}
 		for _, v := range e.State.Volumes {
-			fmt.Printf("volume      %s: image %s at %s (subpath %s), view %s\n", v.Name, v.Image, v.Target, v.Subpath, v.ViewKey)
+			switch {
+			case v.Snapshot != "" && v.Writable:
+				fmt.Printf("volume      %s: a writable clone of directory snapshot %s at %s (subpath %s), snapshot %s\n", v.Name, v.Snapshot, v.Target, v.Subpath, v.ViewKey)
+			case v.Snapshot != "":
+				fmt.Printf("volume      %s: directory snapshot %s at %s (subpath %s), view %s\n", v.Name, v.Snapshot, v.Target, v.Subpath, v.ViewKey)
+			default:
+				fmt.Printf("volume      %s: image %s at %s (subpath %s), view %s\n", v.Name, v.Image, v.Target, v.Subpath, v.ViewKey)
+			}
 			if v.Mountpoint != "" {
 				mounted, _ := mountinfo.Mounted(v.Mountpoint)
 				fmt.Printf("  mount     %s (mounted: %v), bound from %s\n", v.Mountpoint, mounted, v.Source)
 			}
 			for _, d := range v.Disks {
 				fmt.Printf("  disk      %s: %s (%d:%d, read-only)%s\n", d.Path, d.Device, d.Major, d.Minor, loopStatus(d.Device))
+			}
+			if d := v.WritableDisk; d != nil {
+				fmt.Printf("  disk      %s: %s (%d:%d, writable)%s\n", d.Path, d.Device, d.Major, d.Minor, loopStatus(d.Device))
 			}
 		}
 	}

@@ -56,13 +56,25 @@ type Entry struct {
 	// the container's rootfs (mode none: all it holds).
 	RootfsActivation string `json:"rootfs_activation,omitempty"`
 	// Volumes are the container's volumes, by name.
-	Volumes []string  `json:"volumes,omitempty"`
+	Volumes []string `json:"volumes,omitempty"`
+	// SnapshotVolumes are those of its volumes that restore a directory
+	// snapshot, with the snapshot's id.
+	SnapshotVolumes []SnapshotVolume `json:"snapshot_volumes,omitempty"`
 	Created time.Time `json:"created"`
 	Health  string    `json:"health"`
 	// Bundle is the container's bundle directory, if it still exists.
 	Bundle string `json:"bundle,omitempty"`
 	// State is the state file, when it could be read.
 	State *bundle.State `json:"-"`
+}
+
+// SnapshotVolume is a volume that restores a directory snapshot.
+type SnapshotVolume struct {
+	Name     string `json:"name"`
+	Snapshot string `json:"snapshot"`
+	// Writable says it is a writable clone of the snapshot, discarded
+	// with the container.
+	Writable bool `json:"writable,omitempty"`
 }
 
 // Age is how long ago the view was set up.
@@ -157,6 +169,9 @@ func List(ctx context.Context, b lifecycle.Backend, ns, state string) ([]Entry, 
 			}
 			for _, v := range st.Volumes {
 				e.Volumes = append(e.Volumes, v.Name)
+				if v.Snapshot != "" {
+					e.SnapshotVolumes = append(e.SnapshotVolumes, SnapshotVolume{Name: v.Name, Snapshot: v.Snapshot, Writable: v.Writable})
+				}
 			}
 		case errors.Is(err, bundle.ErrNoState):
 			e.Health = HealthNoState

@@ -28,6 +28,9 @@ import (
 // bootstrap message from what that daemon passed, and answers in JSON. Every
 // other action (the server itself, delete, -info) is the same under both.
 func Run(ctx context.Context, m shim.Shim) {
+	if ok, log := asOCIRuntime(os.Args[1:]); ok {
+		refuseAsRuntime(log)
+	}
 	answer, err := adaptLegacyStart(os.Args[1:])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "%s: %s", m.Name(), err)

@@ -424,8 +424,9 @@ func TestNerdctlBlock(t *testing.T) {
 // TestNerdctlRuntimeByPath checks what a user sees who gives nerdctl the
 // shim's path instead of its name: nerdctl takes any path for a runc binary
 // and runs containerd's runc shim with it as BinaryName, which then calls
-// the snapview shim as if it were runc. The run fails and leaves nothing;
-// docs/clients.md tells users to pass the runtime by name.
+// the snapview shim as if it were runc. The shim recognises runc's command
+// line and says, where runc's shim reads an OCI runtime's error, to pass
+// the runtime by name; the run fails and leaves nothing.
 func TestNerdctlRuntimeByPath(t *testing.T) {
 	eachVersion(t, func(t *testing.T, compat bool) {
 		d := layeredDaemon(t, compat)
@@ -438,10 +439,7 @@ func TestNerdctlRuntimeByPath(t *testing.T) {
 			t.Fatal("nerdctl run with the shim's path succeeded")
 		}
 		t.Logf("nerdctl run --runtime %s: %s", suite.tools.Shim, strings.TrimSpace(stderr))
-		// Today's message comes from runc's shim; once the snapview shim
-		// recognises that it is run as an OCI runtime, it can say to pass
-		// the runtime by name.
-		for _, w := range []string{"failed to create shim task", "OCI runtime create failed", suite.tools.Shim + " did not terminate successfully"} {
+		for _, w := range []string{"OCI runtime create failed", "snapview: containerd-shim-snapview-v2 is a containerd shim, not an OCI runtime: pass the runtime by name, --runtime io.containerd.snapview.v2"} {
 			if !strings.Contains(stderr, w) {
 				t.Errorf("nerdctl's error lacks %q:\n%s", w, stderr)
 			}

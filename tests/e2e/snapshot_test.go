@@ -333,6 +333,14 @@ func snapshotDirectory(t *testing.T, d *harness.Daemon) {
 			if got := c.stdout.String(); !strings.Contains(got, tc.want) {
 				t.Errorf("the container says %q, want %q", got, tc.want)
 			}
+			// Until its task's delete, snapviewctl ls lists the volume.
+			col := "data=snapshot:" + s.ID[:8]
+			if tc.writable {
+				col += ":rw"
+			}
+			if out, errOut, code := ctlRun(t, d, nil, "ls"); code != 0 || !strings.Contains(lineOf(out, ns+"  "+id+" "), col+" ") {
+				t.Errorf("snapviewctl ls (exit %d) lacks %s for %s:\n%s%s", code, col, id, out, errOut)
+			}
 			if _, err := c.task.Delete(ctx); err != nil {
 				t.Fatal(err)
 			}
@@ -347,6 +355,13 @@ func snapshotDirectory(t *testing.T, d *harness.Daemon) {
 	}
 	if err := user.waitOutput("ready"); err != nil {
 		t.Fatal(err)
+	}
+	// snapviewctl ls and inspect name the snapshot the volume restores.
+	if out, errOut, code := ctlRun(t, d, nil, "ls"); code != 0 || !strings.Contains(out, "data=snapshot:"+s.ID[:8]+" ") && !strings.Contains(out, "data=snapshot:"+s.ID[:8]+"\t") {
+		t.Errorf("snapviewctl ls (exit %d) lacks the snapshot volume:\n%s%s", code, out, errOut)
+	}
+	if out, errOut, code := ctlRun(t, d, nil, "inspect", "dir-user"); code != 0 || !strings.Contains(out, "volume      data: directory snapshot "+s.ID+" at /restored") {
+		t.Errorf("snapviewctl inspect (exit %d) lacks the snapshot volume:\n%s%s", code, out, errOut)
 	}
 	removeSnapshot(ctx, t, d, s.ID)
 	if code, _, errOut, err := user.exec(ctx, "go", "touch", "/tmp/go"); err != nil || code != 0 {

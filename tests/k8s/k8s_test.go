@@ -138,15 +138,24 @@ func TestKubernetes(t *testing.T) {
 	}
 	c.checkOneLeasePerLiveContainer(ctx, t)
 
+	// Snapshots, as an operator takes them on a node: kubectl exec into
+	// the DaemonSet's pod, whose image carries snapviewctl, and run it in
+	// the host's mount namespace (the pod has the host's PIDs), at the
+	// installed binary.
+	snaps := c.snapshots(ctx, t)
+
 	// Delete the pods (their grace periods included), then uninstall the
 	// way docs/kubernetes.md says: the RuntimeClass and the DaemonSet
 	// first, then the uninstall Job on the node.
-	if _, err := c.k.run(nil, "delete", "pod", "snapview-example", "snapview-crashing", "snapview-block", "runc-before", "runc-after", "--wait=true", "--timeout=3m"); err != nil {
+	if _, err := c.k.run(nil, "delete", "pod", "snapview-example", "snapview-crashing", "snapview-block", "runc-before", "runc-after",
+		"snapview-restored", "snapview-dir-volume", "--wait=true", "--timeout=3m"); err != nil {
 		t.Fatal(err)
 	}
 	if err := waitFor(ctx, 2*time.Minute, func() error { return c.snapviewLeaks(ctx) }); err != nil {
 		t.Errorf("after deleting the pods: %v", err)
 	}
+	// The snapshots outlived the pods; snapshot rm removes them.
+	c.removeSnapshots(ctx, t, snaps)
 	if _, err := c.k.run(nil, "delete", "-f", filepath.Join(deploy, "10-runtimeclass.yaml"), "-f", filepath.Join(deploy, "20-daemonset.yaml"), "-f", filepath.Join(deploy, "layered.yaml"), "--wait=true", "--timeout=3m"); err != nil {
 		t.Fatal(err)
 	}
@@ -443,7 +452,7 @@ func buildImages(dir, shim, ctl string) ([]*harness.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	base, err := harness.BusyboxLayer([]string{"sh", "sleep", "chroot", "cat", "ls", "kill", "test", "echo"})
+	base, err := harness.BusyboxLayer([]string{"sh", "sleep", "chroot", "nsenter", "cat", "ls", "kill", "test", "echo"})
 	if err != nil {
 		return nil, err
 	}
