@@ -60,8 +60,8 @@ type Entry struct {
 	// SnapshotVolumes are those of its volumes that restore a directory
 	// snapshot, with the snapshot's id.
 	SnapshotVolumes []SnapshotVolume `json:"snapshot_volumes,omitempty"`
-	Created time.Time `json:"created"`
-	Health  string    `json:"health"`
+	Created         time.Time        `json:"created"`
+	Health          string           `json:"health"`
 	// Bundle is the container's bundle directory, if it still exists.
 	Bundle string `json:"bundle,omitempty"`
 	// State is the state file, when it could be read.

@@ -267,6 +267,11 @@ func onDaemon(ctx context.Context, s *harness.Session, which string, ratios map[
 			return fmt.Errorf("clients: %w", err)
 		}
 	}
+	if *snapshotRows && which == strings.Split(*daemons, ",")[0] {
+		if err := b.snapshots(ctx, imgSmall); err != nil {
+			return fmt.Errorf("snapshots: %w", err)
+		}
+	}
 	return d.CheckLeaks(ctx)
 }
 
