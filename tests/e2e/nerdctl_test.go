@@ -385,9 +385,9 @@ func TestNerdctlBlock(t *testing.T) {
 			ann  map[string]string
 			want []string
 		}{
-			{"blockfile", blockAnn, nil},
+			{"blockfile", blockAnn, []string{`"kind":"block"`}},
 			{"erofs", withVolumes(blockAnn), []string{
-				"erofs-magic /dev/snapview/layers/0 e2e1f5e0", "erofs-magic /dev/snapview/layers/1 e2e1f5e0",
+				`"kind":"layered"`, "erofs-magic /dev/snapview/layers/0 e2e1f5e0", "erofs-magic /dev/snapview/layers/1 e2e1f5e0",
 				"erofs-magic /dev/snapview/volumes/models/0 e2e1f5e0", "erofs-magic /dev/snapview/volumes/tools/1 e2e1f5e0",
 			}},
 		} {
@@ -406,7 +406,7 @@ func TestNerdctlBlock(t *testing.T) {
 				out := n.must(ctx, t, append([]string{"--snapshotter", tc.sn}, runArgs([]string{"--rm"}, tc.ann, blockProbe)...)...)
 				for _, w := range append([]string{
 					"node /dev/snapview/rootfs block special file", "rootfs-magic 53ef",
-					"kernel " + suite.image.Files[harness.KernelPath], `"kind":"block"`, `"device":"/dev/snapview/rootfs"`,
+					"kernel " + suite.image.Files[harness.KernelPath], `"device":"/dev/snapview/rootfs"`,
 				}, tc.want...) {
 					if !strings.Contains(out, w) {
 						t.Errorf("nerdctl run output lacks %q:\n%s", w, out)
