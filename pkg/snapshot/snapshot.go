@@ -152,7 +152,7 @@ func (n *Node) Create(ctx context.Context, ns, id string, o CreateOptions) (_ *S
 		rec.Size, err2 = n.captureDir(ctx, &rec, info, task, o.Dir)
 	case block:
 		rec.Form = record.FormDisk
-		rec.Size, err2 = n.captureDisk(ctx, &rec, info)
+		rec.Size, err2 = n.captureDisk(ctx, &rec, info, ns)
 	default:
 		rec.Size, err2 = n.captureContainer(ctx, &rec, info, task)
 	}

@@ -178,6 +178,11 @@ func (n *Node) Pull(ctx context.Context, ns, ref string, o PullOptions) (_ *Snap
 		if err := n.fetchSubject(lctx, rec, m, ref, o.Registry); err != nil {
 			return nil, err
 		}
+		// The record keeps its base's content, as a capture's does.
+		key := "containerd.io/gc.ref.content.subject"
+		if _, err := cs.Update(lctx, content.Info{Digest: target.Digest, Labels: map[string]string{key: m.Subject.Digest.String()}}, "labels."+key); err != nil {
+			return nil, fmt.Errorf("snapview: snapshot %s: label its base: %w", rec.ID, err)
+		}
 	}
 	if existing, err := n.Client.ImageService().Get(ctx, record.ImageName(rec.ID)); err == nil {
 		if existing.Target.Digest != rec.Target.Digest {

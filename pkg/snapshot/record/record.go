@@ -77,6 +77,24 @@ const (
 // ImagePrefix starts the name of every snapshot's image record.
 const ImagePrefix = "localhost/snapview/snapshot:"
 
+// The disk form: an OCI 1.1 artifact whose one blob is a block-mode
+// container's writable disk, as a diskstream stream compressed with zstd.
+const (
+	// ArtifactTypeDisk is the artifact type of a disk snapshot's manifest.
+	ArtifactTypeDisk = "application/vnd.snapview.disk.v1"
+	// MediaTypeDisk is the media type of its blob.
+	MediaTypeDisk = "application/vnd.snapview.disk.v1.extents+zstd"
+	// AnnotationDiskSize is the saved disk's size in bytes, on the blob's
+	// descriptor and the manifest; AnnotationDiskLayout the rootfs it was
+	// the writable disk of: LayoutLayered (the erofs snapshotter's
+	// writable image, under the image's layer disks) or LayoutDisk (a
+	// one-disk rootfs: blockfile, devmapper).
+	AnnotationDiskSize   = "io.snapview.disk.size"
+	AnnotationDiskLayout = "io.snapview.disk.layout"
+	LayoutLayered        = "layered"
+	LayoutDisk           = "disk"
+)
+
 // ImageName returns the name of snapshot id's image record.
 func ImageName(id string) string { return ImagePrefix + id }
 
