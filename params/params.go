@@ -48,6 +48,9 @@ const (
 	MonitorRootfs = "io.snapview.monitor-rootfs"
 	// VolumePrefix + <name>: a volume, {"image","target","subpath"}.
 	VolumePrefix = "io.snapview.volume."
+	// Restore is a disk snapshot's id: in block mode, the container's
+	// writable disk starts as that snapshot's saved disk.
+	Restore = "io.snapview.restore"
 )
 
 // Output annotations: what snapview writes into config.json, before the

@@ -25,6 +25,7 @@ import (
 	"github.com/snapview/snapview/params"
 
 	"github.com/snapview/snapview/pkg/config"
+	"github.com/snapview/snapview/pkg/snapshot/record"
 )
 
 // Input annotation keys (defined for runtime authors in package params).
@@ -36,6 +37,9 @@ const (
 	// MonitorRootfs chooses block mode's monitor rootfs by name, among
 	// those the configuration offers; it never names a host path.
 	MonitorRootfs = params.MonitorRootfs
+	// Restore names a disk snapshot a block-mode container's writable
+	// disk starts as.
+	Restore = params.Restore
 )
 
 // Output annotation keys and prefixes (written by snapview into
@@ -96,6 +100,8 @@ type Request struct {
 	MonitorRootfs string
 	// Volumes are sorted by name.
 	Volumes []Volume
+	// Restore is the id of the disk snapshot to restore, or "".
+	Restore string
 }
 
 // Parse reads snapview's annotations from ann. defaultBootDir is used when
@@ -135,6 +141,12 @@ func Parse(ann map[string]string, defaultBootDir string) (*Request, error) {
 				return nil, fmt.Errorf("snapview: annotation %s=%q: want %q or the name of a monitor rootfs in the configuration's [block.monitors] (matching %s), never a path", k, v, config.MonitorRootfsView, namePattern)
 			}
 			r.MonitorRootfs = v
+		case k == Restore:
+			id, err := record.ParseID(v)
+			if err != nil {
+				return nil, fmt.Errorf("snapview: annotation %s: %w", k, err)
+			}
+			r.Restore = id
 		case strings.HasPrefix(k, BootPrefix):
 			name := strings.TrimPrefix(k, BootPrefix)
 			if !namePattern.MatchString(name) {
@@ -157,7 +169,7 @@ func Parse(ann map[string]string, defaultBootDir string) (*Request, error) {
 		case strings.HasPrefix(k, outputView), k == RootfsParams, strings.HasPrefix(k, BoundPrefix), k == Volumes, k == Doc:
 			// snapview's own output: overwritten, never read.
 		default:
-			return nil, fmt.Errorf("snapview: unknown annotation %s (known: %s, %s<name>, %s, %s, %s, %s<name>)", k, Mode, BootPrefix, BootDir, ViewTarget, MonitorRootfs, VolumePrefix)
+			return nil, fmt.Errorf("snapview: unknown annotation %s (known: %s, %s<name>, %s, %s, %s, %s<name>, %s)", k, Mode, BootPrefix, BootDir, ViewTarget, MonitorRootfs, VolumePrefix, Restore)
 		}
 	}
 	if len(r.Artifacts) > MaxArtifacts {

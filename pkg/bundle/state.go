@@ -23,6 +23,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/atomicfile"
 
 	"github.com/snapview/snapview/pkg/rootfs"
+	"github.com/snapview/snapview/pkg/snapshot/record"
 )
 
 // StateFile is the name of the state file in the bundle.
@@ -34,10 +35,13 @@ const StateFile = "snapview.json"
 // release, after a rollback, still reads the state of every container
 // that release could have made; each older version is read strictly,
 // without any field of a later one.
-const StateVersion = 3
+const StateVersion = 4
 
 // minVersion returns the lowest state file version that can hold s.
 func (s *State) minVersion() int {
+	if s.Restore != nil {
+		return 4
+	}
 	for _, v := range s.Volumes {
 		if v.Snapshot != "" || v.Writable || v.WritableDisk != nil {
 			return 3
@@ -103,6 +107,9 @@ type State struct {
 	// Volumes are the container's volumes, read-only views of other
 	// images, by name. Version 2.
 	Volumes []Volume `json:"volumes,omitempty"`
+	// Restore is the disk snapshot the writable disk was restored from
+	// (block mode, annotation io.snapview.restore). Version 4.
+	Restore *Restore `json:"restore,omitempty"`
 }
 
 // Volume is one volume of a container: a read-only view of another image,
@@ -172,6 +179,18 @@ type Block struct {
 	// (then the blob files of a merged bottom layer); Rootfs, Device and
 	// Loop are then its writable disk. Version 2.
 	Layers []Disk `json:"layers,omitempty"`
+}
+
+// Restore records a disk snapshot written into a block-mode container's
+// writable disk (annotation io.snapview.restore). Version 4.
+type Restore struct {
+	// Snapshot is the disk snapshot's id.
+	Snapshot string `json:"snapshot"`
+	// Disk is the writable disk image or device it was written into.
+	Disk string `json:"disk"`
+	// Created says the shim created Disk (a layered rootfs's new writable
+	// image), which a setup rolled back before any guest got it removes.
+	Created bool `json:"created,omitempty"`
 }
 
 // Disk is a read-only disk snapview attached for a container: a loop
@@ -297,6 +316,17 @@ func ParseState(data []byte) (*State, error) {
 	for i, v := range s.Volumes {
 		if err := v.check(filepath.Dir(filepath.Dir(s.Mountpoint)), s.Mode == ModeBlock); err != nil {
 			return nil, fmt.Errorf("volume %d: %w", i, err)
+		}
+	}
+	if r := s.Restore; r != nil {
+		if s.Mode != ModeBlock {
+			return nil, fmt.Errorf("a restored disk in a %q mode file", s.Mode)
+		}
+		if _, err := record.ParseID(r.Snapshot); err != nil {
+			return nil, fmt.Errorf("restore: %w", err)
+		}
+		if !filepath.IsAbs(r.Disk) || filepath.Clean(r.Disk) != r.Disk {
+			return nil, fmt.Errorf("restore: disk %q is not a clean absolute path", r.Disk)
 		}
 	}
 	switch s.Mode {

@@ -80,6 +80,11 @@ func TestWriteStateVersion(t *testing.T) {
 			s.Mode = ModeBlock
 			s.Block = &Block{Rootfs: Mount{Type: "ext4", Source: "/img"}, Device: "/dev/loop3", MonitorRootfs: "view", Layers: []Disk{}}
 		}, 2},
+		{"a restored disk", func(s *State) {
+			s.Mode = ModeBlock
+			s.Block = &Block{Rootfs: Mount{Type: "ext4", Source: "/img"}, Device: "/dev/loop3", MonitorRootfs: "view"}
+			s.Restore = &Restore{Snapshot: "2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f", Disk: "/img"}
+		}, 4},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -129,7 +134,9 @@ func TestReadStateRejects(t *testing.T) {
 		{"empty", "", "malformed"},
 		{"not json", "{version:1", "malformed"},
 		{"no version", `{"namespace":"x"}`, "no version"},
-		{"future version", `{"version":4}`, "unsupported version 4"},
+		{"future version", `{"version":5}`, "unsupported version 5"},
+		{"a restored disk in version 3", `{"version":3,"namespace":"default","container_id":"c1","snapshotter":"blockfile","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","mode":"block","restore":{"snapshot":"2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f","disk":"/s/img"}}`, "a field of version 4 in a version 3 file"},
+		{"a restored disk in view mode", `{"version":4,"namespace":"default","container_id":"c1","snapshotter":"blockfile","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","restore":{"snapshot":"2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f","disk":"/s/img"}}`, "a restored disk in a \"\" mode file"},
 		{"a snapshot volume in version 2", `{"version":2,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","volumes":[{"name":"v","image":"i","parent":"p","view_key":"k/v","target":"/v","subpath":"/","snapshot":"2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f"}]}`, "a field of version 3 in a version 2 file"},
 		{"a writable clone of no snapshot", `{"version":3,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","volumes":[{"name":"v","image":"i","parent":"p","view_key":"k/v","target":"/v","subpath":"/","writable":true}]}`, "a writable clone of no snapshot"},
 		{"version 2 field in version 1", `{"version":1,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","rootfs_activation":"c1"}`, "a field of version 2 in a version 1 file"},

@@ -27,6 +27,9 @@ import (
 func (s *setupRun) formatImage(ctx context.Context) error {
 	l := s.p.layered
 	img := l.Writable.Source
+	if s.v.State.Restore != nil {
+		return nil // the saved disk, restored: never parsed on the host
+	}
 	if l.Mkfs == nil {
 		if err := blockdev.CheckImage(img); err != nil {
 			return fmt.Errorf("snapview: the container's writable disk: %w", err)

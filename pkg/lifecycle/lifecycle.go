@@ -97,8 +97,10 @@ const (
 	StepMount    = "mount"
 	StepRootfs   = "rootfs"
 	StepFormat   = "format"
-	StepDevice   = "device"
-	StepLayers   = "layers"
+	// StepRestore writes a disk snapshot into the writable disk.
+	StepRestore = "restore"
+	StepDevice  = "device"
+	StepLayers  = "layers"
 	// StepVolumeViews creates the volumes' views; StepVolumes mounts them
 	// (view mode) or attaches their disks (block mode).
 	StepVolumeViews = "volume-views"

@@ -64,6 +64,8 @@ type Plan struct {
 	monitor, monitorFrom string
 	// readOnlyRootfs: runc cannot create bind targets in the rootfs.
 	readOnlyRootfs bool
+	// restore is the disk snapshot the writable disk starts as, if any.
+	restore *restorePlan
 }
 
 // Mode returns the planned mode: view or block ("" when skipped).
@@ -117,6 +119,9 @@ func decideLocal(ctx context.Context, r Request) (*Plan, error) {
 		return nil, fmt.Errorf("snapview: annotation %s=%q applies only in block mode, but the mode is %s (%s)", annotations.MonitorRootfs, ann.MonitorRootfs, mode, modeFrom)
 	}
 	if err := p.checkVolumes(); err != nil {
+		return nil, err
+	}
+	if err := p.checkRestore(mode, modeFrom); err != nil {
 		return nil, err
 	}
 	if mode != config.ModeBlock {
@@ -201,6 +206,9 @@ func (l *Lifecycle) lookup(ctx context.Context, p *Plan) (*Plan, error) {
 		return nil, err
 	}
 	if err := l.resolveVolumes(ctx, p); err != nil {
+		return nil, err
+	}
+	if err := l.resolveRestore(ctx, p); err != nil {
 		return nil, err
 	}
 	return p, nil

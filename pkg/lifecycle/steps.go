@@ -47,6 +47,7 @@ var setupSteps = []setupStep{
 	{name: StepActivate, applies: (*setupRun).viewNeedsManager, do: (*setupRun).activateView, undo: (*teardownRun).deactivateView},
 	{name: StepMount, applies: (*setupRun).withView, do: (*setupRun).mountView, undo: (*teardownRun).unmountView, point: PointTeardownUnmounted},
 	{name: StepRootfs, applies: (*setupRun).claimRootfs, do: (*setupRun).activateRootfs, undo: (*teardownRun).deactivateRootfs},
+	{name: StepRestore, applies: (*setupRun).restoring, do: (*setupRun).restoreDisk, undo: (*teardownRun).undoRestore},
 	{name: StepFormat, applies: (*setupRun).layered, do: (*setupRun).formatImage},
 	{name: StepDevice, applies: (*setupRun).blockMode, do: (*setupRun).attachDevice, undo: (*teardownRun).releaseDevice},
 	{name: StepLayers, applies: (*setupRun).layered, do: (*setupRun).attachLayers, undo: (*teardownRun).releaseLayers},
