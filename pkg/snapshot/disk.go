@@ -100,7 +100,8 @@ func (n *Node) captureDisk(ctx context.Context, rec *record.Record, info contain
 		return 0, fmt.Errorf("snapview: write the snapshot's disk: %w", err)
 	}
 	dg := digest.SHA256.Digester()
-	cw := &countingWriter{w: io.MultiWriter(w, dg.Hash())}
+	bw := contentBuffer(w)
+	cw := &countingWriter{w: io.MultiWriter(bw, dg.Hash())}
 	zw, err := zstd.NewWriter(cw, zstd.WithEncoderConcurrency(1), zstd.WithEncoderLevel(zstd.SpeedDefault))
 	if err != nil {
 		return 0, err
@@ -108,6 +109,9 @@ func (n *Node) captureDisk(ctx context.Context, rec *record.Record, info contain
 	st, err := diskstream.Write(zw, f, size)
 	if err == nil {
 		err = zw.Close()
+	}
+	if err == nil {
+		err = bw.Flush()
 	}
 	if err != nil {
 		return 0, fmt.Errorf("snapview: read container %s's writable disk %s: %w", info.ID, path, err)

@@ -1,7 +1,7 @@
 package snapshot
 
 import (
-	"compress/gzip"
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
+	"github.com/klauspost/compress/gzip"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
@@ -41,7 +42,8 @@ func (n *Node) writeLayer(ctx context.Context, rec *record.Record, mediaType str
 		return ocispec.Descriptor{}, "", fmt.Errorf("snapview: write the snapshot's layer: %w", err)
 	}
 	compressed := digest.SHA256.Digester()
-	cw := &countingWriter{w: io.MultiWriter(w, compressed.Hash())}
+	bw := contentBuffer(w)
+	cw := &countingWriter{w: io.MultiWriter(bw, compressed.Hash())}
 	zw := gzip.NewWriter(cw)
 	uncompressed := digest.SHA256.Digester()
 	var tw io.Writer = io.MultiWriter(zw, uncompressed.Hash())
@@ -54,6 +56,9 @@ func (n *Node) writeLayer(ctx context.Context, rec *record.Record, mediaType str
 	if err := zw.Close(); err != nil {
 		return ocispec.Descriptor{}, "", fmt.Errorf("snapview: write the snapshot's layer: %w", err)
 	}
+	if err := bw.Flush(); err != nil {
+		return ocispec.Descriptor{}, "", fmt.Errorf("snapview: write the snapshot's layer: %w", err)
+	}
 	diffID := uncompressed.Digest()
 	layer := ocispec.Descriptor{MediaType: mediaType, Digest: compressed.Digest(), Size: cw.n}
 	if err := w.Commit(ctx, layer.Size, layer.Digest, content.WithLabels(map[string]string{"containerd.io/uncompressed": diffID.String()})); err != nil && !errdefs.IsAlreadyExists(err) {
@@ -61,6 +66,16 @@ func (n *Node) writeLayer(ctx context.Context, rec *record.Record, mediaType str
 	}
 	return layer, diffID, nil
 }
+
+// contentBufferSize is how much of a blob goes to containerd's content
+// store in one request: its client sends every Write as a request and
+// waits for the answer, and a compressor writes a few hundred bytes at a
+// time.
+const contentBufferSize = 4 << 20
+
+// contentBuffer buffers writes to a content writer (flushed by the caller
+// before the commit).
+func contentBuffer(w io.Writer) *bufio.Writer { return bufio.NewWriterSize(w, contentBufferSize) }
 
 // writeChanges writes, as a tar stream to w, the changes of the container's
 // active snapshot key in snapshotter sn against its parent. The parent is
