@@ -5,7 +5,14 @@
 // once nothing runs any more. It does so twice: on the blockfile snapshotter
 // (one disk), and on the erofs snapshotter in block mode, where the guest
 // gets every layer of the image as a read-only disk and the container's
-// writable image, and stacks the overlay itself. Then everything is removed.
+// writable image, and stacks the overlay itself.
+//
+// The second act saves a guest's state: a guest on the erofs snapshotter
+// writes its marker and powers off, `snapviewctl snapshot create` saves the
+// container's writable disk as a disk snapshot (read as bytes, never
+// mounted on the host), and a new container restored from it with
+// io.snapview.restore boots a guest that checks its filesystem and finds
+// the first guest's marker on its own disk. Then everything is removed.
 package main
 
 import (
@@ -13,10 +20,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"io"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -109,6 +118,10 @@ func run() (retErr error) {
 		}
 	}
 
+	if err := secondAct(ctx, d, k, kvm, accel); err != nil {
+		return fmt.Errorf("second act: %w", err)
+	}
+
 	step("checking that nothing is left (leases, snapshots, mount activations, mounts, loop devices, shims)")
 	if err := d.CheckLeaks(ctx); err != nil {
 		return err
@@ -124,6 +137,12 @@ type vmRun struct {
 	id, snapshotter, marker, what string
 	args                          []string
 	layered                       bool
+	// restore is a disk snapshot the container starts from
+	// (io.snapview.restore); snapshot, when set, takes one of the stopped
+	// container before it is removed. console gets what the guest printed.
+	restore  string
+	snapshot func(id string) error
+	console  *string
 }
 
 func (vm vmRun) run(ctx context.Context, d *harness.Daemon, k *harness.GuestKernel, kvm bool, accel string) (retErr error) {
@@ -132,12 +151,15 @@ func (vm vmRun) run(ctx context.Context, d *harness.Daemon, k *harness.GuestKern
 	if err != nil {
 		return err
 	}
-	specOpts := []oci.SpecOpts{oci.WithImageConfig(cimg), oci.WithAnnotations(harness.VMAnnotations()), oci.WithProcessArgs(vm.args...)}
+	ann := harness.VMAnnotations()
+	if vm.restore != "" {
+		ann["io.snapview.restore"] = vm.restore
+	}
+	specOpts := []oci.SpecOpts{oci.WithImageConfig(cimg), oci.WithAnnotations(ann), oci.WithProcessArgs(vm.args...)}
 	if kvm {
 		specOpts = append(specOpts, oci.WithLinuxDevice("/dev/kvm", "rwm"))
 	}
 	step("running qemu (%s) in a container on the %s snapshotter with --runtime %s; %s", accel, vm.snapshotter, runtime, vm.what)
-	ann := harness.VMAnnotations()
 	for _, k := range slices.Sorted(maps.Keys(ann)) {
 		fmt.Printf("    --annotation %s=%s\n", k, ann[k])
 	}
@@ -215,8 +237,17 @@ func (vm vmRun) run(ctx context.Context, d *harness.Daemon, k *harness.GuestKern
 	step("the guest powered off and qemu exited 0")
 	fmt.Printf("    guest kernel: %s (the image's own /boot/vmlinuz)\n", k.Version)
 	fmt.Printf("    boot time:    %s from task start to the guest running from its root, %s to power-off\n", bootTime.Round(time.Millisecond), total.Round(time.Millisecond))
+	if vm.console != nil {
+		*vm.console = console.all.String()
+	}
 	if _, err := task.Delete(ctx); err != nil {
 		return err
+	}
+	if vm.snapshot != nil {
+		return vm.snapshot(vm.id)
+	}
+	if vm.restore != "" {
+		return nil
 	}
 
 	step("reading the marker back from the container's own writable disk, mounted read-only now that nothing runs")
@@ -236,6 +267,100 @@ func (vm vmRun) run(ctx context.Context, d *harness.Daemon, k *harness.GuestKern
 		fmt.Printf("    the %d layer files are byte for byte what they were (sha256)\n", len(layers))
 	}
 	return nil
+}
+
+// secondAct saves a guest's disk and starts a new guest from it: on the
+// erofs snapshotter, a guest writes its marker (its boot id) and powers
+// off; snapviewctl takes a disk snapshot of the stopped container; a new
+// container restored from it boots a guest that checks its filesystem and
+// finds the marker; the snapshot is removed.
+func secondAct(ctx context.Context, d *harness.Daemon, k *harness.GuestKernel, kvm bool, accel string) error {
+	ctl := os.Getenv("SNAPVIEW_CTL")
+	if ctl == "" {
+		return fmt.Errorf("SNAPVIEW_CTL is not set: run it through `make demo-vm`")
+	}
+	snapctl := func(args ...string) (string, error) {
+		full := append([]string{"--address", d.Address, "--state", d.State, "--namespace", ns}, args...)
+		fmt.Printf("    $ snapviewctl %s\n", strings.Join(args, " "))
+		cmd := exec.CommandContext(ctx, ctl, full...)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		fmt.Print(indent(stderr.String()))
+		if err != nil {
+			return "", fmt.Errorf("snapviewctl %v: %w", args, err)
+		}
+		return string(out), nil
+	}
+	script := []string{"sh", "-c", harness.QemuLayeredScript(kvm)}
+	var first, second, snapID string
+	step("second act: a guest's state saved and started again. A guest on the erofs snapshotter writes its marker and powers off")
+	src := vmRun{id: id + "-saved", snapshotter: "erofs", args: script, layered: true, console: &first,
+		what: "the guest writes its marker (its boot id) on its writable disk",
+		snapshot: func(id string) error {
+			step("snapviewctl takes a disk snapshot of the stopped container: its writable disk read as bytes (holes left out), never mounted on the host")
+			out, err := snapctl("snapshot", "create", "--name", "demo-vm-warm", id)
+			if err != nil {
+				return err
+			}
+			var s struct {
+				ID   string `json:"id"`
+				Form string `json:"form"`
+				Size int64  `json:"size"`
+			}
+			if err := json.Unmarshal([]byte(out), &s); err != nil {
+				return fmt.Errorf("snapshot create printed %q: %w", out, err)
+			}
+			snapID = s.ID
+			fmt.Printf("    snapshot %s, form %s, %d bytes stored\n", s.ID, s.Form, s.Size)
+			ls, err := snapctl("snapshot", "ls")
+			fmt.Print(indent(ls))
+			return err
+		}}
+	if err := src.run(ctx, d, k, kvm, accel); err != nil {
+		return fmt.Errorf("%s: %w", src.id, err)
+	}
+	wrote, ok := afterPrefix(first, harness.GuestWroteLine)
+	if !ok {
+		return fmt.Errorf("the first guest printed no marker")
+	}
+	step("a new container of the same image, restored from the snapshot: --annotation io.snapview.restore=%s", snapID)
+	dst := vmRun{id: id + "-restored", snapshotter: "erofs", args: script, layered: true, restore: snapID, console: &second,
+		what: "its writable disk starts as the saved one; the guest checks its filesystem and reads what is there"}
+	if err := dst.run(ctx, d, k, kvm, accel); err != nil {
+		return fmt.Errorf("%s: %w", dst.id, err)
+	}
+	found, _ := afterPrefix(second, harness.GuestFoundLine)
+	fsck, _ := afterPrefix(second, harness.GuestFsckLine)
+	if found != wrote {
+		return fmt.Errorf("the restored guest found %q on its disk, the first guest wrote %q", found, wrote)
+	}
+	if !strings.HasSuffix(fsck, "check exit 0") {
+		return fmt.Errorf("the restored guest's filesystem check: %q", fsck)
+	}
+	step("the restored guest found the first guest's marker (%s) and its filesystem checked clean (%s)", found, fsck)
+	if _, err := snapctl("snapshot", "rm", snapID); err != nil {
+		return err
+	}
+	return nil
+}
+
+// afterPrefix returns the rest of the first line of text holding prefix.
+func afterPrefix(text, prefix string) (string, bool) {
+	for l := range strings.Lines(text) {
+		if i := strings.Index(l, prefix); i >= 0 {
+			return strings.TrimSpace(l[i+len(prefix):]), true
+		}
+	}
+	return "", false
+}
+
+func indent(s string) string {
+	var b strings.Builder
+	for l := range strings.Lines(s) {
+		b.WriteString("    " + l)
+	}
+	return b.String()
 }
 
 // sums returns the sha256 of each file.
@@ -282,6 +407,7 @@ var escapes = regexp.MustCompile(`\x1b(\[[0-9;?]*[a-zA-Z]|c)`)
 type consoleWriter struct {
 	mu     sync.Mutex
 	buf    []byte
+	all    strings.Builder
 	booted chan struct{}
 	once   sync.Once
 }
@@ -306,6 +432,7 @@ func (w *consoleWriter) line(l string) {
 		return
 	}
 	fmt.Println("    | " + l)
+	w.all.WriteString(l + "\n")
 	if strings.Contains(l, harness.GuestBootedLine) {
 		w.once.Do(func() { close(w.booted) })
 	}

@@ -204,8 +204,11 @@ func (r *running) exec(ctx context.Context, id string, args ...string) (uint32, 
 }
 
 // waitOutput waits until the container's stdout contains s.
-func (r *running) waitOutput(s string) error {
-	deadline := time.Now().Add(20 * time.Second)
+func (r *running) waitOutput(s string) error { return r.waitOutputWithin(s, 20*time.Second) }
+
+// waitOutputWithin waits up to timeout until the container's stdout holds s.
+func (r *running) waitOutputWithin(s string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
 	for !strings.Contains(r.stdout.String(), s) {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("stdout %q does not contain %q", r.stdout.String(), s)

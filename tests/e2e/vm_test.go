@@ -114,6 +114,9 @@ func TestVM(t *testing.T) {
 			if !strings.Contains(out, harness.GuestBootedLine+k.Version+wantRoot) {
 				t.Errorf("the guest did not report booting kernel %s%s", k.Version, wantRoot)
 			}
+			if fsck, _ := consoleField(out, harness.GuestFsckLine); fsck != "clean, preen exit 0, check exit 0" {
+				t.Errorf("the guest's check of its new disk: %q", fsck)
+			}
 			for _, v := range violations {
 				t.Errorf("during the run: %s", v)
 			}

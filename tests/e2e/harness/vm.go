@@ -36,6 +36,17 @@ const (
 	// GuestBootedLine starts the console line the guest prints once it
 	// runs from its disk.
 	GuestBootedLine = "snapview-guest: booted "
+	// GuestFsckLine starts the console line the initrd prints after it
+	// checked the writable disk's filesystem.
+	GuestFsckLine = "snapview-guest: fsck /dev/vda: "
+	// GuestFoundLine starts the console line the guest prints when its
+	// disk holds a marker of an earlier boot (a restored disk).
+	GuestFoundLine = "snapview-guest: found on its disk: "
+	// GuestWroteLine starts the line the guest prints after its marker.
+	GuestWroteLine = "snapview-guest: wrote on its disk: "
+	// GuestStayLine is printed by a guest told to stay up
+	// (snapview.stay on its command line) once its marker is on the disk.
+	GuestStayLine = "snapview-guest: staying up, writing"
 	// QemuPath is where qemu is in a VM image or monitor tree.
 	QemuPath = "/usr/bin/qemu-system-x86_64"
 )
@@ -86,6 +97,12 @@ fail() { echo "initrd: $*"; poweroff -f; }
 layers=0
 for w in $(cat /proc/cmdline); do case $w in snapview.layers=*) layers=${w#snapview.layers=};; esac; done
 waitdisk /dev/vda || fail "no disk /dev/vda"
+# The writable disk's filesystem is checked before it is mounted: preen
+# (which replays a journal a crash left behind), then a forced read-only
+# check, whose exit status must be 0.
+e2fsck -p /dev/vda > /fsck.out 2>&1; p=$?
+j=clean; grep -q "recovering journal" /fsck.out && j="journal recovered"
+e2fsck -fn /dev/vda > /dev/null 2>&1; echo "` + GuestFsckLine + `$j, preen exit $p, check exit $?"
 if [ "$layers" -gt 0 ]; then
   mkdir -p /disk
   mount -t ext4 -o rw /dev/vda /disk || fail "cannot mount the writable disk /dev/vda"
@@ -111,14 +128,28 @@ exec switch_root /newroot /guest-init
 `
 
 // guestInit runs on the guest's root disk (the container's own snapshot):
-// it reports the kernel, writes the marker and powers the VM off, which
-// ends qemu with status 0.
+// it reports the kernel and a marker an earlier boot left (a restored
+// disk), writes its own marker (kernel, boot id) and syncs it, then powers
+// the VM off, which ends qemu with status 0; with snapview.stay on its
+// command line it stays up instead, writing files without syncing them.
 const guestInit = `#!/bin/sh
 mount -t proc proc /proc
 echo "` + GuestBootedLine + `$(uname -r) from $(tr ' ' '\n' < /proc/cmdline | grep -E '^(root|snapview.layers)=' | tr '\n' ' ')"
-echo "kernel=$(uname -r) written-at=$(date -u +%Y-%m-%dT%H:%M:%SZ)" > ` + GuestMarkerPath + `
+if [ -f ` + GuestMarkerPath + ` ]; then echo "` + GuestFoundLine + `$(cat ` + GuestMarkerPath + `)"; fi
+echo "kernel=$(uname -r) boot=$(cat /proc/sys/kernel/random/boot_id)" > ` + GuestMarkerPath + `
 sync
-echo "snapview-guest: wrote ` + GuestMarkerPath + ` on its disk; powering off"
+echo "` + GuestWroteLine + `$(cat ` + GuestMarkerPath + `)"
+if grep -q snapview.stay /proc/cmdline; then
+  echo "` + GuestStayLine + `"
+  i=0
+  while :; do i=$((i+1)); echo "$i" > /churn-$((i % 64)); sleep 0.02; done
+fi
+echo "snapview-guest: powering off"
+# Every filesystem remounted read-only first (the emergency remount, as
+# the root under an overlay cannot be reached otherwise), so that the disk
+# is left clean, its journal empty.
+echo u > /proc/sysrq-trigger
+sleep 1
 poweroff -f
 `
 
@@ -134,7 +165,7 @@ func (k *GuestKernel) Initrd() ([]byte, error) {
 		c.dir(d)
 	}
 	c.file("bin/busybox", 0o755, bb)
-	for _, a := range []string{"sh", "insmod", "mount", "umount", "switch_root", "seq", "sleep", "echo", "poweroff", "cat", "mkdir"} {
+	for _, a := range []string{"sh", "insmod", "mount", "umount", "switch_root", "seq", "sleep", "echo", "poweroff", "cat", "mkdir", "grep"} {
 		c.symlink("bin/"+a, "busybox")
 	}
 	for _, m := range virtioModules {
@@ -154,6 +185,9 @@ func (k *GuestKernel) Initrd() ([]byte, error) {
 		}
 		c.file("lib/modules/"+m+".ko", 0o644, data)
 	}
+	if err := c.binary(E2fsckPath, "bin/e2fsck"); err != nil {
+		return nil, err
+	}
 	c.file("init", 0o755, fmt.Appendf(nil, initScript, strings.Join(virtioModules, " ")))
 	var out bytes.Buffer
 	zw := gzip.NewWriter(&out)
@@ -169,11 +203,16 @@ func (k *GuestKernel) Initrd() ([]byte, error) {
 // cpio writes a newc ("070701") cpio archive, the format the kernel
 // unpacks as an initramfs.
 type cpio struct {
-	buf bytes.Buffer
-	ino int
+	buf   bytes.Buffer
+	ino   int
+	names map[string]bool
 }
 
 func (c *cpio) entry(name string, mode uint32, data []byte) {
+	if c.names == nil {
+		c.names = map[string]bool{}
+	}
+	c.names[name] = true
 	c.ino++
 	fmt.Fprintf(&c.buf, "070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
 		c.ino, mode, 0, 0, 1, mtime.Unix(), len(data), 0, 0, 0, 0, len(name)+1, 0)
@@ -194,6 +233,41 @@ func (c *cpio) dir(name string)                         { c.entry(name, 0o040755
 func (c *cpio) file(name string, mode uint32, b []byte) { c.entry(name, 0o100000|mode, b) }
 func (c *cpio) symlink(name, target string)             { c.entry(name, 0o120777, []byte(target)) }
 
+// binary adds the host's program path at name, with the shared libraries
+// ldd lists for it at their host paths (and their directories).
+func (c *cpio) binary(path, name string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("%s (Debian package e2fsprogs): %w", path, err)
+	}
+	c.file(name, 0o755, data)
+	out, err := exec.Command("ldd", path).Output()
+	if err != nil {
+		return fmt.Errorf("ldd %s: %w", path, err)
+	}
+	for _, lib := range lddPath.FindAllString(string(out), -1) {
+		rel := strings.TrimPrefix(lib, "/")
+		if c.names[rel] {
+			continue
+		}
+		data, err := os.ReadFile(lib)
+		if err != nil {
+			return err
+		}
+		var parents []string
+		for d := filepath.Dir(rel); d != "."; d = filepath.Dir(d) {
+			parents = append([]string{d}, parents...)
+		}
+		for _, d := range parents {
+			if !c.names[d] {
+				c.dir(d)
+			}
+		}
+		c.file(rel, 0o755, data)
+	}
+	return nil
+}
+
 func (c *cpio) close() []byte {
 	c.entry("TRAILER!!!", 0, nil)
 	return c.buf.Bytes()
@@ -201,6 +275,10 @@ func (c *cpio) close() []byte {
 
 // guestApplets are the busybox applets the guest's init uses.
 var guestApplets = []string{"sh", "mount", "echo", "cat", "uname", "date", "sync", "poweroff", "tr", "grep", "sleep", "ls"}
+
+// E2fsckPath is the host's e2fsck (Debian's e2fsprogs), which the initrd
+// carries with its libraries to check the guest's disk.
+const E2fsckPath = "/usr/sbin/e2fsck"
 
 // VMImage builds the VM image named ref: busybox, the guest kernel and
 // initrd under /boot, and /guest-init; with qemu, also the monitor (qemu
@@ -311,8 +389,11 @@ func QemuArgs(kvm bool) []string {
 // from the disks snapview gave the container: the writable disk first, as
 // the guest's vda, then every layer disk, read-only, top-most first, and
 // the number of layers on the guest's kernel command line.
-func QemuLayeredScript(kvm bool) string {
-	args := QemuArgs(kvm)
+func QemuLayeredScript(kvm bool) string { return QemuLayeredScriptOf(QemuArgs(kvm)) }
+
+// QemuLayeredScriptOf is QemuLayeredScript for qemu's command line args.
+func QemuLayeredScriptOf(args []string) string {
+	args = slices.Clone(args)
 	for i, a := range args {
 		if strings.HasPrefix(a, "console=") {
 			args[i] = a + " snapview.layers=$n"
@@ -328,6 +409,19 @@ while [ $i -lt $n ]; do
 done
 exec "$@"
 `
+}
+
+// WithGuestStay returns qemu's command line args with snapview.stay added
+// to the guest kernel's: the guest keeps running and writing once its
+// marker is on its disk.
+func WithGuestStay(args []string) []string {
+	args = slices.Clone(args)
+	for i, a := range args {
+		if strings.HasPrefix(a, "console=") {
+			args[i] = a + " snapview.stay"
+		}
+	}
+	return args
 }
 
 // shellWords quotes args for a shell, leaving $n to expand.
