@@ -13,6 +13,7 @@ import (
 
 	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/errdefs"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
@@ -28,22 +29,23 @@ var crashPoints = []struct {
 	teardown bool
 }{
 	{point: "dir"},
-	{point: "lease", modes: "view block erofs layered volumes"},
-	{point: "view", modes: "view block erofs layered volumes"},
+	{point: "lease", modes: "view block erofs layered volumes restore-block restore-layered"},
+	{point: "view", modes: "view block erofs layered volumes restore-block restore-layered"},
 	{point: "activate", modes: "erofs layered"},
 	{point: "mount", modes: "erofs layered volumes"},
 	{point: "rootfs", modes: "erofs erofs-off"},
-	{point: "format", modes: "layered"},
-	{point: "device", modes: "block layered"},
-	{point: "layers", modes: "layered"},
+	{point: "restore-written", modes: "restore-block restore-layered"},
+	{point: "format", modes: "layered restore-layered"},
+	{point: "device", modes: "block layered restore-block restore-layered"},
+	{point: "layers", modes: "layered restore-layered"},
 	{point: "volume-views", modes: "volumes volumes-block"},
 	{point: "volumes", modes: "volumes volumes-block"},
-	{point: "monitor", modes: "block layered"},
-	{point: "state", modes: "view block erofs erofs-off layered volumes"},
-	{point: "config", modes: "view block erofs layered volumes"},
+	{point: "monitor", modes: "block layered restore-block restore-layered"},
+	{point: "state", modes: "view block erofs erofs-off layered volumes restore-block restore-layered"},
+	{point: "config", modes: "view block erofs layered volumes restore-block restore-layered"},
 	{point: "runc-created"},
 	{point: "teardown-unmounted", teardown: true},
-	{point: "teardown-removed", modes: "view block erofs layered volumes volumes-block", teardown: true},
+	{point: "teardown-removed", modes: "view block erofs layered volumes volumes-block restore-block restore-layered", teardown: true},
 }
 
 // TestCrashMatrix kills the shim (SIGKILL, from inside, as a crash would)
@@ -82,6 +84,31 @@ func TestCrashMatrix(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Disk snapshots to restore from (io.snapview.restore), one per
+	// snapshotter, taken of a block-mode container that is gone before the
+	// matrix runs.
+	restoreFrom := map[string]map[string]string{}
+	for _, sn := range []string{"blockfile", "erofs"} {
+		src := "crash-restore-src-" + sn
+		nctx := harness.Context(ctx, ns)
+		r, err := start(nctx, t, d, src, runOpts{runtime: snapviewRT, snapshotter: sn, annotations: blockAnn,
+			args: []string{"sh", "-c", diskWriteScript}, specOpts: []oci.SpecOpts{oci.WithEnv([]string{"MARKER=crash-" + sn})}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.waitOutput("ready"); err != nil {
+			t.Fatal(err)
+		}
+		s := takeSnapshot(t, d, src)
+		if _, err := r.task.Delete(nctx, client.WithProcessKill); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.ctr.Delete(nctx, client.WithSnapshotCleanup); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { removeSnapshot(harness.Context(context.Background(), ns), t, d, s.ID) })
+		restoreFrom[sn] = restoreAnn(s.ID)
+	}
 	for _, mode := range []struct {
 		name, snapshotter string
 		ann               map[string]string
@@ -97,6 +124,9 @@ func TestCrashMatrix(t *testing.T) {
 		// Volumes, mounted (view mode) and as disks (layered block mode).
 		{"volumes", "overlayfs", volumeAnn},
 		{"volumes-block", "erofs", withVolumes(blockAnn)},
+		// Block mode restored from a disk snapshot: one disk and layered.
+		{"restore-block", "blockfile", restoreFrom["blockfile"]},
+		{"restore-layered", "erofs", restoreFrom["erofs"]},
 	} {
 		for _, cp := range crashPoints {
 			if cp.modes != "" && !slices.Contains(strings.Fields(cp.modes), mode.name) {
