@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -18,6 +19,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
+	runtime "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
@@ -351,4 +353,63 @@ func TestDiskSnapshotBetweenNodes(t *testing.T) {
 	}
 	removeSnapshot(ctx, t, b, s.ID)
 	removeSnapshot(ctx, t, a, s.ID)
+}
+
+// TestDiskSnapshotCRI takes a disk snapshot of a block-mode container of a
+// CRI pod (the erofs snapshotter's layered rootfs, through the
+// snapview-layered handler) and restores it into a container of another
+// pod by the container annotation io.snapview.restore, as a kubelet would
+// pass it, on both containerd versions.
+func TestDiskSnapshotCRI(t *testing.T) {
+	if suite.skip != "" {
+		t.Skip(suite.skip)
+	}
+	eachVersion(t, func(t *testing.T, compat bool) {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		tools, err := harness.ToolsFromEnv(compat)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, rs := startCRIDaemon(t, tools, []harness.Option{harness.WithErofsBlock(erofsBlockSize)}, []*harness.Image{suite.image}, "erofs")
+		setup(t, d)
+		marker := fmt.Sprintf("cri-disk-%d", time.Now().UnixNano())
+		srcPod, srcCfg, srcLogs := runPodWith(ctx, t, rs, "snapview-layered", nil, &runtime.PodSandboxMetadata{Name: "disk-src", Namespace: "default", Uid: "uid-disk-src"})
+		src, err := rs.CreateContainer(ctx, containerRequest(srcPod, srcCfg, "guest", blockAnn, "sh", "-c", "MARKER="+marker+"; "+diskWriteScript))
+		if err != nil {
+			t.Fatalf("CreateContainer: %v", err)
+		}
+		if _, err := rs.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: src.ContainerId}); err != nil {
+			t.Fatalf("StartContainer: %v", err)
+		}
+		waitLog(t, filepath.Join(srcLogs, "guest.log"), "ready")
+		out, errOut, code := ctlRunIn(t, d, criNamespace, nil, "snapshot", "create", src.ContainerId)
+		if code != 0 {
+			t.Fatalf("snapshot create: exit %d\n%s%s", code, out, errOut)
+		}
+		var s snapshotJSON
+		if err := json.Unmarshal([]byte(out), &s); err != nil || s.Form != "disk" {
+			t.Fatalf("snapshot create printed %q (%v), want a disk snapshot", out, err)
+		}
+		dstPod, dstCfg, dstLogs := runPodWith(ctx, t, rs, "snapview-layered", nil, &runtime.PodSandboxMetadata{Name: "disk-dst", Namespace: "default", Uid: "uid-disk-dst"})
+		dst, err := rs.CreateContainer(ctx, containerRequest(dstPod, dstCfg, "restored", restoreAnn(s.ID), "sh", "-c", diskReadScript))
+		if err != nil {
+			t.Fatalf("CreateContainer of the restored container: %v", err)
+		}
+		if _, err := rs.StartContainer(ctx, &runtime.StartContainerRequest{ContainerId: dst.ContainerId}); err != nil {
+			t.Fatalf("StartContainer: %v", err)
+		}
+		waitLog(t, filepath.Join(dstLogs, "restored.log"), "marker "+marker, "ext4=53ef", "ready")
+		for _, id := range []string{src.ContainerId, dst.ContainerId} {
+			if _, err := rs.StopContainer(ctx, &runtime.StopContainerRequest{ContainerId: id, Timeout: 1}); err != nil {
+				t.Fatalf("StopContainer: %v", err)
+			}
+			if _, err := rs.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: id}); err != nil {
+				t.Fatalf("RemoveContainer: %v", err)
+			}
+		}
+		if _, errOut, code := ctlRunIn(t, d, criNamespace, nil, "snapshot", "rm", s.ID); code != 0 {
+			t.Fatalf("snapshot rm: exit %d: %s", code, errOut)
+		}
+	})
 }

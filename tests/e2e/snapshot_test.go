@@ -49,7 +49,13 @@ type snapshotJSON struct {
 // stdout, its stderr and its exit code.
 func ctlRun(t *testing.T, d *harness.Daemon, env []string, args ...string) (string, string, int) {
 	t.Helper()
-	full := append([]string{"--address", d.Address, "--state", d.State, "--namespace", ns}, args...)
+	return ctlRunIn(t, d, ns, env, args...)
+}
+
+// ctlRunIn is ctlRun in containerd namespace namespace.
+func ctlRunIn(t *testing.T, d *harness.Daemon, namespace string, env []string, args ...string) (string, string, int) {
+	t.Helper()
+	full := append([]string{"--address", d.Address, "--state", d.State, "--namespace", namespace}, args...)
 	cmd := exec.Command(os.Getenv("SNAPVIEW_CTL"), full...)
 	cmd.Env = append(os.Environ(), env...)
 	var stdout, stderr bytes.Buffer

@@ -161,3 +161,82 @@ func consoleField(console, prefix string) (string, bool) {
 	}
 	return "", false
 }
+
+// TestVMDiskSnapshotBetweenNodes moves a guest's disk between nodes: a
+// guest on containerd 2.4 (layered erofs) writes its marker and powers off,
+// its disk snapshot is pushed to a registry with its base image and pulled
+// on containerd 2.2, where a guest restored from it finds the marker.
+func TestVMDiskSnapshotBetweenNodes(t *testing.T) {
+	if why := harness.NeedClient("SNAPVIEW_REGISTRY", suite.tools.Registry); why != "" {
+		t.Skip(why)
+	}
+	k, err := harness.GuestKernelFromEnv()
+	if err != nil {
+		t.Skip(err)
+	}
+	kvm, accel := harness.KVM(k)
+	a, b := layeredDaemon(t, false), layeredDaemon(t, true)
+	ctx := setup(t, a)
+	setup(t, b)
+	reg, err := harness.StartRegistry(ctx, suite.tools.Registry, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(reg.Stop)
+	const ref = "docker.io/snapview/vmsnap-travel:1"
+	for _, d := range []*harness.Daemon{a, b} {
+		if err := importVMImage(ctx, d, ref, k, true, "erofs"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var specOpts []oci.SpecOpts
+	if kvm {
+		specOpts = append(specOpts, oci.WithLinuxDevice("/dev/kvm", "rwm"))
+	}
+	opts := &runtimeoptions.Options{ConfigBody: []byte("[block]\nmonitor_rootfs = \"view\"\n")}
+	guest := func(d *harness.Daemon, id string, ann map[string]string) string {
+		t.Helper()
+		r, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, runtimeOpts: opts, snapshotter: "erofs", image: ref,
+			annotations: ann, args: []string{"sh", "-c", harness.QemuLayeredScript(kvm)}, specOpts: specOpts})
+		if err != nil {
+			t.Fatal(err)
+		}
+		watch := watchNeverMounted(readBlockState(t, d, id))
+		code, err := r.wait(t)
+		for _, v := range watch() {
+			t.Errorf("%s's disk: %s", id, v)
+		}
+		if err != nil || code != 0 {
+			t.Fatalf("%s: qemu exited %d (%v, %s); console:\n%s\nstderr: %s", id, code, err, accel, r.stdout.String(), r.stderr.String())
+		}
+		if _, err := r.task.Delete(ctx); err != nil {
+			t.Fatal(err)
+		}
+		return r.stdout.String()
+	}
+	first := guest(a, "vmsnap-travel-src", harness.VMAnnotations())
+	marker, ok := consoleField(first, harness.GuestWroteLine)
+	if !ok {
+		t.Fatalf("the first guest printed no marker:\n%s", first)
+	}
+	s := takeSnapshot(t, a, "vmsnap-travel-src")
+	regRef := reg.Addr + "/snapview/vm-disk:1"
+	if out, errOut, code := ctlRun(t, a, nil, "snapshot", "push", "--plain-http", s.ID, regRef); code != 0 {
+		t.Fatalf("push: exit %d\n%s%s", code, out, errOut)
+	}
+	if p := pulled(t, b, "--plain-http", regRef); p.ID != s.ID || p.Form != "disk" || p.Base != s.Base {
+		t.Fatalf("pulled %+v, pushed %+v", p, s)
+	}
+	ann := maps.Clone(harness.VMAnnotations())
+	ann["io.snapview.restore"] = s.ID
+	second := guest(b, "vmsnap-travel-restored", ann)
+	t.Logf("the guest restored on containerd %s (%s):\n%s", b.Version, accel, second)
+	if found, _ := consoleField(second, harness.GuestFoundLine); found != marker {
+		t.Errorf("the guest restored on the other node found %q, want %q", found, marker)
+	}
+	if fsck, _ := consoleField(second, harness.GuestFsckLine); fsck != "clean, preen exit 0, check exit 0" {
+		t.Errorf("the restored guest's filesystem check: %q", fsck)
+	}
+	removeSnapshot(ctx, t, b, s.ID)
+	removeSnapshot(ctx, t, a, s.ID)
+}
