@@ -163,7 +163,8 @@ parity-runsc: build deps
 
 # Each fuzz target runs for FUZZTIME; `make test` runs their seed corpora.
 FUZZTIME ?= 60s
-FUZZ_TARGETS := ./pkg/annotations:FuzzParse ./pkg/annotations:FuzzParseVolume ./pkg/config:FuzzParse ./pkg/bundle:FuzzParseState
+FUZZ_TARGETS := ./pkg/annotations:FuzzParse ./pkg/annotations:FuzzParseVolume ./pkg/config:FuzzParse ./pkg/bundle:FuzzParseState \
+	./pkg/snapshot/record:FuzzParseID ./pkg/diskstream:FuzzRestore
 fuzz:
 	@for t in $(FUZZ_TARGETS); do \
 		pkg=$${t%%:*}; fn=$${t##*:}; \
