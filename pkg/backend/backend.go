@@ -106,6 +106,21 @@ func (b *Backend) Container(ctx context.Context, id string) (snapshotter, snapsh
 	return resp.Container.Snapshotter, resp.Container.SnapshotKey, nil
 }
 
+// ContainerImage returns the image container id names ("" for none).
+func (b *Backend) ContainerImage(ctx context.Context, id string) (string, error) {
+	c, err := b.client()
+	if err != nil {
+		return "", err
+	}
+	cctx, cancel := WithTimeout(ctx)
+	defer cancel()
+	resp, err := containersapi.NewContainersClient(c).Get(cctx, &containersapi.GetContainerRequest{ID: id})
+	if err != nil {
+		return "", errgrpc.ToNative(err)
+	}
+	return resp.Container.Image, nil
+}
+
 // SnapshotterRoot returns the root directory of the snapshotter called
 // name, as its plugin exports it ("" when it exports none, as a proxy
 // snapshotter does).

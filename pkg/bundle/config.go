@@ -52,6 +52,8 @@ type Config struct {
 	UID, GID uint32
 	// UserNamespace reports whether the spec asks for a user namespace.
 	UserNamespace bool
+	// RootPath is the spec's root.path, made absolute against the bundle.
+	RootPath string
 }
 
 // ReadConfig reads the bundle's config.json.
@@ -81,6 +83,18 @@ func ReadConfig(bundle string) (*Config, error) {
 			return nil, fmt.Errorf("snapview: decode process of %s: %w", path, err)
 		}
 		c.UID, c.GID = p.User.UID, p.User.GID
+	}
+	if raw, ok := c.fields["root"]; ok {
+		var r struct {
+			Path string `json:"path"`
+		}
+		if err := json.Unmarshal(raw, &r); err != nil {
+			return nil, fmt.Errorf("snapview: decode root of %s: %w", path, err)
+		}
+		c.RootPath = r.Path
+		if r.Path != "" && !filepath.IsAbs(r.Path) {
+			c.RootPath = filepath.Join(bundle, r.Path)
+		}
 	}
 	if raw, ok := c.fields["linux"]; ok {
 		var l struct {

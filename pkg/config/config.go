@@ -115,7 +115,16 @@ type View struct {
 	// BootDir is the default directory, inside the container, where boot
 	// artifacts are bound.
 	BootDir string `toml:"boot_dir"`
+	// ImageSnapshotter is the snapshotter in which the view of a container
+	// whose client mounted its rootfs itself (Docker, with containerd's
+	// image store) is found: its image's layers unpacked there. Default
+	// containerd's default snapshotter, overlayfs.
+	ImageSnapshotter string `toml:"image_snapshotter"`
 }
+
+// DefaultImageSnapshotter is containerd's default snapshotter on Linux,
+// the one Docker's containerd image store uses unless told otherwise.
+const DefaultImageSnapshotter = "overlayfs"
 
 // Block holds the [block] table.
 type Block struct {
@@ -183,8 +192,9 @@ func (c *Config) AllowsVolume(ref string) bool {
 func Default() *Config {
 	return &Config{
 		View: View{
-			Mode:    ModeView,
-			BootDir: "/.snapview/boot",
+			Mode:             ModeView,
+			BootDir:          "/.snapview/boot",
+			ImageSnapshotter: DefaultImageSnapshotter,
 		},
 		Block: Block{
 			MonitorRootfs: MonitorRootfsView,
@@ -285,6 +295,9 @@ func (c *Config) validate() error {
 		if err := absClean("block.monitors."+name, c.Block.Monitors[name], c.Source); err != nil {
 			return err
 		}
+	}
+	if c.View.ImageSnapshotter == "" || strings.ContainsAny(c.View.ImageSnapshotter, "/ \t\n") {
+		return fmt.Errorf("snapview: invalid view.image_snapshotter %q in %s: want a snapshotter's name, such as %q", c.View.ImageSnapshotter, c.Source, DefaultImageSnapshotter)
 	}
 	if err := absClean("block.device", c.Block.Device, c.Source); err != nil {
 		return err

@@ -67,6 +67,9 @@ type mountsOnly struct{ mm mount.Manager }
 func (b mountsOnly) Container(context.Context, string) (string, string, error) {
 	return "", "", errdefs.ErrNotImplemented
 }
+func (b mountsOnly) ContainerImage(context.Context, string) (string, error) {
+	return "", errdefs.ErrNotImplemented
+}
 func (b mountsOnly) Snapshotter(string) (snapshots.Snapshotter, error) {
 	return nil, errdefs.ErrNotImplemented
 }

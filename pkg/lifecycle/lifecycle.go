@@ -57,6 +57,8 @@ type Backend interface {
 	// Container returns the snapshotter and snapshot key of container id;
 	// a missing container is an error wrapping errdefs.ErrNotFound.
 	Container(ctx context.Context, id string) (snapshotter, snapshotKey string, err error)
+	// ContainerImage returns the image container id names ("" for none).
+	ContainerImage(ctx context.Context, id string) (string, error)
 	Snapshotter(name string) (snapshots.Snapshotter, error)
 	Leases() (leases.Manager, error)
 	Mounts() (mount.Manager, error)

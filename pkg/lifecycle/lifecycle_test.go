@@ -293,7 +293,9 @@ func TestDecide(t *testing.T) {
 			if err != nil || !strings.Contains(p.Skip, tc.skip) {
 				t.Fatalf("got %+v %v, want a skip saying %q", p, err, tc.skip)
 			}
-			if e.Backend.Calls() != before && tc.name != "binds without rootfs" {
+			// Without rootfs mounts, the container's record decides (a
+			// client that mounted the rootfs itself, as Docker does).
+			if e.Backend.Calls() != before && tc.name != "binds without rootfs" && tc.name != "no rootfs" {
 				t.Errorf("a local decision called containerd %d times", e.Backend.Calls()-before)
 			}
 		})
@@ -652,6 +654,50 @@ func TestPrepare(t *testing.T) {
 			e.CheckNothingLeft(t, r, orig)
 		})
 	}
+
+	// Docker with containerd's image store: no rootfs mounts, no snapshot
+	// key, and the image the container record names, unpacked in the
+	// [view] image_snapshotter: the view is of that image.
+	t.Run("a rootfs its client mounted", func(t *testing.T) {
+		const ref = "docker.io/acme/client-mounted:1"
+		chain := e.Image(t, lifecycletest.NS, ref, map[string]string{"/boot/vmlinuz": "the image's own kernel"}, true)
+		for _, tc := range []struct {
+			name, image, sn, want string
+		}{
+			{"viewed", ref, "native", ""},
+			{"image missing", "docker.io/acme/absent:1", "native", "no such image in namespace"},
+			{"another snapshotter", ref, "overlayfs", "snapshotter overlayfs ([view] image_snapshotter"},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				id := "prep-client-" + strings.ReplaceAll(tc.name, " ", "-")
+				r := e.ContainerWithImage(t, id, tc.image, map[string]string{annotations.BootPrefix + "kernel": "/boot/vmlinuz"})
+				r.Rootfs = nil
+				r.Config.View.ImageSnapshotter = tc.sn
+				orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
+				v, skip, err := l.Prepare(e.Ctx, r)
+				if tc.want != "" {
+					if err == nil || !strings.HasPrefix(err.Error(), "snapview: the image ") || !strings.Contains(err.Error(), tc.want) {
+						t.Fatalf("prepare: %+v %q %v, want an error saying %q", v, skip, err, tc.want)
+					}
+					e.CheckNothingLeft(t, r, orig)
+					return
+				}
+				if err != nil || skip != "" {
+					t.Fatalf("prepare: %q %v", skip, err)
+				}
+				if v.State.Parent != chain || v.State.Snapshotter != "native" || v.State.Rootfs.FSType != "bind" || v.State.Rootfs.Source != filepath.Join(r.Bundle, "rootfs") {
+					t.Fatalf("state %+v", v.State)
+				}
+				if got := lifecycletest.ReadFile(t, filepath.Join(v.State.Mountpoint, "boot/vmlinuz")); string(got) != "the image's own kernel" {
+					t.Fatalf("view content %q", got)
+				}
+				if err := l.Teardown(e.Ctx, v); err != nil {
+					t.Fatal(err)
+				}
+				e.CheckNothingLeft(t, r, nil)
+			})
+		}
+	})
 
 	t.Run("no image snapshot after all", func(t *testing.T) {
 		r := e.ContainerWithoutSnapshot(t, "prep-nosnap")

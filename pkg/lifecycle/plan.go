@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/containerd/log"
+
 	"github.com/snapview/snapview/pkg/annotations"
 	"github.com/snapview/snapview/pkg/blockdev"
 	"github.com/snapview/snapview/pkg/bundle"
@@ -66,6 +68,10 @@ type Plan struct {
 	readOnlyRootfs bool
 	// restore is the disk snapshot the writable disk starts as, if any.
 	restore *restorePlan
+	// clientRootfs: the container has no rootfs mounts, its client mounted
+	// the rootfs itself (Docker); the view is then of the image the
+	// container record names, found in [view] image_snapshotter.
+	clientRootfs bool
 }
 
 // Mode returns the planned mode: view or block ("" when skipped).
@@ -145,7 +151,14 @@ func decideLocal(ctx context.Context, r Request) (*Plan, error) {
 		}
 	case config.ModeView:
 		if len(r.Rootfs) == 0 {
-			return p.noView("the container has no rootfs mounts (no image snapshot)")
+			if spec.RootPath == "" {
+				return p.noView("the container has no rootfs mounts (no image snapshot)")
+			}
+			// A rootfs its client mounted (Docker): lookup looks for the
+			// container's image.
+			p.clientRootfs = true
+			p.params = rootfs.Params{Kind: rootfs.KindFS, FSType: "bind", Source: spec.RootPath, Options: []string{"rbind"}}
+			return p, nil
 		}
 		if p.params, err = rootfs.FromMounts(r.Rootfs); err != nil {
 			return nil, fmt.Errorf("snapview: rootfs of %s: %w", r.ID, err)
@@ -186,7 +199,14 @@ func (l *Lifecycle) lookup(ctx context.Context, p *Plan) (*Plan, error) {
 		return nil, fmt.Errorf("snapview: look up container %s: %w", r.ID, err)
 	}
 	if key == "" || sn == "" {
+		if p.clientRootfs {
+			return l.lookupImage(ctx, p)
+		}
 		return p.noView("the container has no image snapshot (e.g. ctr run --rootfs)")
+	}
+	if p.clientRootfs {
+		// A snapshot, but not its mounts: not a shape containerd makes.
+		return p.noView("the container has no rootfs mounts (no image snapshot)")
 	}
 	s, err := l.backend.Snapshotter(sn)
 	if err != nil {
@@ -202,6 +222,12 @@ func (l *Lifecycle) lookup(ctx context.Context, p *Plan) (*Plan, error) {
 		return p.noView("the container's snapshot has no parent image")
 	}
 	p.snapshotter, p.parent = sn, info.Parent
+	return l.resolveRest(ctx, p)
+}
+
+// resolveRest completes a plan whose view's parent is known: the block
+// mode files' confinement, the volumes and the restore.
+func (l *Lifecycle) resolveRest(ctx context.Context, p *Plan) (*Plan, error) {
 	if err := l.confine(ctx, p); err != nil {
 		return nil, err
 	}
@@ -212,6 +238,44 @@ func (l *Lifecycle) lookup(ctx context.Context, p *Plan) (*Plan, error) {
 		return nil, err
 	}
 	return p, nil
+}
+
+// lookupImage completes the plan of a container whose client mounted its
+// rootfs itself (Docker with containerd's image store): no snapshot key,
+// but the image the container record names, whose layers are unpacked in
+// the configured [view] image_snapshotter. Its top snapshot is the view's
+// parent, as a container snapshot's parent would be. A container that
+// names no image gets no view.
+func (l *Lifecycle) lookupImage(ctx context.Context, p *Plan) (*Plan, error) {
+	r := p.req
+	ref, err := l.backend.ContainerImage(ctx, r.ID)
+	if err != nil {
+		return nil, fmt.Errorf("snapview: look up container %s: %w", r.ID, err)
+	}
+	if ref == "" {
+		return p.noView("the container has no image snapshot: no rootfs mounts, and it names no image (its client gave a rootfs of its own, as ctr run --rootfs does)")
+	}
+	sn := r.Config.View.ImageSnapshotter
+	fail := func(err error) error {
+		return fmt.Errorf("snapview: the image %s of container %s, whose client mounted its rootfs itself (as Docker does), viewed in snapshotter %s ([view] image_snapshotter in %s): %w", ref, r.ID, sn, r.Config.Source, err)
+	}
+	s, err := l.backend.Snapshotter(sn)
+	if err != nil {
+		return nil, fail(err)
+	}
+	cs, err := l.backend.Content()
+	if err != nil {
+		return nil, fmt.Errorf("snapview: %w", err)
+	}
+	p.snapshotter = sn
+	chain, err := l.volumeSource(ctx, cs, s, p, annotations.Volume{Ref: ref})
+	if err != nil {
+		return nil, fail(err)
+	}
+	p.parent = chain
+	log.G(ctx).WithFields(log.Fields{"id": r.ID, "image": ref, "snapshotter": sn, "parent": chain}).
+		Debug("snapview: the container's client mounted its rootfs: the view is of its image")
+	return l.resolveRest(ctx, p)
 }
 
 // confine checks that every file block mode will create, format or attach
@@ -288,7 +352,7 @@ func (p *Plan) checkBlock(ctx context.Context, modeFrom string) error {
 	const want = "a block-backed rootfs (the blockfile or devmapper snapshotter, or erofs in block mode)"
 	mounts := p.req.Rootfs
 	if len(mounts) == 0 {
-		return fmt.Errorf("snapview: block mode (%s) needs %s, but the container has no rootfs mounts (no image snapshot)", modeFrom, want)
+		return fmt.Errorf("snapview: block mode (%s) needs %s, but the container has no rootfs mounts: its client mounted the rootfs on the host itself (as Docker does) or gave a directory (ctr run --rootfs), and a guest's disk must never be mounted on the host; run it through ctr, nerdctl or CRI", modeFrom, want)
 	}
 	if rootfs.IsLayered(mounts) {
 		l, err := rootfs.DetectLayered(mounts)

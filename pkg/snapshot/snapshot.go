@@ -108,7 +108,7 @@ func (n *Node) Create(ctx context.Context, ns, id string, o CreateOptions) (_ *S
 		return nil, fmt.Errorf("snapview: container %s: %w", id, err)
 	}
 	if info.SnapshotKey == "" || info.Snapshotter == "" {
-		return nil, fmt.Errorf("snapview: container %s has no image snapshot (its rootfs was given to containerd, as Docker and `ctr run --rootfs` do): there is no filesystem of containerd's to take a snapshot of", id)
+		return nil, fmt.Errorf("snapview: container %s has no image snapshot (its client mounted its rootfs itself, as Docker does, or gave a directory, as `ctr run --rootfs` does): there is no snapshot of containerd's to take; its writes live where its client put them (for a Docker container: docker commit)", id)
 	}
 	block, err := n.blockMode(ctx, ns, info)
 	if err != nil {

@@ -3,8 +3,10 @@ package docker
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -267,11 +269,12 @@ func TestDockerDaemonJSONRuntime(t *testing.T) {
 
 // TestDockerAnnotations asks snapview, through Docker's --annotation
 // (HostConfig.Annotations, API 1.43+), for what needs the container's view
-// of its image. Today each is refused at start with a snapview: message,
-// since Docker's containers have no image snapshot. With views for Docker's
-// containers (issue 26, part 3) the rows whose refusal is then empty run
-// instead, and their output must hold want; block mode stays refused,
-// because dockerd mounts the rootfs on the host itself.
+// of its image. Docker's containers have no image snapshot (dockerd mounts
+// the rootfs itself), but their record names their image, unpacked in
+// containerd's overlayfs by Docker's containerd image store: snapview's view
+// is of that image. A boot artifact, view-target and an image volume run
+// and show the image's bytes, read-only; block mode is refused, because
+// dockerd mounts the rootfs on the host itself.
 func TestDockerAnnotations(t *testing.T) {
 	kernel := suite.image
 	if kernel == nil { // no root or no dockerd: setup skips
@@ -288,31 +291,28 @@ func TestDockerAnnotations(t *testing.T) {
 	}{
 		{
 			name: "boot artifact", runtime: snapviewRT,
-			ann:     map[string]string{"io.snapview.boot.kernel": harness.KernelPath},
-			script:  `echo "kernel $(sha256sum < /.snapview/boot/kernel | cut -c1-64)"`,
-			want:    []string{"kernel " + kernel.Files[harness.KernelPath]},
-			refused: []string{"snapview: annotation io.snapview.boot.kernel asks for binds from the image, but the container has no rootfs mounts (no image snapshot)"},
+			ann:    map[string]string{"io.snapview.boot.kernel": harness.KernelPath},
+			script: `echo "kernel $(sha256sum < /.snapview/boot/kernel | cut -c1-64)"`,
+			want:   []string{"kernel " + kernel.Files[harness.KernelPath]},
 		},
 		{
 			name: "view target", runtime: snapviewRT,
-			ann:     map[string]string{"io.snapview.view-target": "/image"},
-			script:  `echo "view $(sha256sum < /image/boot/vmlinux | cut -c1-64)"; if touch /image/x 2>/dev/null; then echo view-written; fi`,
-			want:    []string{"view " + kernel.Files[harness.KernelPath]},
-			refused: []string{"snapview: annotation io.snapview.view-target asks for binds from the image, but the container has no rootfs mounts (no image snapshot)"},
+			ann:    map[string]string{"io.snapview.view-target": "/image"},
+			script: `echo "view $(sha256sum < /image/boot/vmlinux | cut -c1-64)"; if touch /image/x 2>/dev/null; then echo view-written; fi`,
+			want:   []string{"view " + kernel.Files[harness.KernelPath]},
 		},
 		{
 			name: "volume", runtime: snapviewNamed, config: "[volumes]\nallow = [\"docker.io/snapview/vol-*\"]\n",
-			ann:     map[string]string{"io.snapview.volume.models": `{"image":"` + modelsImage + `","target":"/models"}`},
-			script:  `echo "weights $(sha256sum < /models/weights/model.bin | cut -c1-64)"`,
-			want:    []string{"weights " + modelsSum()},
-			refused: []string{"snapview: annotation io.snapview.volume.models asks for binds from the image, but the container has no rootfs mounts (no image snapshot)"},
+			ann:    map[string]string{"io.snapview.volume.models": `{"image":"` + modelsImage + `","target":"/models"}`},
+			script: `echo "weights $(sha256sum < /models/weights/model.bin | cut -c1-64)"`,
+			want:   []string{"weights " + modelsSum()},
 		},
 		{
 			name: "block mode", runtime: snapviewRT,
 			ann: map[string]string{"io.snapview.mode": "block"},
-			// Part 3 changes the reason to say that Docker mounts the
-			// rootfs itself; block mode never runs under Docker.
-			refused: []string{"snapview: block mode (annotation io.snapview.mode) needs a block-backed rootfs", "no rootfs mounts (no image snapshot)"},
+			// Block mode never runs under Docker: dockerd mounts the
+			// rootfs on the host itself.
+			refused: []string{"snapview: block mode (annotation io.snapview.mode) needs a block-backed rootfs", "its client mounted the rootfs on the host itself (as Docker does)"},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -364,4 +364,39 @@ func modelsSum() string {
 		return ""
 	}
 	return suite.models.Files["/weights/model.bin"]
+}
+
+// TestDockerSnapshotRefused: snapviewctl snapshot create of a Docker
+// container is refused with a message that says why (dockerd mounts the
+// rootfs itself: containerd holds no snapshot of the container's writes)
+// and what to use instead, and leaves the container running.
+func TestDockerSnapshotRefused(t *testing.T) {
+	ctx := setup(t)
+	ctl := os.Getenv("SNAPVIEW_CTL")
+	if ctl == "" {
+		t.Fatal("SNAPVIEW_CTL is not set: run through `make docker-e2e`")
+	}
+	id := create(ctx, t, ctrSpec{name: "docker-snap-refused", runtime: snapviewRT, script: "echo ready; exec sleep 300"})
+	if err := startCtr(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	waitLogs(ctx, t, id, "ready")
+	cmd := exec.Command(ctl, "--address", suite.daemon.Address, "--state", suite.daemon.State, "--namespace", ns, "snapshot", "create", id)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 || stdout.Len() != 0 ||
+		!strings.Contains(stderr.String(), "snapview: container "+id+" has no image snapshot (its client mounted its rootfs itself, as Docker does") ||
+		!strings.Contains(stderr.String(), "docker commit") {
+		t.Errorf("snapshot create of a Docker container: %v\nstdout: %s\nstderr: %s", err, stdout.String(), stderr.String())
+	}
+	if out, code := execIn(ctx, t, id, "echo", "still running"); code != 0 || !strings.Contains(out, "still running") {
+		t.Errorf("the container after the refusal: exit %d, %q", code, out)
+	}
+	timeout := 1
+	if _, err := suite.api.ContainerStop(ctx, id, client.ContainerStopOptions{Timeout: &timeout}); err != nil {
+		t.Fatal(err)
+	}
+	remove(ctx, t, id)
 }

@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -210,6 +211,26 @@ func (e *Env) ContainerWithoutSnapshot(t *testing.T, id string) lifecycle.Reques
 	r := e.Container(t, id+"-template", nil)
 	if _, err := e.Containers.Create(e.Ctx, containers.Container{
 		ID: id, Runtime: containers.RuntimeInfo{Name: "io.containerd.snapview.v2"}, Spec: &anypb.Any{},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	bundlePath := filepath.Join(e.Dir, "bundles", id)
+	if err := os.Rename(r.Bundle, bundlePath); err != nil {
+		t.Fatal(err)
+	}
+	r.ID, r.Bundle = id, bundlePath
+	return r
+}
+
+// ContainerWithImage creates a container record that names image and has
+// no snapshot, as Docker's containers do (it mounts their rootfs itself),
+// and a bundle whose config.json carries ann; it returns a create request
+// whose rootfs mounts the caller may drop.
+func (e *Env) ContainerWithImage(t *testing.T, id, image string, ann map[string]string) lifecycle.Request {
+	t.Helper()
+	r := e.Container(t, id+"-template", ann)
+	if _, err := e.Containers.Create(e.Ctx, containers.Container{
+		ID: id, Runtime: containers.RuntimeInfo{Name: "io.containerd.snapview.v2"}, Spec: &anypb.Any{}, Image: image,
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -426,12 +447,28 @@ func (b *Backend) Container(ctx context.Context, id string) (string, string, err
 	return c.Snapshotter, c.SnapshotKey, nil
 }
 
+// ContainerImage implements lifecycle.Backend.
+func (b *Backend) ContainerImage(ctx context.Context, id string) (string, error) {
+	if err := b.call("ContainerImage"); err != nil {
+		return "", err
+	}
+	c, err := b.env.Containers.Get(ctx, id)
+	if err != nil {
+		return "", err
+	}
+	return c.Image, nil
+}
+
 // Snapshotter implements lifecycle.Backend.
 func (b *Backend) Snapshotter(name string) (snapshots.Snapshotter, error) {
 	if err := b.call("Snapshotter"); err != nil {
 		return nil, err
 	}
-	return &lateSnapshotter{Snapshotter: b.env.DB.Snapshotter(name), b: b}, nil
+	sn := b.env.DB.Snapshotter(name)
+	if sn == nil {
+		return nil, fmt.Errorf("snapshotter not loaded: %s: %w", name, errdefs.ErrInvalidArgument)
+	}
+	return &lateSnapshotter{Snapshotter: sn, b: b}, nil
 }
 
 // Leases implements lifecycle.Backend.
