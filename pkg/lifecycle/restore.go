@@ -1,6 +1,7 @@
 package lifecycle
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -254,7 +255,10 @@ func (s *setupRun) writeSaved(ctx context.Context, f *os.File, gap func(off, n i
 		return diskstream.Stats{}, err
 	}
 	defer ra.Close()
-	zr, err := zstd.NewReader(io.NewSectionReader(ra, 0, r.blob.Size), zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(64<<20))
+	// containerd's content client answers each ReadAt with a request: the
+	// blob is read in large pieces.
+	src := bufio.NewReaderSize(io.NewSectionReader(ra, 0, r.blob.Size), 4<<20)
+	zr, err := zstd.NewReader(src, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(64<<20))
 	if err != nil {
 		return diskstream.Stats{}, err
 	}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"unsafe"
 
@@ -102,7 +103,7 @@ func (n *Node) captureDisk(ctx context.Context, rec *record.Record, info contain
 	dg := digest.SHA256.Digester()
 	bw := contentBuffer(w)
 	cw := &countingWriter{w: io.MultiWriter(bw, dg.Hash())}
-	zw, err := zstd.NewWriter(cw, zstd.WithEncoderConcurrency(1), zstd.WithEncoderLevel(zstd.SpeedDefault))
+	zw, err := zstd.NewWriter(cw, zstd.WithEncoderConcurrency(min(runtime.GOMAXPROCS(0), 4)), zstd.WithEncoderLevel(zstd.SpeedDefault))
 	if err != nil {
 		return 0, err
 	}

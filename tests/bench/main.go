@@ -158,6 +158,9 @@ func run() error {
 	if err := blockBySize(ctx); err != nil {
 		return fmt.Errorf("block mode by image size: %w", err)
 	}
+	if err := diskSnapshots(ctx); err != nil {
+		return fmt.Errorf("disk snapshots: %w", err)
+	}
 	if *runs > 1 {
 		fmt.Printf("\nsnapview/runc ratio of the medians over %d runs (min / median / max)\n", *runs)
 		for which := range strings.SplitSeq(*daemons, ",") {
