@@ -662,15 +662,21 @@ func TestPrepare(t *testing.T) {
 		const ref = "docker.io/acme/client-mounted:1"
 		chain := e.Image(t, lifecycletest.NS, ref, map[string]string{"/boot/vmlinuz": "the image's own kernel"}, true)
 		for _, tc := range []struct {
-			name, image, sn, want string
+			name, image, sn, want, skip string
 		}{
-			{"viewed", ref, "native", ""},
-			{"image missing", "docker.io/acme/absent:1", "native", "no such image in namespace"},
-			{"another snapshotter", ref, "overlayfs", "snapshotter overlayfs ([view] image_snapshotter"},
+			{"viewed", ref, "native", "", ""},
+			{"image missing", "docker.io/acme/absent:1", "native", "no such image in namespace", ""},
+			{"another snapshotter", ref, "overlayfs", "snapshotter overlayfs ([view] image_snapshotter", ""},
+			// Asking nothing of the view, it runs without one.
+			{"image missing without binds", "docker.io/acme/absent:1", "native", "", "is not viewable in snapshotter native"},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
 				id := "prep-client-" + strings.ReplaceAll(tc.name, " ", "-")
-				r := e.ContainerWithImage(t, id, tc.image, map[string]string{annotations.BootPrefix + "kernel": "/boot/vmlinuz"})
+				ann := map[string]string{annotations.BootPrefix + "kernel": "/boot/vmlinuz"}
+				if tc.skip != "" {
+					ann = nil
+				}
+				r := e.ContainerWithImage(t, id, tc.image, ann)
 				r.Rootfs = nil
 				r.Config.View.ImageSnapshotter = tc.sn
 				orig := lifecycletest.ReadFile(t, filepath.Join(r.Bundle, "config.json"))
@@ -678,6 +684,13 @@ func TestPrepare(t *testing.T) {
 				if tc.want != "" {
 					if err == nil || !strings.HasPrefix(err.Error(), "snapview: the image ") || !strings.Contains(err.Error(), tc.want) {
 						t.Fatalf("prepare: %+v %q %v, want an error saying %q", v, skip, err, tc.want)
+					}
+					e.CheckNothingLeft(t, r, orig)
+					return
+				}
+				if tc.skip != "" {
+					if err != nil || v != nil || !strings.Contains(skip, tc.skip) {
+						t.Fatalf("prepare: %+v %q %v, want a skip saying %q", v, skip, err, tc.skip)
 					}
 					e.CheckNothingLeft(t, r, orig)
 					return

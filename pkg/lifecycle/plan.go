@@ -259,9 +259,20 @@ func (l *Lifecycle) lookupImage(ctx context.Context, p *Plan) (*Plan, error) {
 	fail := func(err error) error {
 		return fmt.Errorf("snapview: the image %s of container %s, whose client mounted its rootfs itself (as Docker does), viewed in snapshotter %s ([view] image_snapshotter in %s): %w", ref, r.ID, sn, r.Config.Source, err)
 	}
+	// A container that asks for nothing of the view runs without one when
+	// its image cannot be viewed (another store, another snapshotter), as
+	// such a container did before snapview viewed client-mounted rootfs.
+	unviewable := func(err error) (*Plan, error) {
+		if p.ann.HasBinds() {
+			return nil, fail(err)
+		}
+		log.G(ctx).WithError(err).WithFields(log.Fields{"id": r.ID, "image": ref, "snapshotter": sn}).
+			Info("snapview: the container's client mounted its rootfs, and its image cannot be viewed: no view")
+		return p.noView(fmt.Sprintf("its client mounted its rootfs, and its image %s is not viewable in snapshotter %s", ref, sn))
+	}
 	s, err := l.backend.Snapshotter(sn)
 	if err != nil {
-		return nil, fail(err)
+		return unviewable(err)
 	}
 	cs, err := l.backend.Content()
 	if err != nil {
@@ -270,7 +281,7 @@ func (l *Lifecycle) lookupImage(ctx context.Context, p *Plan) (*Plan, error) {
 	p.snapshotter = sn
 	chain, err := l.volumeSource(ctx, cs, s, p, annotations.Volume{Ref: ref})
 	if err != nil {
-		return nil, fail(err)
+		return unviewable(err)
 	}
 	p.parent = chain
 	log.G(ctx).WithFields(log.Fields{"id": r.ID, "image": ref, "snapshotter": sn, "parent": chain}).
