@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"flag"
@@ -83,24 +82,7 @@ func diskSnapshots(ctx context.Context) error {
 		_, _ = task.Delete(nctx, client.WithProcessKill)
 		_ = ctr.Delete(nctx, client.WithSnapshotCleanup)
 	}
-	sctl := func(args ...string) (string, int64, time.Duration, error) {
-		cmd := exec.CommandContext(ctx, ctl, append([]string{"--address", d.Address, "--state", d.State, "--namespace", ns}, args...)...)
-		var stdout, stderr bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &stdout, &stderr
-		t0 := time.Now()
-		if err := cmd.Start(); err != nil {
-			return "", 0, 0, err
-		}
-		stop, peak := watchHWM(cmd.Process.Pid)
-		err := cmd.Wait()
-		took := time.Since(t0)
-		close(stop)
-		rss := <-peak
-		if err != nil {
-			return "", rss, took, fmt.Errorf("snapviewctl %v: %w: %s", args, err, stderr.String())
-		}
-		return stdout.String(), rss, took, nil
-	}
+	sctl := func(args ...string) (string, int64, time.Duration, error) { return runCtl(ctx, ctl, d, ns, args...) }
 	block := map[string]string{"io.snapview.mode": "block"}
 	var rows [][]string
 	for _, mib := range []int{0, 100, 1024} {

@@ -67,25 +67,7 @@ func (b *bench) snapshots(ctx context.Context, img *harness.Image) error {
 		return fmt.Errorf("nerdctl load: %w: %s", err, out)
 	}
 	sctl := func(namespace string, args ...string) (string, int64, time.Duration, error) {
-		cmd := exec.CommandContext(ctx, ctl, append([]string{"--address", b.d.Address, "--state", b.d.State, "--namespace", namespace}, args...)...)
-		var stdout, stderr bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &stdout, &stderr
-		t0 := time.Now()
-		if err := cmd.Start(); err != nil {
-			return "", 0, 0, err
-		}
-		// The peak is read from the process's own VmHWM while it runs: the
-		// rusage of a child reports the parent's (this benchmark's) RSS,
-		// which Linux carries over the exec of a vfork'ed child.
-		stop, peak := watchHWM(cmd.Process.Pid)
-		err := cmd.Wait()
-		took := time.Since(t0)
-		close(stop)
-		rss := <-peak
-		if err != nil {
-			return "", rss, took, fmt.Errorf("snapviewctl %v: %w: %s", args, err, stderr.String())
-		}
-		return stdout.String(), rss, took, nil
+		return runCtl(ctx, ctl, b.d, namespace, args...)
 	}
 
 	type result struct{ capture, firstRun []time.Duration }
@@ -268,6 +250,30 @@ func (b *bench) topLayerSize(ctx context.Context, ns, ref string) (int64, error)
 		return 0, errors.New(ref + " has no layers")
 	}
 	return m.Layers[len(m.Layers)-1].Size, nil
+}
+
+// runCtl runs snapviewctl ctl against daemon d in namespace with args, and
+// returns its stdout, its peak RSS and how long it took.
+func runCtl(ctx context.Context, ctl string, d *harness.Daemon, namespace string, args ...string) (string, int64, time.Duration, error) {
+	cmd := exec.CommandContext(ctx, ctl, append([]string{"--address", d.Address, "--state", d.State, "--namespace", namespace}, args...)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	t0 := time.Now()
+	if err := cmd.Start(); err != nil {
+		return "", 0, 0, err
+	}
+	// The peak is read from the process's own VmHWM while it runs: the
+	// rusage of a child reports the parent's (this benchmark's) RSS,
+	// which Linux carries over the exec of a vfork'ed child.
+	stop, peak := watchHWM(cmd.Process.Pid)
+	err := cmd.Wait()
+	took := time.Since(t0)
+	close(stop)
+	rss := <-peak
+	if err != nil {
+		return "", rss, took, fmt.Errorf("snapviewctl %v: %w: %s", args, err, stderr.String())
+	}
+	return stdout.String(), rss, took, nil
 }
 
 // watchHWM polls process pid's peak resident set (VmHWM, which only grows)

@@ -208,24 +208,13 @@ func specsVersioned() imagespecs.Versioned { return imagespecs.Versioned{SchemaV
 // returns a create request with rootfs mounts.
 func (e *Env) ContainerWithoutSnapshot(t *testing.T, id string) lifecycle.Request {
 	t.Helper()
-	r := e.Container(t, id+"-template", nil)
-	if _, err := e.Containers.Create(e.Ctx, containers.Container{
-		ID: id, Runtime: containers.RuntimeInfo{Name: "io.containerd.snapview.v2"}, Spec: &anypb.Any{},
-	}); err != nil {
-		t.Fatal(err)
-	}
-	bundlePath := filepath.Join(e.Dir, "bundles", id)
-	if err := os.Rename(r.Bundle, bundlePath); err != nil {
-		t.Fatal(err)
-	}
-	r.ID, r.Bundle = id, bundlePath
-	return r
+	return e.ContainerWithImage(t, id, "", nil)
 }
 
-// ContainerWithImage creates a container record that names image and has
-// no snapshot, as Docker's containers do (it mounts their rootfs itself),
-// and a bundle whose config.json carries ann; it returns a create request
-// whose rootfs mounts the caller may drop.
+// ContainerWithImage creates a container record that names image ("" for
+// none) and has no snapshot, as Docker's containers do (it mounts their
+// rootfs itself), and a bundle whose config.json carries ann; it returns a
+// create request with rootfs mounts, which the caller may drop.
 func (e *Env) ContainerWithImage(t *testing.T, id, image string, ann map[string]string) lifecycle.Request {
 	t.Helper()
 	r := e.Container(t, id+"-template", ann)
