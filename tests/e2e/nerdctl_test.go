@@ -468,3 +468,60 @@ func TestNerdctlConfigFile(t *testing.T) {
 		n.checkEmpty(ctx, t)
 	})
 }
+
+// TestNerdctlSnapshots takes snapshots of a container nerdctl runs and
+// restores them through nerdctl, on both containerd versions: the container
+// snapshot runs as its image with `nerdctl run`, and the directory snapshot
+// is a volume (--annotation io.snapview.volume.<name>) of a container of
+// the test image; both snapshots are then removed and nothing is left.
+func TestNerdctlSnapshots(t *testing.T) {
+	eachVersion(t, func(t *testing.T, compat bool) {
+		d := layeredDaemon(t, compat)
+		n := newNerdctl(t, d)
+		ctx := setup(t, d)
+		n.loadImage(ctx, t)
+		marker := fmt.Sprintf("nerdctl-state-%d", time.Now().UnixNano())
+		n.must(ctx, t, runArgs([]string{"-d", "--name", "snap-src"}, nil,
+			"echo "+marker+" > /state && mkdir -p /data && echo "+marker+" > /data/kept && echo ready && exec sleep 300")...)
+		for i := 0; ; i++ {
+			if out, _, _ := n.run(ctx, "logs", "snap-src"); strings.Contains(out, "ready") {
+				break
+			}
+			if i > 200 {
+				t.Fatal("the source container did not start")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		id := strings.TrimSpace(n.must(ctx, t, "inspect", "--format", "{{.ID}}", "snap-src"))
+		take := func(args ...string) snapshotJSON {
+			t.Helper()
+			out, errOut, code := ctlRunIn(t, d, nerdctlNS, nil, append([]string{"snapshot", "create"}, append(args, id)...)...)
+			if code != 0 {
+				t.Fatalf("snapshot create %v: exit %d\n%s%s", args, code, out, errOut)
+			}
+			var s snapshotJSON
+			if err := json.Unmarshal([]byte(out), &s); err != nil {
+				t.Fatalf("snapshot create printed %q: %v", out, err)
+			}
+			return s
+		}
+		whole, dir := take(), take("--dir", "/data")
+		n.must(ctx, t, "rm", "-f", "snap-src")
+
+		out := n.must(ctx, t, "run", "--rm", "--pull", "never", "--runtime", snapviewRT, "--network", "none", "--entrypoint", "cat", whole.Image, "/state")
+		if strings.TrimSpace(out) != marker {
+			t.Errorf("nerdctl run of the container snapshot printed %q, want %q", out, marker)
+		}
+		ann := map[string]string{"io.snapview.volume.data": `{"snapshot":"` + dir.ID + `","target":"/restored"}`}
+		out = n.must(ctx, t, runArgs([]string{"--rm"}, ann, "cat /restored/kept; if touch /restored/x 2>/dev/null; then echo written; fi")...)
+		if strings.TrimSpace(out) != marker {
+			t.Errorf("the directory snapshot as a volume: %q, want %q, read-only", out, marker)
+		}
+		for _, s := range []snapshotJSON{whole, dir} {
+			if out, errOut, code := ctlRunIn(t, d, nerdctlNS, nil, "snapshot", "rm", s.ID); code != 0 {
+				t.Fatalf("snapshot rm: exit %d\n%s%s", code, out, errOut)
+			}
+		}
+		n.checkEmpty(ctx, t)
+	})
+}
