@@ -56,7 +56,7 @@ func snapshot(ctx context.Context, g global, args []string) error {
 	if err != nil {
 		return err
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	return cmd(ctx, c, args[1:])
 }
 

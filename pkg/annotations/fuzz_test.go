@@ -1,10 +1,11 @@
 package annotations
 
 import (
-	"github.com/snapview/snapview/pkg/snapshot/record"
 	"path"
 	"strings"
 	"testing"
+
+	"github.com/snapview/snapview/pkg/snapshot/record"
 )
 
 // FuzzParse checks that no annotation can panic the parser or yield a

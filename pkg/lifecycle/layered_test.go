@@ -445,7 +445,7 @@ func TestBlockDisksConfined(t *testing.T) {
 	defer func() { e.Backend.Roots = nil }()
 	link := func(t *testing.T) []rootfs.Mount {
 		ms := layeredRootfs(t, 1)
-		dir, err := os.MkdirTemp(filepath.Join(e.Dir, "native"), "snapshot-")
+		dir, err := os.MkdirTemp(filepath.Join(e.Dir, "native"), "snapshot-") //nolint:usetesting // a directory inside the snapshotter's root, which t.TempDir is not
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -314,7 +314,7 @@ func (l *Lifecycle) confine(ctx context.Context, p *Plan) error {
 	}
 	for _, f := range files {
 		if err := within(root, f); err != nil {
-			return fmt.Errorf("snapview: block mode: the rootfs names the disk image %s, which %v; snapview creates and attaches disk images only inside snapshotter %s's root %s", f, err, p.snapshotter, root)
+			return fmt.Errorf("snapview: block mode: the rootfs names the disk image %s, which %w; snapview creates and attaches disk images only inside snapshotter %s's root %s", f, err, p.snapshotter, root)
 		}
 	}
 	return nil

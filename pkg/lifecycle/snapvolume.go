@@ -87,17 +87,23 @@ func (s *setupRun) attachWritableVolume(ctx context.Context, i int) error {
 		format, file, m = &l, l.Writable.Source, l.Writable
 	} else {
 		src, err := rootfs.DetectBlock(ms)
-		if err != nil || !src.Loop {
-			return fmt.Errorf("snapview: volume %s: block mode hands a writable clone to the guest as a disk, but its snapshot in snapshotter %s is not a disk image (%v); use the blockfile or erofs snapshotter", vol.Name, s.p.snapshotter, err)
+		if err != nil {
+			return fmt.Errorf("snapview: volume %s: block mode hands a writable clone to the guest as a disk, but its snapshot in snapshotter %s is not a disk image (%w); use the blockfile or erofs snapshotter", vol.Name, s.p.snapshotter, err)
+		}
+		if !src.Loop {
+			return fmt.Errorf("snapview: volume %s: block mode hands a writable clone to the guest as a disk, but its snapshot in snapshotter %s is a block device, not a disk image file the shim can attach; use the blockfile or erofs snapshotter", vol.Name, s.p.snapshotter)
 		}
 		file, m = src.Mount.Source, src.Mount
 	}
 	root, err := s.l.snapshotterRoot(ctx, s.p.snapshotter)
-	if err != nil || root == "" {
-		return fmt.Errorf("snapview: volume %s: the root of snapshotter %s: %v", vol.Name, s.p.snapshotter, err)
+	if err != nil {
+		return fmt.Errorf("snapview: volume %s: the root of snapshotter %s: %w", vol.Name, s.p.snapshotter, err)
+	}
+	if root == "" {
+		return fmt.Errorf("snapview: volume %s: snapshotter %s exports no root directory (a proxy snapshotter), and snapview attaches disk images only inside one", vol.Name, s.p.snapshotter)
 	}
 	if err := within(root, file); err != nil {
-		return fmt.Errorf("snapview: volume %s: its writable disk image %s %v, outside snapshotter %s's root %s", vol.Name, file, err, s.p.snapshotter, root)
+		return fmt.Errorf("snapview: volume %s: its writable disk image %s %w, outside snapshotter %s's root %s", vol.Name, file, err, s.p.snapshotter, root)
 	}
 	if format != nil && format.Mkfs != nil {
 		spec := blockdev.ImageSpec{FSType: format.FSType, Size: format.Mkfs.Size, UUID: format.Mkfs.UUID}

@@ -204,7 +204,7 @@ func (s *setupRun) mountView(context.Context) error {
 	return nil
 }
 
-// mountAt mounts mounts read-only (writable: as they are) on mountpoint,
+// mountAt mounts the given mounts read-only (writable: as they are) on mountpoint,
 // which must not be a mount point already (a mount not made by this setup
 // stays, rollback included); record runs once it is known not to be,
 // before the mount. It returns the loop devices the mount attached and the

@@ -51,6 +51,6 @@ func refuseAsRuntime(log string) {
 			f.Close()
 		}
 	}
-	os.Stderr.WriteString(NotARuntime + "\n")
+	_, _ = os.Stderr.WriteString(NotARuntime + "\n")
 	os.Exit(1)
 }

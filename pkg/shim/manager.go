@@ -123,7 +123,7 @@ func servedClaims(ctx context.Context, address string) *types.MountCapabilities 
 		return nil
 	}
 	c := ttrpc.NewClient(conn)
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	ctx, cancel := context.WithTimeout(ctx, claimsTimeout)
 	defer cancel()
 	var caps types.MountCapabilities

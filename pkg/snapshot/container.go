@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -158,12 +159,12 @@ func emptyLayer(ctx context.Context, cs content.Provider, layer ocispec.Descript
 	if err != nil {
 		return false, fmt.Errorf("snapview: read the diff layer: %w", err)
 	}
-	defer ra.Close()
+	defer func() { _ = ra.Close() }()
 	zr, err := gzip.NewReader(content.NewReader(ra))
 	if err != nil {
 		return false, fmt.Errorf("snapview: read the diff layer: %w", err)
 	}
-	defer zr.Close()
+	defer func() { _ = zr.Close() }()
 	_, err = tar.NewReader(zr).Next()
 	if errors.Is(err, io.EOF) {
 		return true, nil
@@ -236,9 +237,7 @@ func (n *Node) writeManifest(ctx context.Context, rec *record.Record, base image
 	if ann == nil {
 		ann = map[string]string{}
 	}
-	for k, v := range annotations(*rec) {
-		ann[k] = v
-	}
+	maps.Copy(ann, annotations(*rec))
 	set := func(k string, v any) error {
 		raw, err := json.Marshal(v)
 		m[k] = raw

@@ -196,7 +196,7 @@ func (t *treeWriter) entry(d *os.File, n, name string) error {
 		sub := os.NewFile(uintptr(fd), name)
 		defer sub.Close()
 		var fs unix.Statfs_t
-		if err := unix.Fstatfs(fd, &fs); err == nil && pseudo[int64(fs.Type)] {
+		if err := unix.Fstatfs(fd, &fs); err == nil && pseudo[fs.Type] {
 			return nil
 		}
 		return t.tree(sub, name)

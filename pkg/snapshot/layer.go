@@ -37,7 +37,7 @@ func (n *Node) writeLayer(ctx context.Context, rec *record.Record, mediaType str
 	if err != nil {
 		return ocispec.Descriptor{}, "", fmt.Errorf("snapview: write the snapshot's layer: %w", err)
 	}
-	defer w.Close()
+	defer func() { _ = w.Close() }()
 	if err := w.Truncate(0); err != nil {
 		return ocispec.Descriptor{}, "", fmt.Errorf("snapview: write the snapshot's layer: %w", err)
 	}
@@ -46,7 +46,7 @@ func (n *Node) writeLayer(ctx context.Context, rec *record.Record, mediaType str
 	cw := &countingWriter{w: io.MultiWriter(bw, compressed.Hash())}
 	zw := gzip.NewWriter(cw)
 	uncompressed := digest.SHA256.Digester()
-	var tw io.Writer = io.MultiWriter(zw, uncompressed.Hash())
+	tw := io.MultiWriter(zw, uncompressed.Hash())
 	if limit > 0 {
 		tw = &cappedWriter{w: tw, limit: limit}
 	}
@@ -136,7 +136,7 @@ func upperDir(mounts []mount.Mount) string {
 	return ""
 }
 
-// withReadOnly mounts mounts read-only (through containerd's mount
+// withReadOnly mounts the given mounts read-only (through containerd's mount
 // manager, as activation <lease>/<part>, when they need it) at
 // record.CaptureMounts(<state>, id)/<part>, runs f on it, and unmounts. The
 // mountpoint is where the sweep finds it if the command dies before that.

@@ -225,7 +225,7 @@ func (n *benchNerdctl) waitLogs(ctx context.Context, name, want string) error {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("container %s did not print %q: %s %v", name, want, out, err)
+			return fmt.Errorf("container %s did not print %q: %s: %w", name, want, out, err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -286,7 +286,7 @@ func watchHWM(pid int) (chan<- struct{}, <-chan int64) {
 		defer tick.Stop()
 		for {
 			if raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err == nil {
-				for _, l := range strings.Split(string(raw), "\n") {
+				for l := range strings.SplitSeq(string(raw), "\n") {
 					if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
 						var kb int64
 						if _, err := fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &kb); err == nil && kb<<10 > last {

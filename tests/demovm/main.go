@@ -348,8 +348,8 @@ func secondAct(ctx context.Context, d *harness.Daemon, k *harness.GuestKernel, k
 // afterPrefix returns the rest of the first line of text holding prefix.
 func afterPrefix(text, prefix string) (string, bool) {
 	for l := range strings.Lines(text) {
-		if i := strings.Index(l, prefix); i >= 0 {
-			return strings.TrimSpace(l[i+len(prefix):]), true
+		if _, after, ok := strings.Cut(l, prefix); ok {
+			return strings.TrimSpace(after), true
 		}
 	}
 	return "", false

@@ -24,14 +24,9 @@ import (
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
 
-// diskMarkerOffset is where the disk snapshot tests write into a
-// block-mode container's writable disk: 62 MiB, inside the 64 MiB erofs
-// writable image and the 384 MiB blockfile image, among blocks a new,
-// empty filesystem leaves free.
-const diskMarkerOffset = 62 << 20
-
-// diskWriteScript writes $MARKER at diskMarkerOffset of the container's
-// writable disk as a guest would, through the disk's device, without
+// diskWriteScript writes $MARKER at 62 MiB of the container's writable
+// disk (inside the 64 MiB erofs writable image and the 384 MiB blockfile
+// image, among blocks a new, empty filesystem leaves free) as a guest would, through the disk's device, without
 // syncing it (what is still in the loop device's page cache must reach
 // the snapshot), then waits.
 const diskWriteScript = `printf '%s' "$MARKER" | dd of=/dev/snapview/rootfs bs=1M seek=62 conv=notrunc 2>/dev/null && echo ready; exec sleep 300`

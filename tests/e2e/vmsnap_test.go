@@ -155,8 +155,8 @@ const vmBootTimeout = 90 * time.Second
 // with prefix, without its line end.
 func consoleField(console, prefix string) (string, bool) {
 	for l := range strings.Lines(console) {
-		if i := strings.Index(l, prefix); i >= 0 {
-			return strings.TrimRight(l[i+len(prefix):], "\r\n "), true
+		if _, after, ok := strings.Cut(l, prefix); ok {
+			return strings.TrimRight(after, "\r\n "), true
 		}
 	}
 	return "", false
