@@ -58,6 +58,11 @@ func TestSnapviewctlLs(t *testing.T) {
 	if err := unix.Unmount(broken, unix.MNT_DETACH); err != nil {
 		t.Fatal(err)
 	}
+	// The shims just started sweep the node shortly after their start;
+	// that sweep is made not due (as if it had just run) before the orphan
+	// is planted, so that the orphan is still there for ls and gc (a
+	// shim's sweep once took it first).
+	sweepDue(t, d, time.Now())
 	makeOrphan(ctx, t, d, "ls-ghost", true)
 
 	out, code := snapviewctl(t, d, "ls", "--json")
