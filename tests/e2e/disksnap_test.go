@@ -302,7 +302,9 @@ func TestDiskSnapshotRefused(t *testing.T) {
 
 // TestDiskSnapshotBetweenNodes pushes a disk snapshot taken on containerd
 // 2.4 through the registry and pulls it on 2.2, with its base image; a
-// block-mode container of the base there restores it and reads the marker.
+// block-mode container of the base there restores it and reads the marker:
+// a layered rootfs's writable image (erofs) and a one-disk rootfs
+// (blockfile).
 func TestDiskSnapshotBetweenNodes(t *testing.T) {
 	if why := harness.NeedClient("SNAPVIEW_REGISTRY", suite.tools.Registry); why != "" {
 		t.Skip(why)
@@ -315,39 +317,44 @@ func TestDiskSnapshotBetweenNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(reg.Stop)
-	marker := fmt.Sprintf("travelling-disk-%d", time.Now().UnixNano())
-	r, err := start(ctx, t, a, "disksnap-travel-src", runOpts{runtime: snapviewRT, snapshotter: "erofs", annotations: blockAnn,
-		args: []string{"sh", "-c", diskWriteScript}, specOpts: []oci.SpecOpts{oci.WithEnv([]string{"MARKER=" + marker})}})
-	if err != nil {
-		t.Fatal(err)
+	for _, sn := range []string{"erofs", "blockfile"} {
+		t.Run(sn, func(t *testing.T) {
+			marker := fmt.Sprintf("travelling-disk-%s-%d", sn, time.Now().UnixNano())
+			src := "disksnap-travel-src-" + sn
+			r, err := start(ctx, t, a, src, runOpts{runtime: snapviewRT, snapshotter: sn, annotations: blockAnn,
+				args: []string{"sh", "-c", diskWriteScript}, specOpts: []oci.SpecOpts{oci.WithEnv([]string{"MARKER=" + marker})}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := r.waitOutput("ready"); err != nil {
+				t.Fatal(err)
+			}
+			s := takeSnapshot(t, a, src)
+			if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
+				t.Fatal(err)
+			}
+			ref := reg.Addr + "/snapview/disk-" + sn + ":1"
+			if out, errOut, code := ctlRun(t, a, nil, "snapshot", "push", "--plain-http", s.ID, ref); code != 0 {
+				t.Fatalf("push: exit %d\n%s%s", code, out, errOut)
+			}
+			p := pulled(t, b, "--plain-http", ref)
+			if p.ID != s.ID || p.Form != "disk" || p.Base != s.Base || p.Size != s.Size {
+				t.Errorf("pulled %+v, pushed %+v", p, s)
+			}
+			c, err := start(ctx, t, b, "disksnap-travel-restored-"+sn, runOpts{runtime: snapviewRT, snapshotter: sn, annotations: restoreAnn(s.ID), args: []string{"sh", "-c", diskReadScript}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := c.waitOutput("ready"); err != nil || !strings.Contains(c.stdout.String(), "marker "+marker+"\n") {
+				t.Errorf("the container restored on the other node reads %q (%v)", c.stdout.String(), err)
+			}
+			if _, err := c.task.Delete(ctx, client.WithProcessKill); err != nil {
+				t.Fatal(err)
+			}
+			removeSnapshot(ctx, t, b, s.ID)
+			removeSnapshot(ctx, t, a, s.ID)
+		})
 	}
-	if err := r.waitOutput("ready"); err != nil {
-		t.Fatal(err)
-	}
-	s := takeSnapshot(t, a, "disksnap-travel-src")
-	if _, err := r.task.Delete(ctx, client.WithProcessKill); err != nil {
-		t.Fatal(err)
-	}
-	ref := reg.Addr + "/snapview/disk:1"
-	if out, errOut, code := ctlRun(t, a, nil, "snapshot", "push", "--plain-http", s.ID, ref); code != 0 {
-		t.Fatalf("push: exit %d\n%s%s", code, out, errOut)
-	}
-	p := pulled(t, b, "--plain-http", ref)
-	if p.ID != s.ID || p.Form != "disk" || p.Base != s.Base || p.Size != s.Size {
-		t.Errorf("pulled %+v, pushed %+v", p, s)
-	}
-	c, err := start(ctx, t, b, "disksnap-travel-restored", runOpts{runtime: snapviewRT, snapshotter: "erofs", annotations: restoreAnn(s.ID), args: []string{"sh", "-c", diskReadScript}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.waitOutput("ready"); err != nil || !strings.Contains(c.stdout.String(), "marker "+marker+"\n") {
-		t.Errorf("the container restored on the other node reads %q (%v)", c.stdout.String(), err)
-	}
-	if _, err := c.task.Delete(ctx, client.WithProcessKill); err != nil {
-		t.Fatal(err)
-	}
-	removeSnapshot(ctx, t, b, s.ID)
-	removeSnapshot(ctx, t, a, s.ID)
 }
 
 // TestDiskSnapshotCRI takes a disk snapshot of a block-mode container of a
