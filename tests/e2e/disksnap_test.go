@@ -306,17 +306,7 @@ func TestDiskSnapshotRefused(t *testing.T) {
 // a layered rootfs's writable image (erofs) and a one-disk rootfs
 // (blockfile).
 func TestDiskSnapshotBetweenNodes(t *testing.T) {
-	if why := harness.NeedClient("SNAPVIEW_REGISTRY", suite.tools.Registry); why != "" {
-		t.Skip(why)
-	}
-	a, b := layeredDaemon(t, false), layeredDaemon(t, true)
-	ctx := setup(t, a)
-	setup(t, b)
-	reg, err := harness.StartRegistry(ctx, suite.tools.Registry, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(reg.Stop)
+	a, b, reg, ctx := twoNodes(t)
 	for _, sn := range []string{"erofs", "blockfile"} {
 		t.Run(sn, func(t *testing.T) {
 			marker := fmt.Sprintf("travelling-disk-%s-%d", sn, time.Now().UnixNano())

@@ -126,17 +126,7 @@ func counts(t *testing.T, f func() (map[string]int, error)) map[string]int {
 // pull of an image that is not a snapview snapshot is refused and leaves
 // nothing it fetched; bad ids and references are refused by name.
 func TestSnapshotBetweenNodes(t *testing.T) {
-	if why := harness.NeedClient("SNAPVIEW_REGISTRY", suite.tools.Registry); why != "" {
-		t.Skip(why)
-	}
-	a, b := layeredDaemon(t, false), layeredDaemon(t, true)
-	ctx := setup(t, a)
-	setup(t, b)
-	reg, err := harness.StartRegistry(ctx, suite.tools.Registry, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(reg.Stop)
+	a, b, reg, ctx := twoNodes(t)
 	hostsDir := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(hostsDir, reg.Addr), 0o755); err != nil {
 		t.Fatal(err)
@@ -349,4 +339,23 @@ func TestSnapshotBetweenNodes(t *testing.T) {
 	if err := a.Client().ImageService().Delete(ctx, baseRef); err != nil && !errdefs.IsNotFound(err) {
 		t.Fatal(err)
 	}
+}
+
+// twoNodes returns two nodes, containerd 2.4 and 2.2 (each checked for
+// leaks after the test), and a registry on loopback between them, with the
+// first node's test context; without the registry's binary it skips.
+func twoNodes(t *testing.T) (a, b *harness.Daemon, reg *harness.Registry, ctx context.Context) {
+	t.Helper()
+	if why := harness.NeedClient("SNAPVIEW_REGISTRY", suite.tools.Registry); why != "" {
+		t.Skip(why)
+	}
+	a, b = layeredDaemon(t, false), layeredDaemon(t, true)
+	ctx = setup(t, a)
+	setup(t, b)
+	reg, err := harness.StartRegistry(ctx, suite.tools.Registry, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(reg.Stop)
+	return a, b, reg, ctx
 }

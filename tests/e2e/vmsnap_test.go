@@ -167,22 +167,12 @@ func consoleField(console, prefix string) (string, bool) {
 // its disk snapshot is pushed to a registry with its base image and pulled
 // on containerd 2.2, where a guest restored from it finds the marker.
 func TestVMDiskSnapshotBetweenNodes(t *testing.T) {
-	if why := harness.NeedClient("SNAPVIEW_REGISTRY", suite.tools.Registry); why != "" {
-		t.Skip(why)
-	}
 	k, err := harness.GuestKernelFromEnv()
 	if err != nil {
 		t.Skip(err)
 	}
 	kvm, accel := harness.KVM(k)
-	a, b := layeredDaemon(t, false), layeredDaemon(t, true)
-	ctx := setup(t, a)
-	setup(t, b)
-	reg, err := harness.StartRegistry(ctx, suite.tools.Registry, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(reg.Stop)
+	a, b, reg, ctx := twoNodes(t)
 	const ref = "docker.io/snapview/vmsnap-travel:1"
 	for _, d := range []*harness.Daemon{a, b} {
 		if err := importVMImage(ctx, d, ref, k, true, "erofs"); err != nil {
