@@ -72,6 +72,17 @@ const (
 	ViewKey         = "io.snapview.view.key"
 	ViewLease       = "io.snapview.view.lease"
 	ViewMountpoint  = "io.snapview.view.mountpoint"
+	// ViewSource says where the view came from: SourceSnapshotter (a
+	// leased View, named by ViewKey and ViewLease) or SourceLayers (a
+	// read-only mount of the layers the container's own rootfs names,
+	// with no view key and no lease: those two annotations are absent).
+	ViewSource = "io.snapview.view.source"
+)
+
+// Sources of a view (ViewSource, Doc.ViewSource).
+const (
+	SourceSnapshotter = "snapshotter"
+	SourceLayers      = "layers"
 )
 
 // Kinds of rootfs.
@@ -115,6 +126,10 @@ type Doc struct {
 	ViewTarget string `json:"view_target,omitempty"`
 	// Volumes are the container's volumes, by name.
 	Volumes map[string]Volume `json:"volumes,omitempty"`
+	// ViewSource is where the image view came from (SourceSnapshotter or
+	// SourceLayers); the view's content is the same either way. Absent in
+	// documents of releases before it.
+	ViewSource string `json:"view_source,omitempty"`
 }
 
 // Rootfs describes a container's rootfs: a filesystem tree (kind fs), or

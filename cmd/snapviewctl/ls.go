@@ -57,8 +57,12 @@ func ls(ctx context.Context, g global, args []string) error {
 		if e.Layers > 0 {
 			device += fmt.Sprintf(" +%d layers", e.Layers)
 		}
+		viewCol := e.ViewKey
+		if e.Source != "" {
+			viewCol = "(from " + e.Source + ")"
+		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Namespace, e.Container, dash(e.Mode), dash(e.Snapshotter),
-			dash(e.ViewKey), dash(e.Lease), dash(e.Mountpoint), dash(device), dash(volumesColumn(e)), age(e.Age()), e.Health)
+			dash(viewCol), dash(e.Lease), dash(e.Mountpoint), dash(device), dash(volumesColumn(e)), age(e.Age()), e.Health)
 	}
 	return w.Flush()
 }
@@ -176,6 +180,12 @@ func describe(ctx context.Context, b *backend.Backend, e *inventory.Entry) error
 			for _, r := range res {
 				fmt.Printf("  holds     %s %s\n", r.Type, r.ID)
 			}
+		}
+	}
+	if e.Source != "" && e.State != nil {
+		fmt.Printf("view        derived from the rootfs's layers (view.source %s): no view snapshot\n", e.Source)
+		for _, m := range e.State.Mounts {
+			fmt.Printf("  from      %s %s %v\n", m.Type, m.Source, m.Options)
 		}
 	}
 	if e.ViewKey != "" {

@@ -49,6 +49,7 @@ const (
 	ViewKey         = params.ViewKey
 	ViewLease       = params.ViewLease
 	ViewMountpoint  = params.ViewMountpoint
+	ViewSource      = params.ViewSource
 	RootfsParams    = params.RootfsParams
 	BoundPrefix     = params.BoundPrefix
 	// Volumes describes the container's volumes: JSON, name → volume.

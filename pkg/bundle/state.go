@@ -35,10 +35,13 @@ const StateFile = "snapview.json"
 // release, after a rollback, still reads the state of every container
 // that release could have made; each older version is read strictly,
 // without any field of a later one.
-const StateVersion = 4
+const StateVersion = 5
 
 // minVersion returns the lowest state file version that can hold s.
 func (s *State) minVersion() int {
+	if s.Source != "" {
+		return 5
+	}
 	if s.Restore != nil {
 		return 4
 	}
@@ -110,7 +113,18 @@ type State struct {
 	// Restore is the disk snapshot the writable disk was restored from
 	// (block mode, annotation io.snapview.restore). Version 4.
 	Restore *Restore `json:"restore,omitempty"`
+	// Source is SourceLayers for a view derived from the layers the
+	// container's rootfs mounts name: a read-only mount (Mounts) with no
+	// view snapshot and no lease of its own (a lease exists only for the
+	// volumes' views); "" for a leased View. Version 5.
+	Source string `json:"source,omitempty"`
 }
+
+// SourceLayers is State.Source for a view derived from the rootfs's layers.
+const SourceLayers = "layers"
+
+// Derived reports whether the view was derived from the rootfs's layers.
+func (s *State) Derived() bool { return s.Source == SourceLayers }
 
 // Volume is one volume of a container: a read-only view of another image,
 // under the container's lease, mounted and bound (view mode) or attached as
@@ -302,9 +316,27 @@ func ParseState(data []byte) (*State, error) {
 		}
 		return &s, nil
 	}
-	for field, v := range map[string]string{
-		"snapshotter": s.Snapshotter, "view_key": s.ViewKey, "lease": s.LeaseID, "mountpoint": s.Mountpoint,
-	} {
+	required := map[string]string{"snapshotter": s.Snapshotter, "view_key": s.ViewKey, "lease": s.LeaseID, "mountpoint": s.Mountpoint}
+	switch s.Source {
+	case "":
+	case SourceLayers:
+		// No view snapshot; a lease (and the snapshotter it is in) only
+		// for the volumes' views.
+		if s.ViewKey != "" || s.Activation != "" || s.Mode == ModeBlock {
+			return nil, fmt.Errorf("source %q records a view snapshot, its activation, or block mode", s.Source)
+		}
+		if len(s.Mounts) == 0 {
+			return nil, fmt.Errorf("source %q records no mounts", s.Source)
+		}
+		delete(required, "view_key")
+		if len(s.Volumes) == 0 {
+			delete(required, "lease")
+			delete(required, "snapshotter")
+		}
+	default:
+		return nil, fmt.Errorf("unknown source %q", s.Source)
+	}
+	for field, v := range required {
 		if v == "" {
 			return nil, fmt.Errorf("missing %s", field)
 		}

@@ -85,6 +85,14 @@ func TestWriteStateVersion(t *testing.T) {
 			s.Block = &Block{Rootfs: Mount{Type: "ext4", Source: "/img"}, Device: "/dev/loop3", MonitorRootfs: "view"}
 			s.Restore = &Restore{Snapshot: "2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f", Disk: "/img"}
 		}, 4},
+		{"a view derived from the layers", func(s *State) {
+			s.Source, s.ViewKey, s.LeaseID, s.Snapshotter = SourceLayers, "", "", ""
+			s.Mounts = []Mount{{Type: "overlay", Source: "overlay", Options: []string{"ro", "lowerdir=/a:/b"}}}
+		}, 5},
+		{"a derived view with volumes", func(s *State) {
+			s.Source, s.ViewKey, s.Volumes = SourceLayers, "", volume
+			s.Mounts = []Mount{{Type: "bind", Source: "/a", Options: []string{"ro", "rbind"}}}
+		}, 5},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -134,7 +142,12 @@ func TestReadStateRejects(t *testing.T) {
 		{"empty", "", "malformed"},
 		{"not json", "{version:1", "malformed"},
 		{"no version", `{"namespace":"x"}`, "no version"},
-		{"future version", `{"version":5}`, "unsupported version 5"},
+		{"future version", `{"version":6}`, "unsupported version 6"},
+		{"a derived view in version 4", `{"version":4,"namespace":"default","container_id":"c1","mountpoint":"/b/snapview/view","source":"layers","mounts":[{"type":"bind","source":"/l","options":["ro","rbind"]}]}`, "a field of version 5 in a version 4 file"},
+		{"a derived view with a view key", `{"version":5,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","source":"layers","mounts":[{"type":"bind","source":"/l","options":["ro","rbind"]}]}`, "records a view snapshot"},
+		{"a derived view without mounts", `{"version":5,"namespace":"default","container_id":"c1","mountpoint":"/b/snapview/view","source":"layers"}`, "records no mounts"},
+		{"a derived view with volumes and no lease", `{"version":5,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","mountpoint":"/b/snapview/view","source":"layers","mounts":[{"type":"bind","source":"/l","options":["ro","rbind"]}],"volumes":[{"name":"v","image":"i","parent":"p","view_key":"k/v","target":"/v","subpath":"/"}]}`, "missing lease"},
+		{"an unknown source", `{"version":5,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","source":"elsewhere"}`, "unknown source"},
 		{"a restored disk in version 3", `{"version":3,"namespace":"default","container_id":"c1","snapshotter":"blockfile","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","mode":"block","restore":{"snapshot":"2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f","disk":"/s/img"}}`, "a field of version 4 in a version 3 file"},
 		{"a restored disk in view mode", `{"version":4,"namespace":"default","container_id":"c1","snapshotter":"blockfile","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","restore":{"snapshot":"2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f","disk":"/s/img"}}`, "a restored disk in a \"\" mode file"},
 		{"a snapshot volume in version 2", `{"version":2,"namespace":"default","container_id":"c1","snapshotter":"overlayfs","view_key":"k","lease":"l","mountpoint":"/b/snapview/view","volumes":[{"name":"v","image":"i","parent":"p","view_key":"k/v","target":"/v","subpath":"/","snapshot":"2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f"}]}`, "a field of version 3 in a version 2 file"},

@@ -120,7 +120,20 @@ type View struct {
 	// image store) is found: its image's layers unpacked there. Default
 	// containerd's default snapshotter, overlayfs.
 	ImageSnapshotter string `toml:"image_snapshotter"`
+	// Source is where a view-mode container's view comes from:
+	// "snapshotter" (the default) a leased View of the container's image
+	// in its snapshotter; "layers" a read-only mount of the image layers
+	// its own rootfs mounts already name, with no lease and no call into
+	// containerd, where the rootfs names them (overlayfs, the erofs
+	// snapshotter's layers), and the leased View elsewhere.
+	Source string `toml:"source"`
 }
+
+// Sources of a view (view.source).
+const (
+	SourceSnapshotter = "snapshotter"
+	SourceLayers      = "layers"
+)
 
 // DefaultImageSnapshotter is containerd's default snapshotter on Linux,
 // the one Docker's containerd image store uses unless told otherwise.
@@ -195,6 +208,7 @@ func Default() *Config {
 			Mode:             ModeView,
 			BootDir:          "/.snapview/boot",
 			ImageSnapshotter: DefaultImageSnapshotter,
+			Source:           SourceSnapshotter,
 		},
 		Block: Block{
 			MonitorRootfs: MonitorRootfsView,
@@ -279,6 +293,11 @@ func (c *Config) validate() error {
 	case ModeView, ModeBlock, ModeOff:
 	default:
 		return fmt.Errorf("snapview: invalid view.mode %q in %s: want view, block or off", c.View.Mode, c.Source)
+	}
+	switch c.View.Source {
+	case SourceSnapshotter, SourceLayers:
+	default:
+		return fmt.Errorf("snapview: invalid view.source %q in %s: want %s or %s", c.View.Source, c.Source, SourceSnapshotter, SourceLayers)
 	}
 	if err := absClean("view.boot_dir", c.View.BootDir, c.Source); err != nil {
 		return err

@@ -175,6 +175,11 @@ func TestFromOptions(t *testing.T) {
 			wantErr: []string{"snapview:", "view.mode", `"fast"`},
 		},
 		{
+			name:    "invalid view source",
+			opts:    marshal(t, &runtimeoptions.Options{ConfigBody: []byte("[view]\nsource = 'rootfs'\n")}),
+			wantErr: []string{"snapview:", "view.source", `"rootfs"`, "snapshotter or layers"},
+		},
+		{
 			name:    "relative boot_dir",
 			opts:    marshal(t, &runtimeoptions.Options{ConfigBody: []byte("[view]\nboot_dir = 'boot'\n")}),
 			wantErr: []string{"snapview:", "view.boot_dir"},

@@ -46,7 +46,11 @@ type Entry struct {
 	Container   string `json:"container"`
 	Mode        string `json:"mode,omitempty"`
 	Snapshotter string `json:"snapshotter,omitempty"`
-	ViewKey     string `json:"view_key,omitempty"`
+	// Source is "layers" for a view derived from the layers the
+	// container's rootfs names (view.source): no view key, and a lease
+	// only for its volumes' views; "" for a leased View.
+	Source  string `json:"source,omitempty"`
+	ViewKey string `json:"view_key,omitempty"`
 	Lease       string `json:"lease,omitempty"`
 	Mountpoint  string `json:"mountpoint,omitempty"`
 	Device      string `json:"device,omitempty"`
@@ -155,6 +159,7 @@ func List(ctx context.Context, b lifecycle.Backend, ns, state string) ([]Entry, 
 			e.Mode = st.Mode
 			e.Mountpoint = st.Mountpoint
 			e.RootfsActivation = st.RootfsActivation
+			e.Source = st.Source
 			if e.Mode == "" {
 				e.Mode = bundle.ModeView
 			}
@@ -222,14 +227,15 @@ func (e *Entry) judge(ctx context.Context, b lifecycle.Backend) error {
 	if e.Mountpoint != "" {
 		mounted, _ = mountinfo.Mounted(e.Mountpoint)
 	}
+	derived := e.Source == bundle.SourceLayers
 	switch {
-	case e.Lease != "" && gone:
+	case (e.Lease != "" || derived) && gone:
 		e.Health = HealthOrphan
 	case e.Health != "":
 		// the state file's verdict stands
-	case e.Lease == "":
+	case e.Lease == "" && (!derived || len(e.Volumes) > 0):
 		e.Health = HealthNoLease
-	case e.ViewKey == "":
+	case e.ViewKey == "" && !derived:
 		e.Health = HealthNoView
 	case e.Bundle != "" && !mounted:
 		e.Health = HealthNoMount

@@ -98,7 +98,10 @@ const (
 	StepActivate = "activate"
 	StepMount    = "mount"
 	StepRootfs   = "rootfs"
-	StepFormat   = "format"
+	// StepDerive takes the view's mounts from the layers the rootfs names
+	// (view.source "layers"), before the lease and view it then spares.
+	StepDerive = "derive"
+	StepFormat = "format"
 	// StepRestore writes a disk snapshot into the writable disk.
 	StepRestore = "restore"
 	StepDevice  = "device"

@@ -32,10 +32,22 @@ func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Co
 			annotations.ViewKey:         st.ViewKey,
 			annotations.ViewLease:       st.LeaseID,
 			annotations.ViewMountpoint:  st.Mountpoint,
+			annotations.ViewSource:      doc.ViewSource,
 			annotations.RootfsParams:    string(rootfsParams),
 			annotations.Doc:             string(whole),
 		},
 		Mounts: binds,
+	}
+	if st.Derived() {
+		// No view snapshot, and no lease of its own: absent, not empty.
+		// A lease is there only for the volumes' views.
+		delete(patch.Annotations, annotations.ViewKey)
+		if st.LeaseID == "" {
+			delete(patch.Annotations, annotations.ViewLease)
+		}
+		if st.Snapshotter == "" {
+			delete(patch.Annotations, annotations.ViewSnapshotter)
+		}
 	}
 	for _, a := range st.Artifacts {
 		patch.Annotations[annotations.BoundPrefix+a.Name] = a.Target
@@ -68,7 +80,7 @@ func (p *Plan) configPatch(st *bundle.State, binds []specs.Mount, cfg *config.Co
 // /.snapview/params.json, and of the io.snapview.params annotation.
 func (s *setupRun) paramsDoc() *params.Doc {
 	st := s.v.State
-	doc := &params.Doc{Version: params.Version, Rootfs: st.Rootfs, Artifacts: map[string]string{}, ViewTarget: s.p.ann.ViewTarget, Volumes: s.volumeDocs()}
+	doc := &params.Doc{Version: params.Version, Rootfs: st.Rootfs, Artifacts: map[string]string{}, ViewTarget: s.p.ann.ViewTarget, Volumes: s.volumeDocs(), ViewSource: s.viewSource()}
 	for _, a := range st.Artifacts {
 		doc.Artifacts[a.Name] = a.Target
 	}

@@ -72,6 +72,10 @@ type Plan struct {
 	// the rootfs itself (Docker); the view is then of the image the
 	// container record names, found in [view] image_snapshotter.
 	clientRootfs bool
+	// source is view.source for a view-mode container whose rootfs
+	// mounts containerd sent: "layers" has setup try to derive the view
+	// from them (StepDerive) before it makes a leased one.
+	source string
 }
 
 // Mode returns the planned mode: view or block ("" when skipped).
@@ -164,6 +168,7 @@ func decideLocal(ctx context.Context, r Request) (*Plan, error) {
 			return nil, fmt.Errorf("snapview: rootfs of %s: %w", r.ID, err)
 		}
 		p.readOnlyRootfs = rootfs.ReadOnly(r.Rootfs)
+		p.source = cfg.View.Source
 	}
 	return p, nil
 }

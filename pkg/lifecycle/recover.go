@@ -81,6 +81,13 @@ func validate(st *bundle.State, ns, id, bundlePath string) error {
 		"lease":        {st.LeaseID, lease.ID(id)},
 		"view key":     {st.ViewKey, view.Key(id)},
 	}
+	if st.Derived() {
+		// No view snapshot; a lease only for the volumes' views.
+		want["view key"] = [2]string{st.ViewKey, ""}
+		if st.LeaseID == "" {
+			want["lease"] = [2]string{"", ""}
+		}
+	}
 	if st.Mode == bundle.ModeNone {
 		// Only the rootfs activation; the state file reader checked that
 		// it records no view.

@@ -13,6 +13,7 @@ import (
 	"github.com/snapview/snapview/params"
 	"github.com/snapview/snapview/pkg/boot"
 	"github.com/snapview/snapview/pkg/bundle"
+	"github.com/snapview/snapview/pkg/config"
 	"github.com/snapview/snapview/pkg/lease"
 	"github.com/snapview/snapview/pkg/rootfs"
 	"github.com/snapview/snapview/pkg/view"
@@ -42,11 +43,12 @@ type setupStep struct {
 // the state before it acts: Teardown is this list run backwards.
 var setupSteps = []setupStep{
 	{name: StepDir, do: (*setupRun).makeDir},
-	{name: StepLease, applies: (*setupRun).withView, do: (*setupRun).acquireLease, undo: (*teardownRun).removeLease},
-	{name: StepView, applies: (*setupRun).withView, do: (*setupRun).createView, undo: (*teardownRun).removeView, point: PointTeardownRemoved},
+	{name: StepRootfs, applies: (*setupRun).claimRootfs, do: (*setupRun).activateRootfs, undo: (*teardownRun).deactivateRootfs},
+	{name: StepDerive, applies: (*setupRun).fromLayers, do: (*setupRun).deriveView},
+	{name: StepLease, applies: (*setupRun).needsLease, do: (*setupRun).acquireLease, undo: (*teardownRun).removeLease},
+	{name: StepView, applies: (*setupRun).leasedView, do: (*setupRun).createView, undo: (*teardownRun).removeView, point: PointTeardownRemoved},
 	{name: StepActivate, applies: (*setupRun).viewNeedsManager, do: (*setupRun).activateView, undo: (*teardownRun).deactivateView},
 	{name: StepMount, applies: (*setupRun).withView, do: (*setupRun).mountView, undo: (*teardownRun).unmountView, point: PointTeardownUnmounted},
-	{name: StepRootfs, applies: (*setupRun).claimRootfs, do: (*setupRun).activateRootfs, undo: (*teardownRun).deactivateRootfs},
 	{name: StepRestore, applies: (*setupRun).restoring, do: (*setupRun).restoreDisk, undo: (*teardownRun).undoRestore},
 	{name: StepFormat, applies: (*setupRun).layered, do: (*setupRun).formatImage},
 	{name: StepDevice, applies: (*setupRun).blockMode, do: (*setupRun).attachDevice, undo: (*teardownRun).releaseDevice},
@@ -86,6 +88,9 @@ type setupRun struct {
 	// writable describes, by volume name, the writable part of each
 	// writable clone, for the params.
 	writable map[string]*params.WritableDisk
+	// derived: the view's mounts were taken from the rootfs's layers
+	// (StepDerive), and no view snapshot is made.
+	derived bool
 }
 
 func (s *setupRun) withView() bool         { return s.p.Skip == "" }
@@ -95,6 +100,12 @@ func (s *setupRun) claimRootfs() bool      { return s.p.claimRootfs }
 func (s *setupRun) viewNeedsManager() bool { return view.NeedsManager(s.mounts) }
 func (s *setupRun) withParams() bool       { return s.paramsSource != "" }
 func (s *setupRun) withVolumes() bool      { return len(s.p.volumes) > 0 }
+func (s *setupRun) fromLayers() bool       { return s.p.source == config.SourceLayers }
+func (s *setupRun) leasedView() bool       { return s.withView() && !s.derived }
+
+// needsLease: a leased view, or the volumes' views (a derived view has
+// neither snapshot nor lease of its own).
+func (s *setupRun) needsLease() bool { return s.leasedView() || s.withView() && s.withVolumes() }
 
 // callContext bounds one call into containerd. A mount-manager activation
 // is not bounded by it: it mounts (and for a layered rootfs formats) as
@@ -161,6 +172,27 @@ func (s *setupRun) acquireLease(ctx context.Context) error {
 	return nil
 }
 
+// deriveView takes the view's mounts from the layers the container's
+// rootfs mounts name (view.source "layers"): the rootfs as runc will mount
+// it, after snapview's own activation of it if it made one. Where the
+// rootfs does not name them, the leased View of the snapshotter is made
+// instead, and the log says why.
+func (s *setupRun) deriveView(context.Context) error {
+	rootfsMounts := s.p.req.Rootfs
+	if s.v.Rootfs != nil {
+		rootfsMounts = s.v.Rootfs
+	}
+	mounts, err := view.Derive(rootfsMounts)
+	if err != nil {
+		s.logger.WithError(err).Info("snapview: view.source is layers, but the rootfs does not name the image's layers: the view is a leased View of the snapshotter")
+		return nil
+	}
+	st := s.v.State
+	s.derived, s.mounts = true, mounts
+	st.Source, st.Snapshotter = bundle.SourceLayers, view.SnapshotterOf(s.p.req.Rootfs)
+	return nil
+}
+
 // createView creates the read-only view of the container's image under
 // the lease.
 func (s *setupRun) createView(ctx context.Context) error {
@@ -200,7 +232,7 @@ func (s *setupRun) mountView(context.Context) error {
 	if err != nil {
 		return fmt.Errorf("snapview: the view: %w", err)
 	}
-	s.logger.WithFields(log.Fields{"key": st.ViewKey, "target": st.Mountpoint, "loop": loops}).Info("snapview: view mounted")
+	s.logger.WithFields(log.Fields{"key": st.ViewKey, "target": st.Mountpoint, "loop": loops, "source": s.viewSource()}).Info("snapview: view mounted")
 	return nil
 }
 
@@ -275,4 +307,13 @@ func (s *setupRun) patchConfig(context.Context) error {
 	}
 	s.v.patched = true
 	return s.p.spec.Apply(patch)
+}
+
+// viewSource names where the view came from, as the params and
+// annotations say it.
+func (s *setupRun) viewSource() string {
+	if s.derived {
+		return params.SourceLayers
+	}
+	return params.SourceSnapshotter
 }
