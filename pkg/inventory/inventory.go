@@ -49,11 +49,11 @@ type Entry struct {
 	// Source is "layers" for a view derived from the layers the
 	// container's rootfs names (view.source): no view key, and a lease
 	// only for its volumes' views; "" for a leased View.
-	Source  string `json:"source,omitempty"`
-	ViewKey string `json:"view_key,omitempty"`
-	Lease       string `json:"lease,omitempty"`
-	Mountpoint  string `json:"mountpoint,omitempty"`
-	Device      string `json:"device,omitempty"`
+	Source     string `json:"source,omitempty"`
+	ViewKey    string `json:"view_key,omitempty"`
+	Lease      string `json:"lease,omitempty"`
+	Mountpoint string `json:"mountpoint,omitempty"`
+	Device     string `json:"device,omitempty"`
 	// Layers is how many read-only layer disks a layered rootfs has.
 	Layers int `json:"layers,omitempty"`
 	// RootfsActivation is the mount-manager activation snapview made for
