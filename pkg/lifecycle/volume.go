@@ -7,10 +7,12 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/snapview/snapview/params"
 
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -83,19 +85,49 @@ func (l *Lifecycle) resolveVolumes(ctx context.Context, p *Plan) error {
 	if err != nil {
 		return fmt.Errorf("snapview: %w", err)
 	}
-	for i := range p.volumes {
+	// One lookup per volume, all at once: each is a few calls into
+	// containerd that do not depend on the others. The first error in
+	// the annotations' order is the one returned.
+	errs := eachConcurrently(ctx, p.req.ID, len(p.volumes), func(i int) error {
 		v := &p.volumes[i]
+		var err error
 		if v.Snapshot != "" {
 			if v.parent, err = l.snapshotSource(ctx, cs, sn, p, v.Volume); err != nil {
 				return fmt.Errorf("snapview: annotation %s%s: %w", annotations.VolumePrefix, v.Name, err)
 			}
-			continue
+			return nil
 		}
 		if v.parent, err = l.volumeSource(ctx, cs, sn, p, v.Volume); err != nil {
 			return fmt.Errorf("snapview: annotation %s%s: image %s: %w", annotations.VolumePrefix, v.Name, v.Ref, err)
 		}
+		return nil
+	})
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
 	}
 	return nil
+}
+
+// eachConcurrently runs f(0) … f(n-1) at once (one alone runs in the
+// caller's goroutine) and returns their errors, by index; a panic in one
+// is its error.
+func eachConcurrently(ctx context.Context, id string, n int, f func(i int) error) []error {
+	errs := make([]error, n)
+	if n == 1 {
+		errs[0] = f(0)
+		return errs
+	}
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			defer recoverTo(ctx, &errs[i], "volumes", id)
+			errs[i] = f(i)
+		})
+	}
+	wg.Wait()
+	return errs
 }
 
 // volumeSource returns the snapshot volume v views: its image's top
@@ -138,26 +170,38 @@ func (s *setupRun) createVolumeViews(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("snapview: %w", err)
 	}
+	// Every view is recorded before any is created, then all are created
+	// at once: the teardown of a failed setup removes what the state
+	// records, a view never created included (not found is success).
 	for _, vp := range s.p.volumes {
-		key := view.VolumeKey(id, vp.Name)
 		ref := vp.Ref
 		if vp.Snapshot != "" {
 			ref = record.ImageName(vp.Snapshot)
 		}
-		st.Volumes = append(st.Volumes, bundle.Volume{Name: vp.Name, Image: ref, Parent: vp.parent, ViewKey: key, Target: vp.Target, Subpath: vp.Subpath,
+		st.Volumes = append(st.Volumes, bundle.Volume{Name: vp.Name, Image: ref, Parent: vp.parent, ViewKey: view.VolumeKey(id, vp.Name), Target: vp.Target, Subpath: vp.Subpath,
 			Snapshot: vp.Snapshot, Writable: vp.Writable})
+	}
+	s.volumeMounts = make([][]mount.Mount, len(s.p.volumes))
+	errs := eachConcurrently(ctx, id, len(s.p.volumes), func(i int) error {
+		vp, key := s.p.volumes[i], st.Volumes[i].ViewKey
 		make := view.CreateKey
 		if vp.Writable {
 			make = view.PrepareKey
 		}
 		cctx, cancel := callContext(ctx)
+		defer cancel()
 		ms, err := make(cctx, sn, s.owner, key, vp.parent, st.LeaseID)
-		cancel()
 		if err != nil {
 			return fmt.Errorf("snapview: volume %s: %w", vp.Name, err)
 		}
-		s.volumeMounts = append(s.volumeMounts, ms)
+		s.volumeMounts[i] = ms
 		s.logger.WithFields(log.Fields{"volume": vp.Name, "image": vp.Ref, "key": key, "parent": vp.parent, "target": vp.Target}).Info("snapview: volume created")
+		return nil
+	})
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -6,8 +6,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
@@ -243,5 +245,49 @@ func TestVolumesRefused(t *testing.T) {
 			}
 			e.CheckNothingLeft(t, r, orig)
 		})
+	}
+}
+
+// TestVolumeLookupsConcurrent checks that the volumes' images are looked up
+// at once, not one after another: each lookup's first call into containerd
+// waits (up to 10 s) for the other's to arrive, which it can only if both
+// are in flight together.
+func TestVolumeLookupsConcurrent(t *testing.T) {
+	e := lifecycletest.NewEnv(t)
+	l := lifecycle.New(e.Backend)
+	r := e.Container(t, "vols", volumeImages(t, e))
+	allowAcme(&r)
+	var (
+		mu       sync.Mutex
+		arrived  int
+		together = make(chan struct{})
+		apart    bool
+	)
+	e.Backend.OnCall = func(name string) {
+		if name != "Image" {
+			return
+		}
+		mu.Lock()
+		arrived++
+		if arrived == 2 {
+			close(together)
+		}
+		mu.Unlock()
+		select {
+		case <-together:
+		case <-time.After(10 * time.Second):
+			mu.Lock()
+			apart = true
+			mu.Unlock()
+		}
+	}
+	v, _, err := l.Prepare(e.Ctx, r)
+	e.Backend.OnCall = nil
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Teardown(e.Ctx, v)
+	if apart || arrived != 2 {
+		t.Fatalf("the two volumes' image lookups ran one after the other (%d arrived)", arrived)
 	}
 }

@@ -29,23 +29,24 @@ var crashPoints = []struct {
 	teardown bool
 }{
 	{point: "dir"},
-	{point: "lease", modes: "view block erofs layered volumes restore-block restore-layered"},
+	{point: "rootfs", modes: "erofs erofs-off derived-erofs"},
+	{point: "derive", modes: "derived derived-erofs derived-volumes"},
+	{point: "lease", modes: "view block erofs layered volumes restore-block restore-layered derived-volumes"},
 	{point: "view", modes: "view block erofs layered volumes restore-block restore-layered"},
 	{point: "activate", modes: "erofs layered"},
-	{point: "mount", modes: "erofs layered volumes"},
-	{point: "rootfs", modes: "erofs erofs-off"},
+	{point: "mount", modes: "erofs layered volumes derived derived-erofs derived-volumes"},
 	{point: "restore-written", modes: "restore-block restore-layered"},
 	{point: "format", modes: "layered restore-layered"},
 	{point: "device", modes: "block layered restore-block restore-layered"},
 	{point: "layers", modes: "layered restore-layered"},
-	{point: "volume-views", modes: "volumes volumes-block"},
-	{point: "volumes", modes: "volumes volumes-block"},
+	{point: "volume-views", modes: "volumes volumes-block derived-volumes"},
+	{point: "volumes", modes: "volumes volumes-block derived-volumes"},
 	{point: "monitor", modes: "block layered restore-block restore-layered"},
-	{point: "state", modes: "view block erofs erofs-off layered volumes restore-block restore-layered"},
-	{point: "config", modes: "view block erofs layered volumes restore-block restore-layered"},
+	{point: "state", modes: "view block erofs erofs-off layered volumes restore-block restore-layered derived derived-erofs derived-volumes"},
+	{point: "config", modes: "view block erofs layered volumes restore-block restore-layered derived derived-erofs derived-volumes"},
 	{point: "runc-created"},
 	{point: "teardown-unmounted", teardown: true},
-	{point: "teardown-removed", modes: "view block erofs layered volumes volumes-block restore-block restore-layered", teardown: true},
+	{point: "teardown-removed", modes: "view block erofs layered volumes volumes-block restore-block restore-layered derived derived-erofs derived-volumes", teardown: true},
 }
 
 // TestCrashMatrix kills the shim (SIGKILL, from inside, as a crash would)
@@ -112,21 +113,30 @@ func TestCrashMatrix(t *testing.T) {
 	for _, mode := range []struct {
 		name, snapshotter string
 		ann               map[string]string
+		// config is added to the runtime options' configuration.
+		config string
 	}{
-		{"view", "overlayfs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}},
-		{"block", "blockfile", blockAnn},
+		{"view", "overlayfs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}, ""},
+		{"block", "blockfile", blockAnn, ""},
 		// The erofs snapshotter in block mode: view mode, whose rootfs
 		// mounts snapview has the mount manager perform; no view (mode off),
 		// with only that; and layered block mode.
-		{"erofs", "erofs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}},
-		{"erofs-off", "erofs", map[string]string{"io.snapview.mode": "off"}},
-		{"layered", "erofs", blockAnn},
+		{"erofs", "erofs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}, ""},
+		{"erofs-off", "erofs", map[string]string{"io.snapview.mode": "off"}, ""},
+		{"layered", "erofs", blockAnn, ""},
 		// Volumes, mounted (view mode) and as disks (layered block mode).
-		{"volumes", "overlayfs", volumeAnn},
-		{"volumes-block", "erofs", withVolumes(blockAnn)},
+		{"volumes", "overlayfs", volumeAnn, ""},
+		{"volumes-block", "erofs", withVolumes(blockAnn), ""},
 		// Block mode restored from a disk snapshot: one disk and layered.
-		{"restore-block", "blockfile", restoreFrom["blockfile"]},
-		{"restore-layered", "erofs", restoreFrom["erofs"]},
+		{"restore-block", "blockfile", restoreFrom["blockfile"], ""},
+		{"restore-layered", "erofs", restoreFrom["erofs"], ""},
+		// Views derived from the rootfs's layers (view.source "layers"):
+		// overlayfs; the erofs snapshotter's layers, which snapview's
+		// activation of the rootfs mounted; and with volumes, whose views
+		// alone are under a lease.
+		{"derived", "overlayfs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}, derivedConfig},
+		{"derived-erofs", "erofs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}, derivedConfig},
+		{"derived-volumes", "overlayfs", volumeAnn, derivedConfig},
 	} {
 		for _, cp := range crashPoints {
 			if cp.modes != "" && !slices.Contains(strings.Fields(cp.modes), mode.name) {
@@ -140,7 +150,7 @@ func TestCrashMatrix(t *testing.T) {
 				}
 				defer os.Remove(faultFile + ".fired")
 				opts := runOpts{runtime: snapviewRT, snapshotter: mode.snapshotter, annotations: mode.ann, args: []string{"sleep", "300"},
-					runtimeOpts: &runtimeoptions.Options{ConfigBody: []byte(volumeAllow)}}
+					runtimeOpts: &runtimeoptions.Options{ConfigBody: []byte(volumeAllow + mode.config)}}
 				r, err := start(ctx, t, d, id, opts)
 				switch {
 				case cp.teardown && err != nil:

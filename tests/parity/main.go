@@ -65,6 +65,9 @@ type options struct {
 	oci string
 	// ociDir, for runsc, holds a `runc` that runs it, first in the suite's PATH.
 	ociDir string
+	// viewSources are the view.source settings snapview runs the suite
+	// with, each compared with runc's one run.
+	viewSources string
 }
 
 func run() error {
@@ -75,6 +78,7 @@ func run() error {
 	flag.StringVar(&o.daemons, "daemons", "newest,compat", "which containerd builds to run on")
 	flag.IntVar(&o.attempts, "attempts", 2, "times a differing test is run again alone before it counts")
 	flag.StringVar(&o.oci, "oci-runtime", "runc", "the OCI runtime under both shims: runc, or runsc (gVisor's, as the runc the shims find first in PATH)")
+	flag.StringVar(&o.viewSources, "view-sources", "snapshotter,layers", "the view.source settings to run snapview with, each compared with runc (through $SNAPVIEW_CONFIG)")
 	flag.Parse()
 	if os.Getuid() != 0 {
 		return fmt.Errorf("containerd's client suite needs root: run 'sudo make parity'")
@@ -332,6 +336,9 @@ type suite struct {
 	tmp string
 	// hung lists, per runtime, the tests that hung and were ended.
 	hung map[string][]string
+	// viewEnv is the environment of snapview's runs: the configuration
+	// file of the view.source under test.
+	viewEnv []string
 }
 
 // results maps a test (or subtest) name to PASS, FAIL or SKIP.
@@ -423,6 +430,9 @@ func (s *suite) invoke(rt, run string, skip []string, logFile *os.File, res resu
 		return nil, err
 	}
 	cmd.Env = append(append(os.Environ(), "PATH="+path, "TEST_RUNTIME="+rt, "TMPDIR="+s.tmp), s.env...)
+	if rt == snapviewRT {
+		cmd.Env = append(cmd.Env, s.viewEnv...)
+	}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
@@ -483,54 +493,98 @@ loop:
 	return hung, nil
 }
 
-// compare runs the suite on both runtimes, retries what differs, prints a
-// summary and returns the tests that pass with runc and fail with snapview.
+// compare runs the suite on runc, then on snapview once per view source,
+// retries what differs, prints a summary of each and returns the tests that
+// pass with runc and fail with snapview (with the source, when not the
+// default).
 func (s *suite) compare() ([]string, error) {
-	all := map[string]results{}
-	left := map[string][]string{}
 	s.clearAfter() // what an earlier run under gVisor left would fail this one's creates
-	for _, rt := range []string{runcRT, snapviewRT} {
-		fmt.Printf("==> containerd %s: client suite on %s\n", s.version, rt)
-		start := time.Now()
-		res, err := s.runSuite(rt, s.opts.run, fmt.Sprintf("client-%s-%s.log", s.version, short(rt)))
+	runc, runcLeft, err := s.runOnce(runcRT, "")
+	if err != nil {
+		return nil, err
+	}
+	var confirmed []string
+	for source := range strings.SplitSeq(s.opts.viewSources, ",") {
+		if err := s.useViewSource(source); err != nil {
+			return nil, err
+		}
+		res, left, err := s.runOnce(snapviewRT, source)
 		if err != nil {
 			return nil, err
 		}
-		fmt.Printf("    %d tests and subtests in %s\n", len(res), time.Since(start).Round(time.Second))
-		all[rt] = res
 		if s.opts.oci != "runc" {
 			// gVisor leaves sandboxes, shims and mounts behind under runc's
 			// shim too: what counts is what snapview's run left that runc's
 			// did not.
-			left[rt] = leftovers(s.tmp)
-			clearHost(s.tmp)
-			if rt == runcRT {
-				fmt.Printf("    left on the host by the run on runc's shim: %d (cleared)\n", len(left[rt]))
-				continue
+			if leaks := newLeftovers(runcLeft, left); len(leaks) > 0 {
+				return nil, fmt.Errorf("left on the host after the snapview run (view.source %s), and not after runc's:\n  %s", source, strings.Join(leaks, "\n  "))
 			}
-			if leaks := newLeftovers(left[runcRT], left[rt]); len(leaks) > 0 {
-				return nil, fmt.Errorf("left on the host after the snapview run, and not after runc's:\n  %s", strings.Join(leaks, "\n  "))
-			}
-			fmt.Printf("    left on the host by the run on snapview: %d, none that runc's run did not leave (cleared)\n", len(left[rt]))
-			continue
+			fmt.Printf("    left on the host by the run on snapview: %d, none that runc's run did not leave (cleared)\n", len(left))
+		} else if leaks := hostLeaks(s.tools.Shim); len(leaks) > 0 {
+			return nil, fmt.Errorf("left on the host after the snapview run (view.source %s):\n  %s", source, strings.Join(leaks, "\n  "))
 		}
-		if rt == snapviewRT {
-			if leaks := hostLeaks(s.tools.Shim); len(leaks) > 0 {
-				return nil, fmt.Errorf("left on the host after the snapview run:\n  %s", strings.Join(leaks, "\n  "))
+		var these []string
+		for _, name := range differences(runc, res) {
+			if s.stillDiffers(name) {
+				these = append(these, name)
+			} else {
+				fmt.Printf("    %s differed once but not when run again alone: counted as a flake\n", name)
 			}
 		}
-	}
-	diff := differences(all[runcRT], all[snapviewRT])
-	var confirmed []string
-	for _, name := range diff {
-		if s.stillDiffers(name) {
+		s.summary(map[string]results{runcRT: runc, snapviewRT: res}, these, source)
+		for _, name := range these {
+			if source != "snapshotter" {
+				name += " (view.source " + source + ")"
+			}
 			confirmed = append(confirmed, name)
-		} else {
-			fmt.Printf("    %s differed once but not when run again alone: counted as a flake\n", name)
 		}
 	}
-	s.summary(all, confirmed)
 	return confirmed, nil
+}
+
+// runOnce runs the whole suite on rt (with view.source source, for
+// snapview), and returns its results and, under gVisor, what it left on
+// the host (cleared).
+func (s *suite) runOnce(rt, source string) (results, []string, error) {
+	label, logName := short(rt), fmt.Sprintf("client-%s-%s.log", s.version, short(rt))
+	if source != "" && source != "snapshotter" {
+		label += " (view.source " + source + ")"
+		logName = fmt.Sprintf("client-%s-%s-%s.log", s.version, short(rt), source)
+	}
+	fmt.Printf("==> containerd %s: client suite on %s\n", s.version, label)
+	start := time.Now()
+	res, err := s.runSuite(rt, s.opts.run, logName)
+	if err != nil {
+		return nil, nil, err
+	}
+	fmt.Printf("    %d tests and subtests in %s\n", len(res), time.Since(start).Round(time.Second))
+	if s.opts.oci == "runc" {
+		return res, nil, nil
+	}
+	left := leftovers(s.tmp)
+	clearHost(s.tmp)
+	if rt == runcRT {
+		fmt.Printf("    left on the host by the run on runc's shim: %d (cleared)\n", len(left))
+	}
+	return res, left, nil
+}
+
+// useViewSource makes snapview's next runs use view.source source, through
+// a configuration file named by $SNAPVIEW_CONFIG, which the suite's
+// containerd passes on to the shims it starts (the suite's containers
+// carry no runtime options).
+func (s *suite) useViewSource(source string) error {
+	switch source {
+	case "snapshotter", "layers":
+	default:
+		return fmt.Errorf("-view-sources: %q is not a view.source (snapshotter, layers)", source)
+	}
+	file := filepath.Join(s.opts.cache, "snapview-"+source+".toml")
+	if err := os.WriteFile(file, fmt.Appendf(nil, "[view]\nsource = %q\n", source), 0o644); err != nil {
+		return err
+	}
+	s.viewEnv = []string{"SNAPVIEW_CONFIG=" + file}
+	return nil
 }
 
 // stillDiffers runs one test alone on both runtimes up to opts.attempts
@@ -579,7 +633,7 @@ func differences(runc, snapview results) []string {
 	return out
 }
 
-func (s *suite) summary(all map[string]results, diff []string) {
+func (s *suite) summary(all map[string]results, diff []string, source string) {
 	count := func(res results, top bool, verdict string) int {
 		n := 0
 		for name, v := range res {
@@ -589,7 +643,7 @@ func (s *suite) summary(all map[string]results, diff []string) {
 		}
 		return n
 	}
-	fmt.Printf("\ncontainerd %s, client integration suite (%s)\n", s.version, s.bin)
+	fmt.Printf("\ncontainerd %s, client integration suite (%s), snapview with view.source %s\n", s.version, s.bin, source)
 	fmt.Printf("  %-28s %10s %10s\n", "", "runc", "snapview")
 	for _, v := range []string{"PASS", "FAIL", "SKIP"} {
 		fmt.Printf("  %-28s %10d %10d\n", "top-level tests "+strings.ToLower(v), count(all[runcRT], true, v), count(all[snapviewRT], true, v))
