@@ -24,39 +24,44 @@ const sweepSettle = 4 * time.Second
 // busyNode compares runc and snapview on a node that already runs many
 // containers. First each runtime's ramp from an empty node to *busy running
 // containers, one at a time, with containerd's CPU time over it (which
-// includes the sweeps the shims make 2 s after they start); then, with
-// *busy containers of each runtime running, the task lifecycle, alternated
-// as in the comparison. emptyRatio is that row's ratio on the empty node,
-// printed beside it.
+// includes the sweeps the shims make 2 s after they start), for snapview
+// with each view source; then, with *busy containers of runc and *busy of
+// snapview running, the task lifecycle and `ctr run --rm`, each with both
+// view sources, alternated with runc as in the comparison. emptyRatio is
+// the lifecycle row's ratio on the empty node, printed beside it.
 func (b *bench) busyNode(ctx context.Context, emptyRatio float64) error {
 	if *busy <= 0 {
 		return nil
 	}
 	type ramp struct{ wall, cpu time.Duration }
 	ramps := map[string]ramp{}
-	for _, rt := range []string{runc, snapview} {
+	rampOf := []variant{{rt: runc}, {rt: snapview}, {rt: snapview, layers: true}}
+	for _, v := range rampOf {
 		cpu0, err := procCPU(b.d.Pid())
 		if err != nil {
 			return err
 		}
 		t0 := time.Now()
-		running, err := b.runMany(ctx, rt, "ramp")
+		running, err := b.runMany(ctx, v, "ramp")
 		wall := time.Since(t0)
 		if err == nil {
 			time.Sleep(sweepSettle)
 			var cpu1 time.Duration
 			cpu1, err = procCPU(b.d.Pid())
-			ramps[rt] = ramp{wall: wall, cpu: cpu1 - cpu0}
+			ramps[v.tag()+short(v.rt)] = ramp{wall: wall, cpu: cpu1 - cpu0}
 		}
 		removeAll(ctx, running)
 		if err != nil {
 			return err
 		}
 	}
+	// The busy node: *busy containers of runc, *busy of snapview with
+	// leased views; the rows then run each source of snapview's view
+	// against runc beside them.
 	var running []client.Container
 	defer func() { removeAll(ctx, running) }()
-	for _, rt := range []string{runc, snapview} {
-		r, err := b.runMany(ctx, rt, "busy")
+	for _, v := range []variant{{rt: runc}, {rt: snapview}} {
+		r, err := b.runMany(ctx, v, "busy")
 		running = append(running, r...)
 		if err != nil {
 			return err
@@ -64,42 +69,66 @@ func (b *bench) busyNode(ctx context.Context, emptyRatio float64) error {
 	}
 	time.Sleep(sweepSettle)
 	logStart := len(b.d.Log())
-	got := samples{}
-	for i := range *iterations {
-		for _, rt := range order(i) {
-			r, err := b.lifecycle(ctx, variant{rt: rt}, small, fmt.Sprintf("lcbusy-%s-%d", short(rt), i), "overlayfs", nil)
-			if err != nil {
-				return err
-			}
-			got.add(rt, r.total)
-		}
+	type busyRow struct {
+		name    string
+		layers  bool
+		measure func(v variant, i int) (time.Duration, error)
 	}
-	fmt.Printf("\n%d containers of each runtime already running on the node (%d in all)\n", *busy, 2**busy)
-	table([]string{"", "runc median", "snapview median", "ratio", "empty node ratio"}, [][]string{
-		{"task create→start→wait→delete, views on", ms(median(got[runc])), ms(median(got[snapview])), fmt.Sprintf("%.3f", got.ratio()), ratioOrDash(emptyRatio)},
-	})
+	lifecycle := func(v variant, i int) (time.Duration, error) {
+		r, err := b.lifecycle(ctx, v, small, fmt.Sprintf("lcbusy-%s-%s-%d", short(v.rt), v.tag(), i), "overlayfs", nil)
+		return r.total, err
+	}
+	ctrRun := func(v variant, i int) (time.Duration, error) {
+		return b.ctrRun(ctx, v, small, fmt.Sprintf("ctrbusy-%s-%s-%d", short(v.rt), v.tag(), i))
+	}
+	var out [][]string
+	for _, r := range []busyRow{
+		{"task create→start→wait→delete, views on", false, lifecycle},
+		{"task create→start→wait→delete, views on, from layers", true, lifecycle},
+		{"ctr run --rm (whole command), views on", false, ctrRun},
+		{"ctr run --rm (whole command), views on, from layers", true, ctrRun},
+	} {
+		got := samples{}
+		for i := range *iterations {
+			for _, rt := range order(i) {
+				d, err := r.measure(variant{rt: rt, layers: r.layers}, i)
+				if err != nil {
+					return fmt.Errorf("busy node, %s: %w", r.name, err)
+				}
+				got.add(rt, d)
+			}
+		}
+		empty := "-"
+		if r.name == "task create→start→wait→delete, views on" {
+			empty = ratioOrDash(emptyRatio)
+		}
+		out = append(out, []string{r.name, ms(median(got[runc])), ms(median(got[snapview])), fmt.Sprintf("%.3f", got.ratio()), empty})
+	}
+	fmt.Printf("\n%d containers of each runtime already running on the node (%d in all; snapview's with leased views)\n", *busy, 2**busy)
+	table([]string{"", "runc median", "snapview median", "ratio", "empty node ratio"}, out)
 	fmt.Println("where snapview's time goes there (median per container, from the shim log)")
 	breakdown(b.d.Log()[logStart:])
 	fmt.Printf("\nramp from an empty node to %d running containers, one at a time (containerd's CPU time from the first create to %s after the last start)\n", *busy, sweepSettle)
-	table([]string{"", "runc", "snapview", "ratio"}, [][]string{
-		{"wall", ms(ramps[runc].wall), ms(ramps[snapview].wall), fmt.Sprintf("%.3f", float64(ramps[snapview].wall)/float64(ramps[runc].wall))},
-		{"containerd CPU", ms(ramps[runc].cpu), ms(ramps[snapview].cpu), fmt.Sprintf("%.3f", float64(ramps[snapview].cpu)/float64(ramps[runc].cpu))},
+	rr, rs, rl := ramps["on"+short(runc)], ramps["on"+short(snapview)], ramps["layers"+short(snapview)]
+	table([]string{"", "runc", "snapview", "ratio", "snapview, from layers", "ratio"}, [][]string{
+		{"wall", ms(rr.wall), ms(rs.wall), fmt.Sprintf("%.3f", float64(rs.wall)/float64(rr.wall)), ms(rl.wall), fmt.Sprintf("%.3f", float64(rl.wall)/float64(rr.wall))},
+		{"containerd CPU", ms(rr.cpu), ms(rs.cpu), fmt.Sprintf("%.3f", float64(rs.cpu)/float64(rr.cpu)), ms(rl.cpu), fmt.Sprintf("%.3f", float64(rl.cpu)/float64(rr.cpu))},
 	})
 	return nil
 }
 
-// runMany starts *busy containers of rt running `sleep`, one at a time,
+// runMany starts *busy containers of v running `sleep`, one at a time,
 // and returns those it made, also on an error.
-func (b *bench) runMany(ctx context.Context, rt, tag string) ([]client.Container, error) {
+func (b *bench) runMany(ctx context.Context, v variant, tag string) ([]client.Container, error) {
 	img, err := b.d.Client().GetImage(ctx, small)
 	if err != nil {
 		return nil, err
 	}
 	var made []client.Container
 	for i := range *busy {
-		id := fmt.Sprintf("%s-%s-%d", tag, short(rt), i)
+		id := fmt.Sprintf("%s-%s-%s-%d", tag, short(v.rt), v.tag(), i)
 		ctr, err := b.d.Client().NewContainer(ctx, id, client.WithImage(img), client.WithSnapshotter("overlayfs"),
-			client.WithNewSnapshot(id, img), client.WithRuntime(rt, nil),
+			client.WithNewSnapshot(id, img), client.WithRuntime(v.rt, v.runtimeOpts()),
 			client.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs("sleep", "3600")))
 		if err != nil {
 			return made, err

@@ -63,6 +63,8 @@ func main() {
 type row struct {
 	name     string
 	viewsOff bool
+	// layers: snapview's view derived from the rootfs's layers.
+	layers bool
 	measure  func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error)
 }
 
@@ -84,11 +86,11 @@ func rows() []row {
 
 func allRows() []row {
 	lifecycle := func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error) {
-		r, err := b.lifecycle(ctx, v, small, fmt.Sprintf("lc-%s-%t-%d", short(v.rt), v.viewsOff, i), "overlayfs", nil)
+		r, err := b.lifecycle(ctx, v, small, fmt.Sprintf("lc-%s-%s-%d", short(v.rt), v.tag(), i), "overlayfs", nil)
 		return r.total, err
 	}
 	ctrRun := func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error) {
-		return b.ctrRun(ctx, v, small, fmt.Sprintf("ctr-%s-%t-%d", short(v.rt), v.viewsOff, i))
+		return b.ctrRun(ctx, v, small, fmt.Sprintf("ctr-%s-%s-%d", short(v.rt), v.tag(), i))
 	}
 	criRun := func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error) {
 		handler := "runc"
@@ -96,6 +98,9 @@ func allRows() []row {
 			handler = "snapview"
 			if v.viewsOff {
 				handler = "snapview-off"
+			}
+			if v.layers {
+				handler = "snapview-layers"
 			}
 		}
 		return b.criRun(harness.Context(ctx, criNS), handler, i)
@@ -109,7 +114,7 @@ func allRows() []row {
 		return r.total, err
 	}
 	podCreates := func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error) {
-		return b.podCreates(ctx, v, fmt.Sprintf("pod-%s-%t-%d", short(v.rt), v.viewsOff, i))
+		return b.podCreates(ctx, v, fmt.Sprintf("pod-%s-%s-%d", short(v.rt), v.tag(), i))
 	}
 	deleteAction := func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error) {
 		shim := b.d.Tools.Shim
@@ -119,15 +124,19 @@ func allRows() []row {
 		return b.deleteAction(ctx, shim, fmt.Sprintf("del-%s-%d", short(v.rt), i))
 	}
 	return []row{
-		{"task create→start→wait→delete, views on", false, lifecycle},
-		{"task create→start→wait→delete, views off", true, lifecycle},
-		{"ctr run --rm (whole command), views on", false, ctrRun},
-		{"ctr run --rm (whole command), views off", true, ctrRun},
-		{"CRI pod to first output, views on", false, criRun},
-		{"CRI pod to first output, views off", true, criRun},
-		{"blockfile: runc mounts, snapview block mode", false, block},
-		{"7 task creates at once in one pod shim, views on", false, podCreates},
-		{"`delete` action after a task delete", false, deleteAction},
+		{"task create→start→wait→delete, views on", false, false, lifecycle},
+		{"task create→start→wait→delete, views on, from layers", false, true, lifecycle},
+		{"task create→start→wait→delete, views off", true, false, lifecycle},
+		{"ctr run --rm (whole command), views on", false, false, ctrRun},
+		{"ctr run --rm (whole command), views on, from layers", false, true, ctrRun},
+		{"ctr run --rm (whole command), views off", true, false, ctrRun},
+		{"CRI pod to first output, views on", false, false, criRun},
+		{"CRI pod to first output, views on, from layers", false, true, criRun},
+		{"CRI pod to first output, views off", true, false, criRun},
+		{"blockfile: runc mounts, snapview block mode", false, false, block},
+		{"7 task creates at once in one pod shim, views on", false, false, podCreates},
+		{"7 task creates at once in one pod shim, views on, from layers", false, true, podCreates},
+		{"`delete` action after a task delete", false, false, deleteAction},
 	}
 }
 
@@ -178,8 +187,11 @@ func run() error {
 // onDaemon runs every comparison -runs times on one daemon, then the extras.
 func onDaemon(ctx context.Context, s *harness.Session, which string, ratios map[string]map[string][]float64) error {
 	d := s.Daemon
-	b := &bench{d: d, dir: s.Dir, viewsOff: s.Dir + "/views-off.toml"}
+	b := &bench{d: d, dir: s.Dir, viewsOff: s.Dir + "/views-off.toml", layers: s.Dir + "/views-layers.toml"}
 	if err := os.WriteFile(b.viewsOff, []byte("[view]\nmode = \"off\"\n"), 0o644); err != nil {
+		return err
+	}
+	if err := os.WriteFile(b.layers, []byte(layersConfig), 0o644); err != nil {
 		return err
 	}
 	fmt.Println("\nbuilding images and importing them (4 MiB and 256 MiB kernel artifacts)...")
@@ -230,7 +242,7 @@ func onDaemon(ctx context.Context, s *harness.Session, which string, ratios map[
 			got := samples{}
 			for i := range *iterations {
 				for _, rt := range order(i) {
-					dur, err := r.measure(ctx, b, variant{rt: rt, viewsOff: r.viewsOff}, run*(*iterations)+i)
+					dur, err := r.measure(ctx, b, variant{rt: rt, viewsOff: r.viewsOff, layers: r.layers}, run*(*iterations)+i)
 					if err != nil {
 						return fmt.Errorf("%s: %w", r.name, err)
 					}
@@ -316,18 +328,23 @@ func (b *bench) extras(ctx context.Context, seqLog string) error {
 	table([]string{"", "runc", "snapview", "difference"},
 		[][]string{{"VmRSS", fmt.Sprintf("%.1f MiB", float64(r0)/1024), fmt.Sprintf("%.1f MiB", float64(r1)/1024), fmt.Sprintf("%+.1f MiB", float64(r1-r0)/1024)}})
 
-	wall := samples{}
+	wall, wallLayers := samples{}, samples{}
 	for i := range 3 {
-		for _, rt := range order(i) {
-			w, err := b.parallelRuns(ctx, variant{rt: rt}, *parallel, fmt.Sprintf("par%d", i))
+		for _, v := range []variant{{rt: runc}, {rt: snapview}, {rt: snapview, layers: true}} {
+			w, err := b.parallelRuns(ctx, v, *parallel, fmt.Sprintf("par%d%s", i, v.tag()))
 			if err != nil {
 				return err
 			}
-			wall.add(rt, w)
+			if v.layers {
+				wallLayers.add(snapview, w)
+				continue
+			}
+			wall.add(v.rt, w)
 		}
 	}
 	fmt.Printf("\n%d containers at once, create→start→wait→delete (wall time, median of 3)\n", *parallel)
-	table([]string{"", "runc", "snapview", "ratio"}, [][]string{{"wall", ms(median(wall[runc])), ms(median(wall[snapview])), fmt.Sprintf("%.3f", wall.ratio())}})
+	table([]string{"", "runc", "snapview", "ratio", "snapview, from layers", "ratio"}, [][]string{{"wall", ms(median(wall[runc])), ms(median(wall[snapview])), fmt.Sprintf("%.3f", wall.ratio()),
+		ms(median(wallLayers[snapview])), fmt.Sprintf("%.3f", float64(median(wallLayers[snapview]))/float64(median(wall[runc])))}})
 
 	fmt.Println("\nwhere snapview's time goes (median per container over the comparison runs, from the shim log)")
 	breakdown(seqLog)
@@ -340,6 +357,17 @@ func order(i int) []string {
 		return []string{runc, snapview}
 	}
 	return []string{snapview, runc}
+}
+
+// tag names a variant in container ids.
+func (v variant) tag() string {
+	switch {
+	case v.viewsOff:
+		return "off"
+	case v.layers:
+		return "layers"
+	}
+	return "on"
 }
 
 func short(rt string) string {

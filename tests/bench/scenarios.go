@@ -28,15 +28,22 @@ type bench struct {
 	d   *harness.Daemon
 	dir string
 	rs  cri.RuntimeServiceClient
-	// viewsOff is a snapview configuration file with views off.
-	viewsOff string
+	// viewsOff is a snapview configuration file with views off; layers
+	// one with views derived from the rootfs's layers (view.source).
+	viewsOff, layers string
 }
+
+// layersConfig derives views from the layers the rootfs names.
+const layersConfig = "[view]\nsource = \"layers\"\n"
 
 // variant is a runtime as a scenario runs it: its name (runc or snapview),
 // and for snapview whether views are on.
 type variant struct {
 	rt       string
 	viewsOff bool
+	// layers, for snapview, derives the view from the rootfs's layers
+	// (view.source "layers") instead of a leased View.
+	layers bool
 	// config, for snapview, is a configuration body for its options.
 	config string
 }
@@ -46,6 +53,8 @@ func (v variant) runtimeOpts() any {
 	switch {
 	case v.rt == snapview && v.viewsOff:
 		return &runtimeoptions.Options{ConfigBody: []byte("[view]\nmode = \"off\"\n")}
+	case v.rt == snapview && v.layers:
+		return &runtimeoptions.Options{ConfigBody: []byte(layersConfig + v.config)}
 	case v.rt == snapview && v.config != "":
 		return &runtimeoptions.Options{ConfigBody: []byte(v.config)}
 	}
@@ -107,6 +116,9 @@ func (b *bench) ctrRun(ctx context.Context, v variant, ref, id string) (time.Dur
 	args := []string{"--address", b.d.Address, "--namespace", ns, "run", "--rm", "--snapshotter", "overlayfs", "--runtime", v.rt}
 	if v.rt == snapview && v.viewsOff {
 		args = append(args, "--runtime-config-path", b.viewsOff)
+	}
+	if v.rt == snapview && v.layers {
+		args = append(args, "--runtime-config-path", b.layers)
 	}
 	args = append(args, ref, id, "true")
 	cmd := exec.CommandContext(ctx, b.d.Tools.Ctr(), args...)

@@ -199,6 +199,17 @@ disabled_plugins = [
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-off.options]
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-off.options.view]
         mode = "off"
+{{- if not .CRI.NoVolumes}}
+  # Views derived from the layers the rootfs names (view.source).
+  [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-layers]
+    runtime_type = "io.containerd.snapview.v2"
+    pod_annotations = ["io.snapview.*"]
+    container_annotations = ["io.snapview.*"]
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-layers.options]
+      SystemdCgroup = false
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-layers.options.view]
+        source = "layers"
+{{- end}}
   # Block mode: the runtime's own snapshotter is block-backed.
   [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.snapview-block]
     runtime_type = "io.containerd.snapview.v2"
@@ -281,7 +292,8 @@ func WithErofsBlock(size string) Option {
 // "snapview-runc-path" (runtime_type io.containerd.runc.v2 with runtime_path
 // set to the shim, which CRI sends runc options), "snapview-block"
 // (snapview on the blockfile snapshotter, for block mode), "snapview-layered"
-// (snapview on the erofs snapshotter), "snapview-off"
+// (snapview on the erofs snapshotter), "snapview-layers" (views derived
+// from the rootfs's layers), "snapview-off"
 // (snapview with views off) and "runc". Pods must use host
 // networking: no CNI plugin is configured.
 type CRIConfig struct {
