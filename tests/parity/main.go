@@ -512,6 +512,9 @@ func (s *suite) compare() ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
+		if err := s.checkViewSource(source); err != nil {
+			return nil, err
+		}
 		if s.opts.oci != "runc" {
 			// gVisor leaves sandboxes, shims and mounts behind under runc's
 			// shim too: what counts is what snapview's run left that runc's
@@ -567,6 +570,35 @@ func (s *suite) runOnce(rt, source string) (results, []string, error) {
 		fmt.Printf("    left on the host by the run on runc's shim: %d (cleared)\n", len(left))
 	}
 	return res, left, nil
+}
+
+// checkViewSource checks, in the log of snapview's run with source (the
+// suite prints containerd's log, the shims' included, at its end), that
+// its views came from that source: the setting reached the shims.
+func (s *suite) checkViewSource(source string) error {
+	logName := fmt.Sprintf("client-%s-%s-%s.log", s.version, short(snapviewRT), source)
+	if source == "snapshotter" {
+		logName = fmt.Sprintf("client-%s-%s.log", s.version, short(snapviewRT))
+	}
+	if s.opts.oci != "runc" {
+		logName = s.opts.oci + "-" + logName
+	}
+	raw, err := os.ReadFile(filepath.Join(s.opts.cache, logName))
+	if err != nil {
+		return err
+	}
+	mounted := regexp.MustCompile(`msg="snapview: view mounted".*source=(\w+)`).FindAllSubmatch(raw, -1)
+	n := 0
+	for _, m := range mounted {
+		if string(m[1]) == source {
+			n++
+		}
+	}
+	if n == 0 {
+		return fmt.Errorf("the run on snapview with view.source %s mounted no view from that source (%d views mounted): the setting did not reach the shims", source, len(mounted))
+	}
+	fmt.Printf("    views mounted: %d, of them from view.source %s: %d\n", len(mounted), source, n)
+	return nil
 }
 
 // useViewSource makes snapview's next runs use view.source source, through
