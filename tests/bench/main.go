@@ -64,8 +64,8 @@ type row struct {
 	name     string
 	viewsOff bool
 	// layers: snapview's view derived from the rootfs's layers.
-	layers bool
-	measure  func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error)
+	layers  bool
+	measure func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error)
 }
 
 // rows returns the comparison's rows that -rows selects.

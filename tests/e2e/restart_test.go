@@ -11,8 +11,10 @@ import (
 	"testing"
 	"time"
 
+	runtimeoptions "github.com/containerd/containerd/api/types/runtimeoptions/v1"
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
 
 	"github.com/snapview/snapview/tests/e2e/harness"
 )
@@ -44,9 +46,22 @@ func restartDaemon(t *testing.T) *harness.Daemon {
 var restartModes = []struct {
 	name, snapshotter string
 	ann               map[string]string
+	// config is the runtime options' configuration body, if any.
+	config string
 }{
-	{"view", "overlayfs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}},
-	{"block", "blockfile", blockAnn},
+	{"view", "overlayfs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}, ""},
+	{"block", "blockfile", blockAnn, ""},
+	// A view derived from the layers: nothing of it is in containerd.
+	{"derived", "overlayfs", map[string]string{"io.snapview.boot.kernel": harness.KernelPath}, derivedConfig},
+}
+
+// restartOpts returns the run options of a restart mode's container.
+func restartOpts(snapshotter string, ann map[string]string, config string) runOpts {
+	o := runOpts{runtime: snapviewRT, snapshotter: snapshotter, annotations: ann, args: []string{"sleep", "300"}}
+	if config != "" {
+		o.runtimeOpts = &runtimeoptions.Options{ConfigBody: []byte(config)}
+	}
+	return o
 }
 
 // TestContainerdRestart restarts containerd while containers run in view
@@ -57,7 +72,7 @@ func TestContainerdRestart(t *testing.T) {
 	d := restartDaemon(t)
 	ctx := setup(t, d)
 	for _, m := range restartModes {
-		if _, err := start(ctx, t, d, "restart-"+m.name, runOpts{runtime: snapviewRT, snapshotter: m.snapshotter, annotations: m.ann, args: []string{"sleep", "300"}}); err != nil {
+		if _, err := start(ctx, t, d, "restart-"+m.name, restartOpts(m.snapshotter, m.ann, m.config)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -114,7 +129,7 @@ func TestContainerdDownAtDeadShimDelete(t *testing.T) {
 	var ctrs []client.Container
 	for _, m := range restartModes {
 		id := "down-" + m.name
-		r, err := start(ctx, t, d, id, runOpts{runtime: snapviewRT, snapshotter: m.snapshotter, annotations: m.ann, args: []string{"sleep", "300"}})
+		r, err := start(ctx, t, d, id, restartOpts(m.snapshotter, m.ann, m.config))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -145,12 +160,27 @@ func TestContainerdDownAtDeadShimDelete(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A derived view has nothing in containerd: the `delete` action,
+	// which could not reach containerd, removed all of it (its mount) from
+	// the state file, before any sweep.
+	if ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(filepath.Dir(bundleDir(d, "down-derived")))); err != nil {
+		t.Fatal(err)
+	} else {
+		for _, m := range ms {
+			if strings.Contains(m.Mountpoint, "down-derived") {
+				t.Errorf("a derived view's dead-shim delete, containerd down, left the mount %s", m.Mountpoint)
+			}
+		}
+	}
 	out := sweepOutput(t, d)
 	t.Logf("the sweep after the restart:\n%s", out)
 	for _, c := range ctrs {
 		if !strings.Contains(out, "removed orphan "+ns+"/"+c.ID()) {
 			t.Logf("the sweep did not need to remove %s (containerd's cleanup reached it):\n%s", c.ID(), out)
 		}
+	}
+	if strings.Contains(out, "/down-derived") {
+		t.Errorf("the sweep had work for the derived view:\n%s", out)
 	}
 	// The leak check, registered by setup, now finds nothing.
 }
