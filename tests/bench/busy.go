@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
 	"slices"
 	"strconv"
@@ -33,11 +35,18 @@ func (b *bench) busyNode(ctx context.Context, emptyRatio float64) error {
 	if *busy <= 0 {
 		return nil
 	}
-	type ramp struct{ wall, cpu time.Duration }
+	type ramp struct {
+		wall, cpu time.Duration
+		gc        gcStats
+	}
 	ramps := map[string]ramp{}
 	rampOf := []variant{{rt: runc}, {rt: snapview}, {rt: snapview, layers: true}}
 	for _, v := range rampOf {
 		cpu0, err := procCPU(b.d.Pid())
+		if err != nil {
+			return err
+		}
+		gc0, err := b.gc(ctx)
 		if err != nil {
 			return err
 		}
@@ -46,9 +55,15 @@ func (b *bench) busyNode(ctx context.Context, emptyRatio float64) error {
 		wall := time.Since(t0)
 		if err == nil {
 			time.Sleep(sweepSettle)
-			var cpu1 time.Duration
+			var (
+				cpu1 time.Duration
+				gc1  gcStats
+			)
 			cpu1, err = procCPU(b.d.Pid())
-			ramps[v.tag()+short(v.rt)] = ramp{wall: wall, cpu: cpu1 - cpu0}
+			if err == nil {
+				gc1, err = b.gc(ctx)
+			}
+			ramps[v.tag()+short(v.rt)] = ramp{wall: wall, cpu: cpu1 - cpu0, gc: gc1.minus(gc0)}
 		}
 		removeAll(ctx, running)
 		if err != nil {
@@ -81,7 +96,7 @@ func (b *bench) busyNode(ctx context.Context, emptyRatio float64) error {
 	ctrRun := func(v variant, i int) (time.Duration, error) {
 		return b.ctrRun(ctx, v, small, fmt.Sprintf("ctrbusy-%s-%s-%d", short(v.rt), v.tag(), i))
 	}
-	var out [][]string
+	var out, gcOut [][]string
 	for _, r := range []busyRow{
 		{"task create→start→wait→delete, views on", false, lifecycle},
 		{"task create→start→wait→delete, views on, from layers", true, lifecycle},
@@ -89,6 +104,10 @@ func (b *bench) busyNode(ctx context.Context, emptyRatio float64) error {
 		{"ctr run --rm (whole command), views on, from layers", true, ctrRun},
 	} {
 		got := samples{}
+		gc0, err := b.gc(ctx)
+		if err != nil {
+			return err
+		}
 		for i := range *iterations {
 			for _, rt := range order(i) {
 				d, err := r.measure(variant{rt: rt, layers: r.layers}, i)
@@ -98,6 +117,12 @@ func (b *bench) busyNode(ctx context.Context, emptyRatio float64) error {
 				got.add(rt, d)
 			}
 		}
+		gc1, err := b.gc(ctx)
+		if err != nil {
+			return err
+		}
+		g := gc1.minus(gc0)
+		gcOut = append(gcOut, []string{r.name, fmt.Sprint(g.count), ms(g.time), ms(g.mean())})
 		empty := "-"
 		if r.name == "task create→start→wait→delete, views on" {
 			empty = ratioOrDash(emptyRatio)
@@ -106,6 +131,8 @@ func (b *bench) busyNode(ctx context.Context, emptyRatio float64) error {
 	}
 	fmt.Printf("\n%d containers of each runtime already running on the node (%d in all; snapview's with leased views)\n", *busy, 2**busy)
 	table([]string{"", "runc median", "snapview median", "ratio", "empty node ratio"}, out)
+	fmt.Printf("containerd's garbage collections during each row's %d runs of each runtime (from its metrics)\n", *iterations)
+	table([]string{"", "collections", "GC time", "per collection"}, gcOut)
 	fmt.Println("where snapview's time goes there (median per container, from the shim log)")
 	breakdown(b.d.Log()[logStart:])
 	fmt.Printf("\nramp from an empty node to %d running containers, one at a time (containerd's CPU time from the first create to %s after the last start)\n", *busy, sweepSettle)
@@ -113,6 +140,8 @@ func (b *bench) busyNode(ctx context.Context, emptyRatio float64) error {
 	table([]string{"", "runc", "snapview", "ratio", "snapview, from layers", "ratio"}, [][]string{
 		{"wall", ms(rr.wall), ms(rs.wall), fmt.Sprintf("%.3f", float64(rs.wall)/float64(rr.wall)), ms(rl.wall), fmt.Sprintf("%.3f", float64(rl.wall)/float64(rr.wall))},
 		{"containerd CPU", ms(rr.cpu), ms(rs.cpu), fmt.Sprintf("%.3f", float64(rs.cpu)/float64(rr.cpu)), ms(rl.cpu), fmt.Sprintf("%.3f", float64(rl.cpu)/float64(rr.cpu))},
+		{"garbage collections", fmt.Sprint(rr.gc.count), fmt.Sprint(rs.gc.count), "", fmt.Sprint(rl.gc.count), ""},
+		{"GC time", ms(rr.gc.time), ms(rs.gc.time), "", ms(rl.gc.time), ""},
 	})
 	return nil
 }
@@ -185,4 +214,65 @@ func ratioOrDash(r float64) string {
 		return "-"
 	}
 	return fmt.Sprintf("%.3f", r)
+}
+
+// gcStats are containerd's garbage collections so far: how many, and the
+// time they took, from its metrics.
+type gcStats struct {
+	count int64
+	time  time.Duration
+}
+
+func (g gcStats) minus(o gcStats) gcStats {
+	return gcStats{count: g.count - o.count, time: g.time - o.time}
+}
+
+func (g gcStats) mean() time.Duration {
+	if g.count == 0 {
+		return 0
+	}
+	return g.time / time.Duration(g.count)
+}
+
+// gc reads containerd's garbage collection metrics (the histogram of its
+// GC scheduler's collections) from its metrics endpoint on loopback.
+func (b *bench) gc(ctx context.Context) (gcStats, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+b.d.MetricsAddress+"/v1/metrics", nil)
+	if err != nil {
+		return gcStats{}, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return gcStats{}, fmt.Errorf("containerd's metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	var (
+		g          gcStats
+		found      bool
+		sc         = bufio.NewScanner(resp.Body)
+		sumName    = "containerd_gc_gc_seconds_sum"
+		countName  = "containerd_gc_gc_seconds_count"
+		parseValue = func(line string) float64 {
+			f := strings.Fields(line)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			return v
+		}
+	)
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case strings.HasPrefix(line, sumName):
+			g.time += time.Duration(parseValue(line) * float64(time.Second))
+			found = true
+		case strings.HasPrefix(line, countName):
+			g.count += int64(parseValue(line))
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return gcStats{}, err
+	}
+	if !found {
+		return gcStats{}, fmt.Errorf("containerd's metrics at %s have no %s", b.d.MetricsAddress, sumName)
+	}
+	return g, nil
 }

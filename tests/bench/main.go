@@ -152,7 +152,7 @@ func run() error {
 			continue // -daemons= runs only the block-mode comparison
 		}
 		s, err := harness.NewSession(ctx, "the benchmark (run 'sudo make bench')", "snapview-bench-", which == "compat",
-			harness.WithLogLevel(*logLevel), harness.WithCRI(harness.CRIConfig{SandboxImage: pause}))
+			harness.WithLogLevel(*logLevel), harness.WithCRI(harness.CRIConfig{SandboxImage: pause}), harness.WithMetrics())
 		if err != nil {
 			return err
 		}

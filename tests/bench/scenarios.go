@@ -340,6 +340,8 @@ var (
 	createdRe = regexp.MustCompile(`msg="snapview: container created with its view".*`)
 	removedRe = regexp.MustCompile(`msg="snapview: view removed".*`)
 	fieldRe   = regexp.MustCompile(`(\w+)_us=(\d+)`)
+	// leasedRe tells a leased View's lines (its key) from a derived one's.
+	leasedRe = regexp.MustCompile(` key=snapview/`)
 	// podRe matches the containers of podCreates, which the breakdown of
 	// one container's steps leaves out.
 	podRe = regexp.MustCompile(` id=pod-`)
@@ -393,35 +395,43 @@ func shimStartToCreate(log string) {
 // breakdown prints the median of each step the shim timed in log, over the
 // containers created one at a time.
 func breakdown(log string) {
-	for _, part := range []struct {
-		title string
-		re    *regexp.Regexp
-		steps []string
-	}{
-		{"create", createdRe, []string{"dir", "lookup_only", "lease_only", "lease", "view", "activate", "mount", "device", "artifacts", "monitor", "state", "params", "config", "runc_create"}},
-		{"delete", removedRe, []string{"unmount", "remove", "lease"}},
-	} {
-		steps := map[string][]time.Duration{}
-		n := 0
-		for _, line := range part.re.FindAllString(log, -1) {
-			if podRe.MatchString(line) {
-				continue // created concurrently: not one container's cost
+	for _, source := range []struct {
+		name   string
+		leased bool
+	}{{"leased View", true}, {"from layers", false}} {
+		for _, part := range []struct {
+			title string
+			re    *regexp.Regexp
+			steps []string
+		}{
+			{"create", createdRe, []string{"dir", "rootfs", "derive", "lookup_only", "lease_only", "lease", "view", "activate", "mount", "device", "artifacts", "monitor", "state", "params", "config", "runc_create"}},
+			{"delete", removedRe, []string{"unmount", "remove", "lease"}},
+		} {
+			steps := map[string][]time.Duration{}
+			n := 0
+			for _, line := range part.re.FindAllString(log, -1) {
+				if podRe.MatchString(line) {
+					continue // created concurrently: not one container's cost
+				}
+				if leasedRe.MatchString(line) != source.leased {
+					continue
+				}
+				n++
+				for _, m := range fieldRe.FindAllStringSubmatch(line, -1) {
+					us, _ := strconv.ParseInt(m[2], 10, 64)
+					steps[m[1]] = append(steps[m[1]], time.Duration(us)*time.Microsecond)
+				}
 			}
-			n++
-			for _, m := range fieldRe.FindAllStringSubmatch(line, -1) {
-				us, _ := strconv.ParseInt(m[2], 10, 64)
-				steps[m[1]] = append(steps[m[1]], time.Duration(us)*time.Microsecond)
+			if n == 0 {
+				continue
 			}
-		}
-		if n == 0 {
-			continue
-		}
-		fmt.Printf("  %s (%d containers):", part.title, n)
-		for _, s := range part.steps {
-			if len(steps[s]) > 0 {
-				fmt.Printf("  %s %s", s, ms(median(steps[s])))
+			fmt.Printf("  %s, %s (%d containers):", part.title, source.name, n)
+			for _, s := range part.steps {
+				if len(steps[s]) > 0 {
+					fmt.Printf("  %s %s", s, ms(median(steps[s])))
+				}
 			}
+			fmt.Println()
 		}
-		fmt.Println()
 	}
 }
