@@ -264,6 +264,9 @@ const defaultSnapviewConfig = `# snapview's configuration (see docs/configuratio
 mode = "view"              # view, block or off (the annotation io.snapview.mode overrides it)
 sandbox = false            # also give CRI sandbox (pause) containers a view
 boot_dir = "/.snapview/boot"
+# source = "layers"        # derive view-mode views from the rootfs's layers: one
+#                          # mount, no lease, no call into containerd (default
+#                          # "snapshotter", a leased View; see docs/configuration.md)
 
 [block]
 monitor_rootfs = "view"    # "view" or an absolute host directory
