@@ -405,7 +405,7 @@ func breakdown(log string) {
 			steps []string
 		}{
 			{"create", createdRe, []string{"dir", "rootfs", "derive", "lookup_only", "lease_only", "lease", "view", "activate", "mount", "device", "artifacts", "monitor", "state", "params", "config", "runc_create"}},
-			{"delete", removedRe, []string{"unmount", "remove", "lease"}},
+			{"delete", removedRe, []string{"params", "mount", "activate", "view", "lease", "rootfs"}},
 		} {
 			steps := map[string][]time.Duration{}
 			n := 0
