@@ -87,6 +87,10 @@ func rows() []row {
 func allRows() []row {
 	lifecycle := func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error) {
 		r, err := b.lifecycle(ctx, v, small, fmt.Sprintf("lc-%s-%s-%d", short(v.rt), v.tag(), i), "overlayfs", nil)
+		if err == nil {
+			k := v.tag() + " " + short(v.rt)
+			lifecyclePhases[k] = append(lifecyclePhases[k], r)
+		}
 		return r.total, err
 	}
 	ctrRun := func(ctx context.Context, b *bench, v variant, i int) (time.Duration, error) {
@@ -255,6 +259,7 @@ func onDaemon(ctx context.Context, s *harness.Session, which string, ratios map[
 		}
 		fmt.Printf("\nrun %d/%d on containerd %s\n", run+1, *runs, d.Version)
 		table([]string{"", "runc median", "snapview median", "ratio", "runc p95", "snapview p95"}, out)
+		printPhases()
 	}
 	seqLog := d.Log()[logStart:]
 	shimStartToCreate(seqLog)
@@ -349,6 +354,37 @@ func (b *bench) extras(ctx context.Context, seqLog string) error {
 	fmt.Println("\nwhere snapview's time goes (median per container over the comparison runs, from the shim log)")
 	breakdown(seqLog)
 	return nil
+}
+
+// lifecyclePhases are the task lifecycle rows' runs, by variant, for the
+// phase table: where a difference of the whole lies.
+var lifecyclePhases = map[string][]result{}
+
+// printPhases prints the median of each phase of the task lifecycle rows
+// of this run, by variant, and forgets them.
+func printPhases() {
+	if len(lifecyclePhases) == 0 {
+		return
+	}
+	fmt.Println("\ntask lifecycle by phase (median): the task's create, start, start to exit, delete")
+	var out [][]string
+	for _, k := range []string{"on runc", "on snapview", "layers runc", "layers snapview", "off runc", "off snapview"} {
+		rs := lifecyclePhases[k]
+		if len(rs) == 0 {
+			continue
+		}
+		phase := func(f func(result) time.Duration) string {
+			var d []time.Duration
+			for _, r := range rs {
+				d = append(d, f(r))
+			}
+			return ms(median(d))
+		}
+		out = append(out, []string{k, phase(func(r result) time.Duration { return r.create }), phase(func(r result) time.Duration { return r.start }),
+			phase(func(r result) time.Duration { return r.exit }), phase(func(r result) time.Duration { return r.delete })})
+	}
+	table([]string{"views, runtime", "create", "start", "exit", "delete"}, out)
+	clear(lifecyclePhases)
 }
 
 // order alternates which runtime goes first.
