@@ -276,6 +276,7 @@ func compareTrees(a, b string) []string {
 	})
 	_ = filepath.WalkDir(b, func(p string, _ fs.DirEntry, err error) error {
 		if err != nil {
+			diffs = append(diffs, err.Error())
 			return nil
 		}
 		if rel, _ := filepath.Rel(b, p); !seen[rel] {
