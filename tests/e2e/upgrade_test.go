@@ -132,6 +132,9 @@ func upgradeFrom(t *testing.T, previous string) {
 		if err := d.Restart(ctx); err != nil {
 			t.Fatal(err)
 		}
+		// containerd's socket serves before its CRI service has loaded
+		// its state: wait, as the kubelet does, until CRI answers.
+		waitCRI(ctx, t, rs)
 		for _, o := range olds {
 			pids := harness.ShimPids(d.Address, o.id)
 			if len(pids) != 1 {
@@ -261,5 +264,23 @@ func removeContainer(ctx context.Context, t *testing.T, rs runtime.RuntimeServic
 	}
 	if _, err := rs.RemoveContainer(ctx, &runtime.RemoveContainerRequest{ContainerId: id}); err != nil {
 		t.Fatalf("RemoveContainer: %v", err)
+	}
+}
+
+// waitCRI waits until containerd's CRI service answers (after a restart,
+// it says "server is not initialized yet" until it has recovered its
+// pods), for up to a minute.
+func waitCRI(ctx context.Context, t *testing.T, rs runtime.RuntimeServiceClient) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		_, err := rs.Status(ctx, &runtime.StatusRequest{})
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("CRI did not answer within a minute of containerd's restart: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
