@@ -22,6 +22,7 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/atomicfile"
 
+	"github.com/snapview/snapview/params"
 	"github.com/snapview/snapview/pkg/rootfs"
 	"github.com/snapview/snapview/pkg/snapshot/record"
 )
@@ -113,18 +114,15 @@ type State struct {
 	// Restore is the disk snapshot the writable disk was restored from
 	// (block mode, annotation io.snapview.restore). Version 4.
 	Restore *Restore `json:"restore,omitempty"`
-	// Source is SourceLayers for a view derived from the layers the
+	// Source is params.SourceLayers for a view derived from the layers the
 	// container's rootfs mounts name: a read-only mount (Mounts) with no
 	// view snapshot and no lease of its own (a lease exists only for the
 	// volumes' views); "" for a leased View. Version 5.
 	Source string `json:"source,omitempty"`
 }
 
-// SourceLayers is State.Source for a view derived from the rootfs's layers.
-const SourceLayers = "layers"
-
 // Derived reports whether the view was derived from the rootfs's layers.
-func (s *State) Derived() bool { return s.Source == SourceLayers }
+func (s *State) Derived() bool { return s.Source == params.SourceLayers }
 
 // Volume is one volume of a container: a read-only view of another image,
 // under the container's lease, mounted and bound (view mode) or attached as
@@ -319,7 +317,7 @@ func ParseState(data []byte) (*State, error) {
 	required := map[string]string{"snapshotter": s.Snapshotter, "view_key": s.ViewKey, "lease": s.LeaseID, "mountpoint": s.Mountpoint}
 	switch s.Source {
 	case "":
-	case SourceLayers:
+	case params.SourceLayers:
 		// No view snapshot; a lease (and the snapshotter it is in) only
 		// for the volumes' views.
 		if s.ViewKey != "" || s.Activation != "" || s.Mode == ModeBlock {

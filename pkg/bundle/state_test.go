@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/snapview/snapview/params"
 	"github.com/snapview/snapview/pkg/rootfs"
 )
 
@@ -86,11 +87,11 @@ func TestWriteStateVersion(t *testing.T) {
 			s.Restore = &Restore{Snapshot: "2f1c0a3e-5b7d-4e8a-9f00-1a2b3c4d5e6f", Disk: "/img"}
 		}, 4},
 		{"a view derived from the layers", func(s *State) {
-			s.Source, s.ViewKey, s.LeaseID, s.Snapshotter = SourceLayers, "", "", ""
+			s.Source, s.ViewKey, s.LeaseID, s.Snapshotter = params.SourceLayers, "", "", ""
 			s.Mounts = []Mount{{Type: "overlay", Source: "overlay", Options: []string{"ro", "lowerdir=/a:/b"}}}
 		}, 5},
 		{"a derived view with volumes", func(s *State) {
-			s.Source, s.ViewKey, s.Volumes = SourceLayers, "", volume
+			s.Source, s.ViewKey, s.Volumes = params.SourceLayers, "", volume
 			s.Mounts = []Mount{{Type: "bind", Source: "/a", Options: []string{"ro", "rbind"}}}
 		}, 5},
 	} {

@@ -29,6 +29,8 @@ import (
 	runcoptions "github.com/containerd/containerd/api/types/runc/options"
 	"github.com/docker/go-units"
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/snapview/snapview/params"
 )
 
 // DefaultPath is the configuration file read when the runtime options name none.
@@ -129,12 +131,6 @@ type View struct {
 	Source string `toml:"source"`
 }
 
-// Sources of a view (view.source).
-const (
-	SourceSnapshotter = "snapshotter"
-	SourceLayers      = "layers"
-)
-
 // DefaultImageSnapshotter is containerd's default snapshotter on Linux,
 // the one Docker's containerd image store uses unless told otherwise.
 const DefaultImageSnapshotter = "overlayfs"
@@ -208,7 +204,7 @@ func Default() *Config {
 			Mode:             ModeView,
 			BootDir:          "/.snapview/boot",
 			ImageSnapshotter: DefaultImageSnapshotter,
-			Source:           SourceSnapshotter,
+			Source:           params.SourceSnapshotter,
 		},
 		Block: Block{
 			MonitorRootfs: MonitorRootfsView,
@@ -295,9 +291,9 @@ func (c *Config) validate() error {
 		return fmt.Errorf("snapview: invalid view.mode %q in %s: want view, block or off", c.View.Mode, c.Source)
 	}
 	switch c.View.Source {
-	case SourceSnapshotter, SourceLayers:
+	case params.SourceSnapshotter, params.SourceLayers:
 	default:
-		return fmt.Errorf("snapview: invalid view.source %q in %s: want %s or %s", c.View.Source, c.Source, SourceSnapshotter, SourceLayers)
+		return fmt.Errorf("snapview: invalid view.source %q in %s: want %s or %s", c.View.Source, c.Source, params.SourceSnapshotter, params.SourceLayers)
 	}
 	if err := absClean("view.boot_dir", c.View.BootDir, c.Source); err != nil {
 		return err

@@ -21,6 +21,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/moby/sys/mountinfo"
 
+	"github.com/snapview/snapview/params"
 	"github.com/snapview/snapview/pkg/bundle"
 	"github.com/snapview/snapview/pkg/lease"
 	"github.com/snapview/snapview/pkg/lifecycle"
@@ -227,7 +228,7 @@ func (e *Entry) judge(ctx context.Context, b lifecycle.Backend) error {
 	if e.Mountpoint != "" {
 		mounted, _ = mountinfo.Mounted(e.Mountpoint)
 	}
-	derived := e.Source == bundle.SourceLayers
+	derived := e.Source == params.SourceLayers
 	switch {
 	case (e.Lease != "" || derived) && gone:
 		e.Health = HealthOrphan

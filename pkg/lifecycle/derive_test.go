@@ -67,7 +67,7 @@ func TestDerivedView(t *testing.T) {
 			l := lifecycle.New(e.Backend)
 			r := e.Container(t, "c1", map[string]string{annotations.BootPrefix + "kernel": lifecycletest.KernelPath})
 			r.Config = config.Default()
-			r.Config.View.Source = config.SourceLayers
+			r.Config.View.Source = params.SourceLayers
 			r.Rootfs = overlayRootfs(t, layerDirs(t, n))
 			before := e.Backend.Calls()
 			v, skip, err := l.Prepare(e.Ctx, r)
@@ -134,7 +134,7 @@ func TestDerivedViewFallsBack(t *testing.T) {
 	l := lifecycle.New(e.Backend)
 	r := e.Container(t, "c1", map[string]string{annotations.BootPrefix + "kernel": lifecycletest.KernelPath})
 	r.Config = config.Default()
-	r.Config.View.Source = config.SourceLayers
+	r.Config.View.Source = params.SourceLayers
 	v, _, err := l.Prepare(e.Ctx, r)
 	if err != nil || v == nil {
 		t.Fatalf("prepare: %v", err)

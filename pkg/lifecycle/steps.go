@@ -13,7 +13,6 @@ import (
 	"github.com/snapview/snapview/params"
 	"github.com/snapview/snapview/pkg/boot"
 	"github.com/snapview/snapview/pkg/bundle"
-	"github.com/snapview/snapview/pkg/config"
 	"github.com/snapview/snapview/pkg/lease"
 	"github.com/snapview/snapview/pkg/rootfs"
 	"github.com/snapview/snapview/pkg/view"
@@ -100,7 +99,7 @@ func (s *setupRun) claimRootfs() bool      { return s.p.claimRootfs }
 func (s *setupRun) viewNeedsManager() bool { return view.NeedsManager(s.mounts) }
 func (s *setupRun) withParams() bool       { return s.paramsSource != "" }
 func (s *setupRun) withVolumes() bool      { return len(s.p.volumes) > 0 }
-func (s *setupRun) fromLayers() bool       { return s.p.source == config.SourceLayers }
+func (s *setupRun) fromLayers() bool       { return s.p.source == params.SourceLayers }
 func (s *setupRun) leasedView() bool       { return s.withView() && !s.derived }
 
 // needsLease: a leased view, or the volumes' views (a derived view has
@@ -189,7 +188,7 @@ func (s *setupRun) deriveView(context.Context) error {
 	}
 	st := s.v.State
 	s.derived, s.mounts = true, mounts
-	st.Source, st.Snapshotter = bundle.SourceLayers, view.SnapshotterOf(s.p.req.Rootfs)
+	st.Source, st.Snapshotter = params.SourceLayers, view.SnapshotterOf(s.p.req.Rootfs)
 	return nil
 }
 
