@@ -88,7 +88,7 @@ func (l *Lifecycle) resolveVolumes(ctx context.Context, p *Plan) error {
 	// One lookup per volume, all at once: each is a few calls into
 	// containerd that do not depend on the others. The first error in
 	// the annotations' order is the one returned.
-	errs := eachConcurrently(ctx, p.req.ID, len(p.volumes), func(i int) error {
+	return eachConcurrently(ctx, p.req.ID, len(p.volumes), func(i int) error {
 		v := &p.volumes[i]
 		var err error
 		if v.Snapshot != "" {
@@ -102,23 +102,16 @@ func (l *Lifecycle) resolveVolumes(ctx context.Context, p *Plan) error {
 		}
 		return nil
 	})
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // eachConcurrently runs f(0) … f(n-1) at once (one alone runs in the
-// caller's goroutine) and returns their errors, by index; a panic in one
-// is its error.
-func eachConcurrently(ctx context.Context, id string, n int, f func(i int) error) []error {
-	errs := make([]error, n)
+// caller's goroutine) and returns the first error in index order; a panic
+// in one is its error.
+func eachConcurrently(ctx context.Context, id string, n int, f func(i int) error) error {
 	if n == 1 {
-		errs[0] = f(0)
-		return errs
+		return f(0)
 	}
+	errs := make([]error, n)
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
@@ -127,7 +120,12 @@ func eachConcurrently(ctx context.Context, id string, n int, f func(i int) error
 		})
 	}
 	wg.Wait()
-	return errs
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // volumeSource returns the snapshot volume v views: its image's top
@@ -182,7 +180,7 @@ func (s *setupRun) createVolumeViews(ctx context.Context) error {
 			Snapshot: vp.Snapshot, Writable: vp.Writable})
 	}
 	s.volumeMounts = make([][]mount.Mount, len(s.p.volumes))
-	errs := eachConcurrently(ctx, id, len(s.p.volumes), func(i int) error {
+	return eachConcurrently(ctx, id, len(s.p.volumes), func(i int) error {
 		vp, key := s.p.volumes[i], st.Volumes[i].ViewKey
 		make := view.CreateKey
 		if vp.Writable {
@@ -198,12 +196,6 @@ func (s *setupRun) createVolumeViews(ctx context.Context) error {
 		s.logger.WithFields(log.Fields{"volume": vp.Name, "image": vp.Ref, "key": key, "parent": vp.parent, "target": vp.Target}).Info("snapview: volume created")
 		return nil
 	})
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // prepareVolumes readies each volume for the container: in view mode it is
