@@ -347,19 +347,19 @@ type results map[string]string
 var resultLine = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) \(`)
 
 // runSuite runs the suite (or the tests matching run) on runtime rt and
-// returns the results, with the output in a log file. A test that hangs
+// returns the results and the log file that has its output. A test that hangs
 // (no output for idleLimit) is ended, counted as failed and noted in
 // hung, what it left on the host is cleared, and the suite goes on past
 // it in a new process: gVisor hangs in some of the suite's tests under
 // either shim.
-func (s *suite) runSuite(rt, run, logName string) (results, error) {
+func (s *suite) runSuite(rt, run, logName string) (results, string, error) {
 	if s.opts.oci != "runc" {
 		logName = s.opts.oci + "-" + logName // beside runc's logs, not over them
 	}
 	logPath := filepath.Join(s.opts.cache, logName)
 	logFile, err := os.Create(logPath)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	defer logFile.Close()
 	res := results{}
@@ -367,7 +367,7 @@ func (s *suite) runSuite(rt, run, logName string) (results, error) {
 	for {
 		hung, err := s.invoke(rt, run, skip, logFile, res)
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		if len(hung) == 0 {
 			break
@@ -387,9 +387,9 @@ func (s *suite) runSuite(rt, run, logName string) (results, error) {
 		sort.Strings(skip)
 	}
 	if len(res) == 0 {
-		return nil, fmt.Errorf("no test results from %s on %s (see %s)", s.bin, rt, logPath)
+		return nil, "", fmt.Errorf("no test results from %s on %s (see %s)", s.bin, rt, logPath)
 	}
-	return res, nil
+	return res, logPath, nil
 }
 
 // drain reads lines until the binary's output ends.
@@ -499,7 +499,7 @@ loop:
 // default).
 func (s *suite) compare() ([]string, error) {
 	s.clearAfter() // what an earlier run under gVisor left would fail this one's creates
-	runc, runcLeft, err := s.runOnce(runcRT, "")
+	runc, runcLeft, _, err := s.runOnce(runcRT, "")
 	if err != nil {
 		return nil, err
 	}
@@ -508,11 +508,11 @@ func (s *suite) compare() ([]string, error) {
 		if err := s.useViewSource(source); err != nil {
 			return nil, err
 		}
-		res, left, err := s.runOnce(snapviewRT, source)
+		res, left, logPath, err := s.runOnce(snapviewRT, source)
 		if err != nil {
 			return nil, err
 		}
-		if err := s.checkViewSource(source); err != nil {
+		if err := checkViewSource(logPath, source); err != nil {
 			return nil, err
 		}
 		if s.opts.oci != "runc" {
@@ -546,9 +546,9 @@ func (s *suite) compare() ([]string, error) {
 }
 
 // runOnce runs the whole suite on rt (with view.source source, for
-// snapview), and returns its results and, under gVisor, what it left on
-// the host (cleared).
-func (s *suite) runOnce(rt, source string) (results, []string, error) {
+// snapview), and returns its results, under gVisor what it left on the
+// host (cleared), and its log file.
+func (s *suite) runOnce(rt, source string) (results, []string, string, error) {
 	label, logName := short(rt), fmt.Sprintf("client-%s-%s.log", s.version, short(rt))
 	if source != "" && source != "snapshotter" {
 		label += " (view.source " + source + ")"
@@ -556,34 +556,27 @@ func (s *suite) runOnce(rt, source string) (results, []string, error) {
 	}
 	fmt.Printf("==> containerd %s: client suite on %s\n", s.version, label)
 	start := time.Now()
-	res, err := s.runSuite(rt, s.opts.run, logName)
+	res, logPath, err := s.runSuite(rt, s.opts.run, logName)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, "", err
 	}
 	fmt.Printf("    %d tests and subtests in %s\n", len(res), time.Since(start).Round(time.Second))
 	if s.opts.oci == "runc" {
-		return res, nil, nil
+		return res, nil, logPath, nil
 	}
 	left := leftovers(s.tmp)
 	clearHost(s.tmp)
 	if rt == runcRT {
 		fmt.Printf("    left on the host by the run on runc's shim: %d (cleared)\n", len(left))
 	}
-	return res, left, nil
+	return res, left, logPath, nil
 }
 
 // checkViewSource checks, in the log of snapview's run with source (the
 // suite prints containerd's log, the shims' included, at its end), that
 // its views came from that source: the setting reached the shims.
-func (s *suite) checkViewSource(source string) error {
-	logName := fmt.Sprintf("client-%s-%s-%s.log", s.version, short(snapviewRT), source)
-	if source == "snapshotter" {
-		logName = fmt.Sprintf("client-%s-%s.log", s.version, short(snapviewRT))
-	}
-	if s.opts.oci != "runc" {
-		logName = s.opts.oci + "-" + logName
-	}
-	raw, err := os.ReadFile(filepath.Join(s.opts.cache, logName))
+func checkViewSource(logPath, source string) error {
+	raw, err := os.ReadFile(logPath)
 	if err != nil {
 		return err
 	}
@@ -626,12 +619,12 @@ func (s *suite) stillDiffers(name string) bool {
 	top, _, _ := strings.Cut(name, "/")
 	run := "^" + regexp.QuoteMeta(top) + "$"
 	for i := 0; i < s.opts.attempts; i++ {
-		r, err := s.runSuite(runcRT, run, fmt.Sprintf("retry-%s-%s-runc.log", s.version, top))
+		r, _, err := s.runSuite(runcRT, run, fmt.Sprintf("retry-%s-%s-runc.log", s.version, top))
 		s.clearAfter()
 		if err != nil {
 			return true
 		}
-		v, err := s.runSuite(snapviewRT, run, fmt.Sprintf("retry-%s-%s-snapview.log", s.version, top))
+		v, _, err := s.runSuite(snapviewRT, run, fmt.Sprintf("retry-%s-%s-snapview.log", s.version, top))
 		s.clearAfter()
 		if err != nil {
 			return true
